@@ -1,0 +1,54 @@
+# sclatent: two commands do all set-up on a fresh machine:
+#   make demo   - run the pipeline's test profile on the bundled data into results/
+#   make test   - install everything, run pytest (package + pipeline, including a real `nextflow run`)
+SHELL       := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+ROOT        := $(abspath .)
+VENV        := $(ROOT)/.venv
+PY          := $(VENV)/bin/python
+NXF         := $(ROOT)/.cache/nextflow/bin/nextflow
+STAMP       := $(VENV)/.installed
+export NXF_HOME ?= $(ROOT)/.cache/nxf-home
+export PATH := $(ROOT)/.cache/nextflow/bin:$(PATH)
+
+.PHONY: all venv nextflow test test-python test-pipeline demo bench bench-quick lint clean
+
+all: test
+
+# The Python environment: a venv with the package (editable) and its pinned dependencies.
+$(STAMP): python/pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e 'python[test]'
+	touch $@
+
+venv: $(STAMP)
+
+# Nextflow: a suitable one on PATH, else the version pinned in tools/nextflow/pom.xml from Maven Central.
+$(NXF): tools/nextflow/pom.xml tools/nextflow/bootstrap.sh
+	bash tools/nextflow/bootstrap.sh
+	touch $@
+
+nextflow: $(NXF)
+
+test: venv nextflow
+	cd python && SCLATENT_NEXTFLOW=$(NXF) $(PY) -m pytest tests ../tests -q
+
+demo: venv nextflow
+	$(NXF) run main.nf -profile test --outdir results -ansi-log false
+	@echo
+	@echo "Demo finished. Outputs per dataset under results/<dataset>/:"
+	@find results -maxdepth 3 -mindepth 2 -not -path '*/pipeline_info*' | sort | sed 's/^/  /'
+	@echo "Run reports: results/pipeline_info/"
+
+bench: venv nextflow
+	$(PY) python/benchmarks/run_all.py --full
+
+bench-quick: venv nextflow
+	$(PY) python/benchmarks/run_all.py --quick
+
+lint: nextflow
+	$(NXF) lint main.nf modules subworkflows conf nextflow.config
+
+clean:
+	rm -rf work results .nextflow .nextflow.log* .nf-test

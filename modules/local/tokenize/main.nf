@@ -1,0 +1,34 @@
+process TOKENIZE {
+    tag "${meta.id}"
+    label 'process_low'
+
+    conda "${moduleDir}/../../../containers/environment.yml"
+    container "${ task.ext.container_cpu }"
+
+    input:
+    tuple val(meta), path(train), path(test)
+
+    output:
+    tuple val(meta), path('tokens'), emit: tokens
+    tuple val("${task.process}"), val('sclatent'), eval('sclatent --version | sed "s/.* //"'), topic: versions
+
+    when:
+    task.ext.when == null || task.ext.when
+
+    script:
+    def args = task.ext.args ?: ''
+    """
+    sclatent tokenize \\
+        --train ${train} \\
+        --test ${test} \\
+        --outdir tokens \\
+        --no-progress \\
+        ${args}
+    """
+
+    stub:
+    """
+    mkdir -p tokens/train tokens/test
+    echo '{}' > tokens/manifest.json
+    """
+}

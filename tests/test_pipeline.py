@@ -1,0 +1,122 @@
+"""`nextflow run main.nf -profile test` for real, and the pipeline-level contracts (mirrors tests/default.nf.test)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from nfhelpers import REPO, nextflow_cmd, run_nextflow
+
+DATASETS = {"pbmc": ["cell_type"], "mixology": ["cell_line", "protocol"]}
+
+
+def test_all_tasks_succeed(test_profile_run):
+    tasks = test_profile_run.trace()
+    names = [t["name"] for t in tasks]
+    assert all(t["status"] == "COMPLETED" for t in tasks), tasks
+    for step in ("PREPARE", "TOKENIZE"):
+        for ds in DATASETS:
+            assert any(step in n and f"({ds})" in n for n in names), (step, ds, names)
+
+
+@pytest.mark.parametrize("dataset", sorted(DATASETS))
+def test_prepare_outputs_match_report(test_profile_run, dataset):
+    out = test_profile_run.outdir / dataset / "prepare"
+    report = json.loads((out / "prepare.json").read_text())
+    train, test = ad.read_h5ad(out / "train.h5ad"), ad.read_h5ad(out / "test.h5ad")
+    assert train.n_obs == report["split"]["train"] and test.n_obs == report["split"]["test"]
+    assert train.n_obs + test.n_obs == report["cells_after_qc"]
+    assert train.n_vars == test.n_vars == report["genes_after_qc"]
+    assert int(train.var["highly_variable"].sum()) == report["hvg"]["n_flagged"] == 500  # test profile: --n_hvg 500
+    assert report["split"]["stratified_by"] == DATASETS[dataset]
+    for key in DATASETS[dataset]:
+        assert key in train.obs and key in test.obs
+    data = train.X.data
+    assert np.all(data >= 0) and np.all(np.floor(data) == data)
+    if dataset == "pbmc":  # two files, batches from the samplesheet, gene intersection
+        assert set(train.obs["batch"]) == {"a", "b"}
+        assert report["genes"]["union"] == 2500 and report["genes"]["intersection"] == 2450
+
+
+@pytest.mark.parametrize("dataset", sorted(DATASETS))
+def test_tokens_consistent_with_shards(test_profile_run, dataset):
+    tok = test_profile_run.outdir / dataset / "tokenize" / "tokens"
+    manifest = json.loads((tok / "manifest.json").read_text())
+    report = json.loads((test_profile_run.outdir / dataset / "prepare" / "prepare.json").read_text())
+    assert manifest["n_genes"] == len(manifest["genes"]) == 500
+    assert manifest["condition_keys"] == DATASETS[dataset]
+    for split in ("train", "test"):
+        info = manifest["splits"][split]
+        assert info["n_cells"] == report["split"][split]
+        n_cells = nnz = 0
+        for shard in info["shards"]:
+            with np.load(tok / shard["file"]) as z:
+                assert len(z["library_size"]) == shard["n_cells"] and z["indptr"][-1] == shard["nnz"]
+                assert z["genes"].min() >= 1 and z["genes"].max() <= manifest["n_genes"]
+                n_cells += shard["n_cells"]
+                nnz += shard["nnz"]
+        assert n_cells == info["n_cells"] and nnz == info["nnz"]
+
+
+def test_pipeline_info(test_profile_run):
+    info = test_profile_run.outdir / "pipeline_info"
+    for pattern in ("execution_trace_*.txt", "execution_timeline_*.html", "execution_report_*.html", "pipeline_dag_*.html"):
+        assert list(info.glob(pattern)), pattern
+    versions = (info / "sclatent_software_versions.yml").read_text()
+    from sclatent import __version__
+
+    assert f"sclatent: {__version__}" in versions and "PREPARE:" in versions
+    with open(info / "samplesheet.valid.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["dataset"] for r in rows] == ["pbmc", "pbmc", "mixology"]
+
+
+def test_bad_samplesheet_fails_with_one_clear_line(tmp_path):
+    sheet = tmp_path / "bad.csv"
+    sheet.write_text(f"dataset,h5ad,splt\npbmc,{REPO}/assets/test_data/pbmc3k_a.h5ad,all\n")
+    run = run_nextflow(tmp_path, "-profile", "test", "--input", str(sheet))
+    assert run.returncode != 0
+    assert "sclatent check-samplesheet: error: samplesheet bad.csv: unknown column 'splt' (did you mean 'split'?)" in run.output
+    assert not (run.outdir / "pbmc").exists()
+
+
+def test_missing_h5ad_fails_naming_the_path(tmp_path):
+    sheet = tmp_path / "missing.csv"
+    sheet.write_text("dataset,h5ad\npbmc,nowhere/x.h5ad\n")
+    run = run_nextflow(tmp_path, "-profile", "test", "--input", str(sheet))
+    assert run.returncode != 0
+    assert re.search(r"nowhere/x\.h5ad", run.output), run.output[-3000:]
+    assert not (run.outdir / "pbmc").exists()
+
+
+def test_unknown_and_mistyped_params_are_rejected(tmp_path):
+    run = run_nextflow(tmp_path, "-profile", "test", "--n_hgv", "100", "--test_fraction", "abc")
+    assert run.returncode != 0
+    assert "unknown parameter --n_hgv (did you mean --n_hvg?)" in run.output
+    assert "--test_fraction: expected number, got 'abc'" in run.output
+
+
+def test_schema_defaults_equal_config(tmp_path):
+    """Every param in nextflow.config is in nextflow_schema.json with the same default, and vice versa."""
+    proc = nextflow_cmd(tmp_path, "config", str(REPO), "-flat")
+    assert proc.returncode == 0, proc.stderr
+    config = {}
+    for line in proc.stdout.splitlines():
+        m = re.match(r"params\.(\w+) = (.*)$", line)
+        if m:
+            config[m.group(1)] = m.group(2)
+    schema = json.loads((REPO / "nextflow_schema.json").read_text())
+    props = {k: v for g in schema["$defs"].values() for k, v in g["properties"].items()}
+    assert set(config) == set(props), set(config) ^ set(props)
+    for name, prop in props.items():
+        raw = config[name]
+        value = None if raw == "null" else json.loads(raw) if raw in ("true", "false") or re.fullmatch(r"-?[\d.]+", raw) else raw.strip("'")
+        if name == "trace_report_suffix":
+            continue  # a timestamp
+        assert prop.get("default") == value, (name, prop.get("default"), raw)
+        assert prop.get("description"), name
