@@ -69,6 +69,16 @@ def test_genes_all_and_cli(prepared):
     assert m["n_genes"] == train.n_vars and m["condition_keys"] == ["cell_type"] and "test" not in m["splits"]
 
 
+def test_no_condition_keys(tmp_path):
+    a = synthetic_counts(n_cells=50, n_genes=30, seed=3)
+    a.var["highly_variable"] = True
+    a.write_h5ad(tmp_path / "train.h5ad")
+    m = tokenize(tmp_path / "train.h5ad", tmp_path / "t", condition_keys=[], shard_size=20, progress=False)
+    assert m["condition_keys"] == [] and m["labels"] == {} and "per_key" in m["library_size"]
+    batch = next(TokenLoader(tmp_path / "t", "train", batch_size=8).iter_epoch(0))
+    assert batch.labels.shape == (len(batch), 0)
+
+
 def test_loader_epoch_covers_every_cell_once_and_is_seeded(prepared):
     tmp, train, _ = prepared
     tokenize(tmp / "train.h5ad", tmp / "tokens", shard_size=100, progress=False)

@@ -120,6 +120,17 @@ def _slice_rows(part: dict[str, np.ndarray], a: int, b: int) -> dict[str, np.nda
 
 
 def _concat_rows(parts: list[dict[str, np.ndarray]], n_keys: int) -> dict[str, np.ndarray]:
+    if len(parts) == 1:
+        p = parts[0]
+        return {
+            "indptr": p["indptr"].astype(np.int64, copy=False),
+            "genes": p["genes"].astype(np.int32, copy=False),
+            "counts": p["counts"].astype(np.float32, copy=False),
+            "library_size": p["library_size"].astype(np.float32, copy=False),
+            "labels": p["labels"].reshape(len(p["indptr"]) - 1, n_keys).astype(np.int32, copy=False),
+            "cell_index": p["cell_index"].astype(np.int64, copy=False),
+            "obs_names": p["obs_names"].astype(str, copy=False),
+        }
     lens = [np.diff(p["indptr"]) for p in parts]
     indptr = np.zeros(sum(len(x) for x in lens) + 1, dtype=np.int64)
     np.cumsum(np.concatenate(lens), out=indptr[1:])
@@ -128,7 +139,7 @@ def _concat_rows(parts: list[dict[str, np.ndarray]], n_keys: int) -> dict[str, n
         "genes": np.concatenate([p["genes"] for p in parts]).astype(np.int32),
         "counts": np.concatenate([p["counts"] for p in parts]).astype(np.float32),
         "library_size": np.concatenate([p["library_size"] for p in parts]).astype(np.float32),
-        "labels": np.concatenate([p["labels"] for p in parts]).reshape(-1, n_keys).astype(np.int32),
+        "labels": np.concatenate([p["labels"] for p in parts]).reshape(len(indptr) - 1, n_keys).astype(np.int32),
         "cell_index": np.concatenate([p["cell_index"] for p in parts]).astype(np.int64),
         "obs_names": np.concatenate([p["obs_names"] for p in parts]).astype(str),
     }
@@ -166,6 +177,8 @@ def _tokenize_split(
         # column -> token id (0 = not in the vocabulary)
         col_to_id = np.zeros(backed.n_vars, dtype=np.int32)
         col_to_id[[var_index[g] for g in vocab]] = np.arange(1, len(vocab) + 1, dtype=np.int32)
+        # ids ascend with columns when the vocabulary is in var order: then sorted indices give sorted ids
+        all_in_vocab = bool(np.all(col_to_id > 0)) and bool(np.all(np.diff(col_to_id) > 0))
         codes_all = _label_codes(backed.obs, keys, categories, path)
         obs_names = backed.obs_names.astype(str).to_numpy()
         writer = _ShardWriter(folder, shard_size, len(keys))
@@ -179,18 +192,26 @@ def _tokenize_split(
             X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(X)
             X.sort_indices()
             check_counts(X, obs_names[start:stop], backed.var_names, source=path)
+            keep_all = all_in_vocab and bool(np.all(X.data != 0))
             ids = col_to_id[X.indices]
-            keep = (ids > 0) & (X.data > 0)
-            row = np.repeat(np.arange(stop - start), np.diff(X.indptr))[keep]
-            n_tok = np.bincount(row, minlength=stop - start)
-            lib = np.bincount(row, weights=X.data[keep], minlength=stop - start)
-            indptr = np.zeros(stop - start + 1, dtype=np.int64)
-            np.cumsum(n_tok, out=indptr[1:])
+            if keep_all:  # every column is in the vocabulary and X has no stored zeros: no masking copies
+                indptr = X.indptr.astype(np.int64, copy=False)
+                n_tok = np.diff(indptr)
+                lib = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+                genes_part, counts_part = ids, X.data.astype(np.float32, copy=False)
+            else:
+                keep = (ids > 0) & (X.data > 0)
+                row = np.repeat(np.arange(stop - start), np.diff(X.indptr))[keep]
+                n_tok = np.bincount(row, minlength=stop - start)
+                lib = np.bincount(row, weights=X.data[keep], minlength=stop - start)
+                indptr = np.zeros(stop - start + 1, dtype=np.int64)
+                np.cumsum(n_tok, out=indptr[1:])
+                genes_part, counts_part = ids[keep], X.data[keep].astype(np.float32, copy=False)
             codes = codes_all[start:stop]
             part = {
                 "indptr": indptr,
-                "genes": ids[keep],
-                "counts": X.data[keep].astype(np.float32),
+                "genes": genes_part,
+                "counts": counts_part,
                 "library_size": lib.astype(np.float32),
                 "labels": codes,
                 "cell_index": np.arange(start, stop, dtype=np.int64),
