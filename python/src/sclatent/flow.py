@@ -1,0 +1,340 @@
+"""Flow matching with a linear interpolant, classifier-free guidance and ODE samplers (paper §2.2.2 eq. 11, §2.2.4).
+
+This module is the single place where the prior's formulas live:
+
+* interpolant ``x_t = t z + (1 - t) eps`` (t = 0 noise, t = 1 data) and velocity target ``u_t = z - eps``;
+* flow-matching loss ``E_{t, eps} || v(x_t, t, y~) - u_t ||^2`` with per-attribute label dropout ``y -> y~``;
+* guidance: *joint* (eq. 11) ``v = v_null + w (v_y - v_null)`` and *additive* (CFGen)
+  ``v = v_null + sum_j w_j (v_{y_j} - v_null)``;
+* samplers integrating ``dx/dt = v(x, t)`` from t = 0 to t = 1: ``euler``, ``heun``, adaptive ``dopri5``.
+
+A velocity function has the signature ``velocity_fn(x (B, ...), t (B,)) -> (B, ...)``.
+Shapes: ``B`` samples, ``m`` latent tokens, ``dl`` latent width, ``K`` condition keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from sclatent.nn.dit import DiT, drop_labels, null_labels
+
+logger = logging.getLogger(__name__)
+
+VelocityFn = Callable[[Tensor, Tensor], Tensor]
+GUIDANCE_MODES = ("joint", "additive")
+SAMPLERS = ("euler", "heun", "dopri5")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Linear interpolant and flow-matching loss
+# --------------------------------------------------------------------------------------------------------------
+def interpolate(z: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+    """Linear interpolant ``x_t = t z + (1 - t) eps``: z, eps (B, ...), t (B,) -> (B, ...)."""
+    t = t.view(-1, *([1] * (z.ndim - 1)))  # (B, 1, ..., 1)
+    return t * z + (1 - t) * eps
+
+
+def target_velocity(z: Tensor, eps: Tensor) -> Tensor:
+    """Velocity of the linear interpolant, ``d x_t / dt = z - eps`` (independent of t)."""
+    return z - eps
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
+    """U[0, 1) draws from generator (on the generator's device), returned on like's device and dtype."""
+    return torch.rand(shape, generator=generator, device=generator.device).to(like.device, like.dtype)
+
+
+def _normal(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
+    """N(0, 1) draws from generator (on the generator's device), returned on like's device and dtype."""
+    return torch.randn(shape, generator=generator, device=generator.device).to(like.device, like.dtype)
+
+
+def flow_matching_loss(model: DiT, z: Tensor, labels: Tensor, generator: torch.Generator, rho: float) -> Tensor:
+    """Flow-matching MSE for a batch of data latents.
+
+    z (B, m, dl) are data latents, labels (B, K) their label codes. Draws, in this order from generator:
+    t ~ U[0, 1] (B,), eps ~ N(0, I) like z, and the label dropout (each label -> null with probability rho,
+    independently per attribute). Returns the mean over all B*m*dl entries of ``(v(x_t, t, y~) - (z - eps))^2``.
+    """
+    if z.ndim != 3:
+        raise ValueError(f"z must have shape (B, m, d_latent), got {tuple(z.shape)}")
+    b = z.shape[0]
+    t = _uniform((b,), generator, z)  # (B,)
+    eps = _normal(tuple(z.shape), generator, z)  # (B, m, dl)
+    dropped = drop_labels(labels, model.config, rho, generator)  # (B, K)
+    x_t = interpolate(z, eps, t)  # (B, m, dl)
+    v = model(x_t, t, dropped)  # (B, m, dl)
+    return torch.mean((v - target_velocity(z, eps)) ** 2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Classifier-free guidance
+# --------------------------------------------------------------------------------------------------------------
+class GuidedVelocity:
+    """Guided velocity field ``(x (B, m, dl), t (B,)) -> (B, m, dl)`` for a fixed request ``labels`` (B, K).
+
+    A request holds, per sample, the label code of every requested attribute and the null code of every other one.
+
+    * ``"joint"`` (paper eq. 11), scalar w: ``v = v_null + w (v_y - v_null)``, y = the requested subset.
+    * ``"additive"`` (CFGen), one weight per key: ``v = v_null + sum_j w_j (v_{y_j} - v_null)`` over the requested
+      attributes j of each sample, where y_j keeps only attribute j.
+
+    All evaluations of one call are concatenated along the batch into a single model forward. Evaluations that
+    cannot change the result are skipped, which makes the identities exact: w = 0 is the unconditional model,
+    joint w = 1 is the conditional model ``v(x, t, labels)``, and additive with all w_j = 1 is the conditional model
+    when every sample requests exactly one attribute (CFGen's setting). Samples that request nothing get v_null.
+    ``model_calls`` / ``model_rows`` count forwards and the rows passed through the network.
+    """
+
+    def __init__(self, model: DiT, labels: Tensor, guidance: str, w: float | Sequence[float]) -> None:
+        if guidance not in GUIDANCE_MODES:
+            raise ValueError(f"unknown guidance {guidance!r}; choose one of {GUIDANCE_MODES}")
+        if labels.ndim != 2:
+            raise ValueError(f"labels must have shape (B, K), got {tuple(labels.shape)}")
+        model.check_labels(labels, labels.shape[0])
+        self.model = model
+        self.guidance = guidance
+        self.batch_size = labels.shape[0]
+        self.model_calls = 0
+        self.model_rows = 0
+        k = labels.shape[1]
+        null = null_labels(labels, model.config)  # (B, K)
+        requested = labels != null  # (B, K)
+
+        if guidance == "joint":
+            if isinstance(w, Sequence) or not math.isfinite(float(w)):
+                raise ValueError(f"joint guidance takes one finite scalar weight w, got {w!r}")
+            self.weights = [float(w)]
+            wj = float(w)
+            self.row_requested = requested.any(dim=1)  # (B,)
+            if wj == 0.0 or not bool(self.row_requested.any()):
+                self._plan = "single"
+                self.requests = null
+            elif wj == 1.0:
+                self._plan = "single"
+                self.requests = labels
+            else:
+                self._plan = "joint"
+                self.requests = torch.cat([null, labels])  # (2B, K)
+        else:
+            weights = [float(w)] * k if not isinstance(w, Sequence) else [float(x) for x in w]
+            if len(weights) != k or not all(math.isfinite(x) for x in weights):
+                raise ValueError(f"additive guidance needs {k} finite weights (one per condition key), got {w!r}")
+            self.weights = weights
+            # attributes that contribute a term: non-zero weight and requested by at least one sample
+            self.active = [j for j in range(k) if weights[j] != 0.0 and bool(requested[:, j].any())]
+            active_mask = torch.zeros(k, dtype=torch.bool, device=labels.device)
+            active_mask[self.active] = True
+            n_active_per_row = (requested & active_mask).sum(dim=1)  # (B,)
+            if not self.active:
+                self._plan = "single"
+                self.requests = null
+            elif all(weights[j] == 1.0 for j in self.active) and bool((n_active_per_row == 1).all()):
+                # every sample has a single term with weight 1: v = v_{y_j}, the null evaluation is redundant
+                self._plan = "single"
+                self.requests = torch.where(active_mask, labels, null)
+            else:
+                self._plan = "additive"
+                self.term_masks = [requested[:, j] for j in self.active]  # each (B,)
+                single = [torch.where(torch.arange(k, device=labels.device) == j, labels, null) for j in self.active]
+                self.requests = torch.cat([null, *single])  # ((1 + J) B, K)
+        self.n_terms = self.requests.shape[0] // self.batch_size
+        logger.debug("guidance %s w=%s: %d evaluations per call", guidance, self.weights, self.n_terms)
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        """Guided velocity at (x (B, m, dl), t (B,)) -> (B, m, dl); one batched model forward."""
+        b = self.batch_size
+        if x.shape[0] != b:
+            raise ValueError(f"x has batch size {x.shape[0]} but the guidance request has {b}")
+        xs = torch.cat([x] * self.n_terms) if self.n_terms > 1 else x  # (T B, m, dl)
+        ts = torch.cat([t] * self.n_terms) if self.n_terms > 1 else t  # (T B,)
+        out = self.model(xs, ts, self.requests)  # (T B, m, dl)
+        self.model_calls += 1
+        self.model_rows += xs.shape[0]
+        if self._plan == "single":
+            return out
+        rows = (b,) + (1,) * (x.ndim - 1)
+        v_null = out[:b]
+        if self._plan == "joint":
+            v_y = out[b:]
+            v = v_null + self.weights[0] * (v_y - v_null)
+            return torch.where(self.row_requested.view(rows), v, v_null)
+        v = v_null
+        for i, (j, mask) in enumerate(zip(self.active, self.term_masks)):
+            v_j = out[(i + 1) * b : (i + 2) * b]
+            v = v + torch.where(mask.view(rows), self.weights[j] * (v_j - v_null), 0.0)
+        return v
+
+
+def guided_velocity(
+    model: DiT, labels: Tensor, guidance: Literal["joint", "additive"] = "joint", w: float | Sequence[float] = 1.0
+) -> GuidedVelocity:
+    """Velocity function of the guided field for request labels (B, K); see :class:`GuidedVelocity`."""
+    return GuidedVelocity(model, labels, guidance, w)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ODE samplers, t = 0 (noise) -> t = 1 (data)
+# --------------------------------------------------------------------------------------------------------------
+class _CountingRHS:
+    """Wraps a velocity function: takes a python-float time, counts evaluations (NFE)."""
+
+    def __init__(self, velocity_fn: VelocityFn, x0: Tensor) -> None:
+        self.velocity_fn = velocity_fn
+        self.batch_size = x0.shape[0]
+        self.like = x0
+        self.nfe = 0
+
+    def __call__(self, t: float, x: Tensor) -> Tensor:
+        self.nfe += 1
+        tt = torch.full((self.batch_size,), t, dtype=self.like.dtype, device=self.like.device)  # (B,)
+        v = self.velocity_fn(x, tt)
+        if v.shape != x.shape:
+            raise ValueError(f"velocity_fn returned shape {tuple(v.shape)} for state of shape {tuple(x.shape)}")
+        return v
+
+
+def _euler(f: _CountingRHS, x: Tensor, n_steps: int) -> Tensor:
+    """Explicit Euler on the uniform grid t_i = i / n_steps: n_steps evaluations."""
+    h = 1.0 / n_steps
+    for i in range(n_steps):
+        x = x + h * f(i / n_steps, x)
+    return x
+
+
+def _heun(f: _CountingRHS, x: Tensor, n_steps: int) -> Tensor:
+    """Heun's method (explicit trapezoid) on t_i = i / n_steps, corrector on every step: 2 n_steps evaluations.
+
+    The last step keeps its corrector: the velocity field is regular at t = 1 (unlike EDM's sigma = 0 endpoint).
+    """
+    h = 1.0 / n_steps
+    for i in range(n_steps):
+        t0, t1 = i / n_steps, (i + 1) / n_steps
+        k1 = f(t0, x)
+        x_pred = x + h * k1
+        k2 = f(t1, x_pred)
+        x = x + 0.5 * h * (k1 + k2)
+    return x
+
+
+# Dormand–Prince 5(4) Butcher tableau (Dormand & Prince 1980; Hairer, Nørsett & Wanner, Solving ODEs I, II.5).
+# Hand-written instead of depending on torchdiffeq, so the sampler has no extra dependency and counts its NFE.
+_DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+_DP_A = (
+    (),
+    (1 / 5,),
+    (3 / 40, 9 / 40),
+    (44 / 45, -56 / 15, 32 / 9),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+)
+_DP_B5 = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)  # 5th order (the propagated solution)
+_DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)  # embedded 4th order
+_DP_E = tuple(b5 - b4 for b5, b4 in zip(_DP_B5, _DP_B4))
+_SAFETY, _MIN_FACTOR, _MAX_FACTOR = 0.9, 0.2, 10.0
+
+
+def _rms(x: Tensor) -> float:
+    """Root mean square over all entries (the error norm of Hairer et al. and torchdiffeq)."""
+    return float(torch.sqrt(torch.mean(x.double() ** 2)))
+
+
+def _initial_step(f: _CountingRHS, x0: Tensor, f0: Tensor, atol: float, rtol: float) -> float:
+    """Starting step size of Hairer, Nørsett & Wanner (II.4, p. 169), order 5, capped at the interval length 1.
+
+    Costs one evaluation."""
+    scale = atol + rtol * x0.abs()
+    d0, d1 = _rms(x0 / scale), _rms(f0 / scale)
+    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    h0 = min(h0, 1.0)
+    f1 = f(h0, x0 + h0 * f0)
+    d2 = _rms((f1 - f0) / scale) / h0
+    h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 5)
+    return min(100 * h0, h1, 1.0)
+
+
+def _dopri5(f: _CountingRHS, x: Tensor, atol: float, rtol: float, max_steps: int) -> Tensor:
+    """Adaptive Dormand–Prince 5(4) with FSAL and local error control on [0, 1].
+
+    A step is accepted when RMS(err / (atol + rtol max(|x|, |x_new|))) <= 1 (the norm runs over the whole batch,
+    so all samples share one step-size sequence). Step factor ``0.9 err^(-1/5)`` clipped to [0.2, 10] (no growth
+    right after a rejection). Cost: 2 evaluations to start + 6 per attempted step.
+    """
+    t = 0.0
+    k1 = f(t, x)
+    h = _initial_step(f, x, k1, atol, rtol)
+    accepted = rejected = 0
+    just_rejected = False
+    while t < 1.0:
+        if accepted + rejected >= max_steps:
+            raise RuntimeError(f"dopri5 did not reach t=1 within max_steps={max_steps} (t={t:.6f}, h={h:.3e})")
+        if h < 1e-12:
+            raise RuntimeError(f"dopri5 step size underflow at t={t:.6f} (h={h:.3e}); is the velocity finite?")
+        last = h >= 1.0 - t
+        if last:
+            h = 1.0 - t
+        t_new = 1.0 if last else t + h
+        ks = [k1]
+        for i in range(1, 7):
+            dx = sum(a * k for a, k in zip(_DP_A[i], ks) if a != 0.0)
+            ks.append(f(t + _DP_C[i] * h if i < 6 else t_new, x + h * dx))
+        # row 7 of A equals b5, so the stage-7 state is the 5th-order solution and ks[6] = f(t_new, x_new) (FSAL)
+        x_new = x + h * sum(b * k for b, k in zip(_DP_B5, ks) if b != 0.0)
+        err_vec = h * sum(e * k for e, k in zip(_DP_E, ks) if e != 0.0)
+        scale = atol + rtol * torch.maximum(x.abs(), x_new.abs())
+        err = _rms(err_vec / scale)
+        if not math.isfinite(err):
+            raise RuntimeError(f"dopri5 met a non-finite velocity at t={t:.6f}")
+        if err <= 1.0:
+            t, x, k1 = t_new, x_new, ks[6]
+            accepted += 1
+            factor = _MAX_FACTOR if err == 0.0 else min(_MAX_FACTOR, max(_MIN_FACTOR, _SAFETY * err ** -0.2))
+            if just_rejected:
+                factor = min(factor, 1.0)
+            just_rejected = False
+        else:
+            rejected += 1
+            factor = max(_MIN_FACTOR, _SAFETY * err**-0.2)
+            just_rejected = True
+        h = h * factor
+    logger.debug("dopri5: %d accepted, %d rejected steps, nfe=%d", accepted, rejected, f.nfe)
+    return x
+
+
+@torch.no_grad()
+def sample(
+    velocity_fn: VelocityFn,
+    x0: Tensor,
+    method: Literal["euler", "heun", "dopri5"] = "dopri5",
+    n_steps: int | None = None,
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+    max_steps: int = 100_000,
+) -> tuple[Tensor, int]:
+    """Integrate dx/dt = velocity_fn(x, t) from t = 0 (x0, noise drawn by the caller) to t = 1 (data).
+
+    ``euler`` / ``heun`` take ``n_steps`` uniform steps (NFE = n_steps / 2 n_steps); ``dopri5`` is adaptive with
+    tolerances ``atol`` / ``rtol`` (NFE = 2 + 6 x attempted steps) and refuses ``n_steps``. Returns (x1, nfe), where
+    nfe counts calls of velocity_fn (a guided call batching several model evaluations counts once).
+    """
+    if method not in SAMPLERS:
+        raise ValueError(f"unknown sampler {method!r}; choose one of {SAMPLERS}")
+    f = _CountingRHS(velocity_fn, x0)
+    if method in ("euler", "heun"):
+        if n_steps is None or not isinstance(n_steps, int) or n_steps < 1:
+            raise ValueError(f"sampler {method!r} needs n_steps >= 1, got {n_steps!r}")
+        x1 = _euler(f, x0, n_steps) if method == "euler" else _heun(f, x0, n_steps)
+    else:
+        if n_steps is not None:
+            raise ValueError(f"dopri5 is adaptive and does not use n_steps (got {n_steps!r}); set atol/rtol instead")
+        if not (atol > 0 and rtol > 0):
+            raise ValueError(f"dopri5 needs atol > 0 and rtol > 0, got atol={atol!r}, rtol={rtol!r}")
+        x1 = _dopri5(f, x0, atol, rtol, max_steps)
+    return x1, f.nfe

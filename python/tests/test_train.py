@@ -1,0 +1,368 @@
+"""Tests for sclatent.train: schedule, EMA, clipping, checkpoint/resume, history, NaN handling (toy models, CPU)."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from sclatent.train import (
+    EMA,
+    NonFiniteLossError,
+    TrainConfig,
+    atomic_torch_save,
+    atomic_write_json,
+    load_checkpoint,
+    lr_factor,
+    train,
+)
+
+# --------------------------------------------------------------------------------------------------------
+# toy data and models
+
+
+class ToyData:
+    """Linear-regression data y = x w* + noise, shuffled per epoch from (seed, epoch), drop-last batches."""
+
+    def __init__(self, n: int = 60, d: int = 4, batch_size: int = 10, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(1234)
+        self.x = torch.randn(n, d, generator=g)  # (N, d)
+        w = torch.randn(d, 1, generator=g)
+        self.y = self.x @ w + 0.01 * torch.randn(n, 1, generator=g)  # (N, 1)
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def n_batches(self, epoch: int) -> int:
+        return self.x.shape[0] // self.batch_size
+
+    def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(self.x.shape[0], generator=g)
+        for b in range(start_batch, self.n_batches(epoch)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+class ToyNet(nn.Module):
+    """A small MLP with dropout, so that resume must also restore the global RNG."""
+
+    def __init__(self, d: int = 4, hidden: int = 16, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Dropout(dropout), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def toy_loss(model: nn.Module, batch, generator: torch.Generator):
+    """MSE on inputs jittered with generator noise (so that resume must restore the generator)."""
+    x, y = batch
+    noise = 0.05 * torch.randn(x.shape, generator=generator, device=generator.device)
+    mse = ((model(x + noise) - y) ** 2).mean()
+    return mse, {"mse": mse.item(), "noise_abs": noise.abs().mean().item()}
+
+
+def make_model(seed: int = 0, **kw) -> ToyNet:
+    torch.manual_seed(seed)
+    return ToyNet(**kw)
+
+
+def read_history(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+MODEL_CONFIG = {"d": 4, "hidden": 16, "dropout": 0.1, "blocks": {"n": 1}}
+
+
+def cfg_for(**kw) -> TrainConfig:
+    base = dict(max_steps=20, batch_size=10, lr=1e-2, checkpoint_every=10, log_every=1, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# --------------------------------------------------------------------------------------------------------
+# schedule and config
+
+
+@pytest.mark.parametrize("shape", ["sqrt", "cosine", "linear"])
+def test_lr_factor_key_steps(shape: str) -> None:
+    cfg = TrainConfig(max_steps=100, batch_size=1, warmup_frac=0.1, decay_frac=0.2, decay_shape=shape,
+                      final_lr_factor=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.01)  # warmup starts at lr/100
+    assert lr_factor(5, cfg) == pytest.approx(0.5 + 0.5 / 100)  # halfway up the linear ramp
+    assert lr_factor(10, cfg) == 1.0  # end of warmup
+    assert lr_factor(50, cfg) == 1.0  # stable
+    assert lr_factor(79, cfg) == 1.0  # last stable step
+    assert lr_factor(80, cfg) == pytest.approx(1.0)  # decay starts at 1
+    half = {"sqrt": 1 - math.sqrt(0.5), "cosine": 0.5, "linear": 0.5}[shape]
+    assert lr_factor(90, cfg) == pytest.approx(0.1 + 0.9 * half)  # halfway through the decay
+    assert lr_factor(99, cfg) < lr_factor(90, cfg)
+    assert lr_factor(100, cfg) == pytest.approx(0.1)  # decay end
+    assert lr_factor(10_000, cfg) == pytest.approx(0.1)
+    values = [lr_factor(s, cfg) for s in range(101)]
+    assert all(a <= b for a, b in zip(values[:10], values[1:11]))  # non-decreasing warmup
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))  # non-increasing afterwards
+
+
+def test_lr_factor_authors_prior_schedule() -> None:
+    """decay_frac=1 + cosine: decay starts right after warmup, reaching r at max_steps."""
+    cfg = TrainConfig(max_steps=1000, batch_size=1, decay_frac=1.0, decay_shape="cosine", final_lr_factor=0.1)
+    assert lr_factor(100, cfg) == pytest.approx(1.0)
+    assert lr_factor(550, cfg) == pytest.approx(0.55)  # cos(pi/2) midpoint of the decay
+    assert lr_factor(1000, cfg) == pytest.approx(0.1)
+
+
+def test_lr_factor_no_warmup_and_bad_step() -> None:
+    cfg = TrainConfig(max_steps=10, batch_size=1, warmup_frac=0.0, decay_frac=0.0)
+    assert [lr_factor(s, cfg) for s in range(10)] == [1.0] * 10
+    with pytest.raises(ValueError, match="-1"):
+        lr_factor(-1, cfg)
+
+
+def test_config_roundtrip_and_validation() -> None:
+    cfg = TrainConfig(max_steps=5, batch_size=2, betas=(0.8, 0.9), ema_decay=0.99)
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert TrainConfig.from_dict(d) == cfg
+    with pytest.raises(ValueError, match="bogus"):
+        TrainConfig.from_dict({**d, "bogus": 1})
+    with pytest.raises(ValueError, match="'exp'"):
+        TrainConfig(max_steps=5, batch_size=2, decay_shape="exp")
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig(max_steps=0, batch_size=2)
+    with pytest.raises(ValueError, match="1.5"):
+        TrainConfig(max_steps=5, batch_size=2, ema_decay=1.5)
+
+
+def test_bf16_on_cpu_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="bf16"):
+        train(make_model(), toy_loss, ToyData(), cfg_for(precision="bf16"), tmp_path,
+              model_config=MODEL_CONFIG, progress=False)
+
+
+# --------------------------------------------------------------------------------------------------------
+# training behaviour
+
+
+def test_toy_regression_loss_falls(tmp_path: Path) -> None:
+    cfg = cfg_for(max_steps=150, log_every=10, checkpoint_every=1000)
+    result = train(make_model(dropout=0.0), toy_loss, ToyData(), cfg, tmp_path, model_config=MODEL_CONFIG,
+                   progress=False)
+    _, rows = read_history(result.history_path)
+    losses = [float(r["loss"]) for r in rows]
+    assert [int(r["step"]) for r in rows] == list(range(10, 151, 10))
+    assert losses[-1] < 0.1 * losses[0]
+    assert result.step == 150
+    assert load_checkpoint(result.checkpoint_path)["step"] == 150  # always a checkpoint at the end
+
+
+def test_ema_update_formula() -> None:
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = EMA(model, decay=0.5)
+    for value in (1.0, 3.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update(model)
+    # 0 -> 0.5*0 + 0.5*1 = 0.5 -> 0.5*0.5 + 0.5*3 = 1.75
+    assert ema.state_dict()["weight"].item() == 1.75
+    assert model.weight.item() == 3.0  # the model itself is untouched
+
+
+def test_ema_in_training_follows_the_formula(tmp_path: Path) -> None:
+    """Recompute the EMA from the weights seen by loss_fn (the weights after each previous step)."""
+    seen: list[torch.Tensor] = []
+
+    def recording_loss(model, batch, generator):
+        seen.append(model.net[0].weight.detach().clone())
+        return toy_loss(model, batch, generator)
+
+    cfg = cfg_for(max_steps=12, ema_decay=0.9)
+    model = make_model()
+    result = train(model, recording_loss, ToyData(), cfg, tmp_path, model_config=MODEL_CONFIG, progress=False)
+    trajectory = seen + [model.net[0].weight.detach().clone()]  # weights before step 1 .. after step 12
+    expected = trajectory[0].clone()
+    for w in trajectory[1:]:
+        expected = 0.9 * expected + 0.1 * w
+    torch.testing.assert_close(result.model_state("ema")["net.0.weight"], expected)
+    assert not torch.equal(result.model_state("ema")["net.0.weight"], result.model_state("model")["net.0.weight"])
+
+
+def test_grad_clip_bounds_applied_norm(tmp_path: Path) -> None:
+    applied: list[float] = []
+    model = make_model()
+
+    def pre_step_hook(optimizer, args, kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        applied.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    def big_loss(model, batch, generator):
+        loss, terms = toy_loss(model, batch, generator)
+        return 1e4 * loss, terms  # gradients far above the clip threshold
+
+    handle = register_optimizer_step_pre_hook(pre_step_hook)
+    try:
+        result = train(model, big_loss, ToyData(), cfg_for(max_steps=5, grad_clip=0.5), tmp_path,
+                       model_config=MODEL_CONFIG, progress=False)
+    finally:
+        handle.remove()
+    assert len(applied) == 5
+    assert max(applied) <= 0.5 * (1 + 1e-5)
+    _, rows = read_history(result.history_path)
+    assert min(float(r["grad_norm"]) for r in rows) > 0.5  # the logged (pre-clip) norm was above the bound
+
+
+# --------------------------------------------------------------------------------------------------------
+# files, checkpoint, resume
+
+
+def test_checkpoint_loads_weights_only_and_history_columns(tmp_path: Path) -> None:
+    result = train(make_model(), toy_loss, ToyData(), cfg_for(max_steps=10, ema_decay=0.99, log_every=3),
+                   tmp_path, model_config=MODEL_CONFIG, metadata={"inputs": {"x": "abc123"}}, progress=False)
+    ckpt = torch.load(result.checkpoint_path, map_location="cpu", weights_only=True)
+    for key in ("model", "ema", "optimizer", "step", "epoch", "batch_in_epoch", "generator", "torch_rng",
+                "history_len"):
+        assert key in ckpt
+    assert ckpt["step"] == 10 and (ckpt["epoch"], ckpt["batch_in_epoch"]) == (1, 4)  # 6 batches per epoch
+    assert isinstance(ckpt["generator"], torch.Tensor)
+    assert set(ckpt["ema"]) == set(ckpt["model"])
+    fresh = make_model(seed=99)
+    fresh.load_state_dict(ckpt["model"])  # a plain state dict
+    assert load_checkpoint(result.checkpoint_path)["step"] == 10  # the helper loads the same file
+    header, rows = read_history(result.history_path)
+    assert header == ["step", "epoch", "loss", "mse", "noise_abs", "lr", "grad_norm", "cells_per_s", "elapsed_s"]
+    assert [int(r["step"]) for r in rows] == [3, 6, 9, 10]
+    assert ckpt["history_len"] == 4
+    assert all(float(r["cells_per_s"]) > 0 for r in rows)
+    config = json.loads(result.config_path.read_text())
+    assert config["model_config"] == MODEL_CONFIG
+    assert TrainConfig.from_dict(config["train_config"]) == cfg_for(max_steps=10, ema_decay=0.99, log_every=3)
+    assert config["metadata"] == {"inputs": {"x": "abc123"}}
+    import sclatent
+
+    assert config["sclatent_version"] == sclatent.__version__
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "config.json", "history.csv"]
+
+
+class Interrupted(Exception):
+    """Simulates a killed job."""
+
+
+@pytest.mark.parametrize("log_every", [1, 3])
+def test_resume_equals_uninterrupted(tmp_path: Path, log_every: int) -> None:
+    cfg = cfg_for(max_steps=20, checkpoint_every=10, log_every=log_every, ema_decay=0.9, weight_decay=0.01)
+    straight = train(make_model(), toy_loss, ToyData(), cfg, tmp_path / "straight", model_config=MODEL_CONFIG,
+                     progress=False)
+
+    calls = {"n": 0}
+
+    def dying_loss(model, batch, generator):
+        calls["n"] += 1
+        if calls["n"] == 14:  # after the step-10 checkpoint and a few logged rows
+            raise Interrupted
+        return toy_loss(model, batch, generator)
+
+    run_dir = tmp_path / "resumed"
+    with pytest.raises(Interrupted):
+        train(make_model(), dying_loss, ToyData(), cfg, run_dir, model_config=MODEL_CONFIG, progress=False)
+    assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 10
+    _, rows_before = read_history(run_dir / "history.csv")
+    assert int(rows_before[-1]["step"]) > 10  # rows past the checkpoint exist and must be dropped on resume
+
+    torch.manual_seed(12345)  # the resume must not depend on the caller's global RNG state
+    resumed = train(make_model(seed=7), toy_loss, ToyData(), cfg, run_dir, resume=True, model_config=MODEL_CONFIG,
+                    progress=False)
+
+    _, rows_a = read_history(straight.history_path)
+    _, rows_b = read_history(resumed.history_path)
+    steps_b = [int(r["step"]) for r in rows_b]
+    assert len(steps_b) == len(set(steps_b))  # no duplicated steps
+    assert steps_b == [int(r["step"]) for r in rows_a]
+    for col in ("loss", "mse", "noise_abs", "lr", "grad_norm", "epoch"):
+        assert [r[col] for r in rows_b] == [r[col] for r in rows_a], col
+    for which in ("model", "ema"):
+        a, b = straight.model_state(which), resumed.model_state(which)
+        assert all(torch.equal(a[k], b[k]) for k in a), which
+
+
+def test_resume_refuses_different_model_config(tmp_path: Path) -> None:
+    train(make_model(), toy_loss, ToyData(), cfg_for(max_steps=3), tmp_path, model_config=MODEL_CONFIG,
+          progress=False)
+    other = {**MODEL_CONFIG, "hidden": 32, "blocks": {"n": 2}}
+    with pytest.raises(ValueError, match=r"blocks\.n, hidden"):
+        train(make_model(), toy_loss, ToyData(), cfg_for(max_steps=3), tmp_path, resume=True, model_config=other,
+              progress=False)
+
+
+def test_fresh_run_refuses_existing_checkpoint_and_resume_needs_one(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
+        train(make_model(), toy_loss, ToyData(), cfg_for(max_steps=3), tmp_path, resume=True,
+              model_config=MODEL_CONFIG, progress=False)
+    train(make_model(), toy_loss, ToyData(), cfg_for(max_steps=3), tmp_path, model_config=MODEL_CONFIG,
+          progress=False)
+    with pytest.raises(ValueError, match="resume=True"):
+        train(make_model(), toy_loss, ToyData(), cfg_for(max_steps=3), tmp_path, model_config=MODEL_CONFIG,
+              progress=False)
+    # resuming a finished run is a no-op that returns the trained weights
+    done = train(make_model(seed=5), toy_loss, ToyData(), cfg_for(max_steps=3), tmp_path, resume=True,
+                 model_config=MODEL_CONFIG, progress=False)
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")["model"]
+    assert done.step == 3
+    assert all(torch.equal(saved[k], v) for k, v in done.model_state().items())
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path) -> None:
+    calls = {"n": 0}
+    snapshot: dict[str, bytes] = {}
+
+    def nan_at_7(model, batch, generator):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the step-5 checkpoint has just been written
+            snapshot["bytes"] = (tmp_path / "checkpoint.pt").read_bytes()
+        loss, terms = toy_loss(model, batch, generator)
+        if calls["n"] == 7:
+            loss = loss * float("nan")
+        return loss, terms
+
+    with pytest.raises(NonFiniteLossError, match=r"nan at step 7") as info:
+        train(make_model(), nan_at_7, ToyData(), cfg_for(max_steps=20, checkpoint_every=5), tmp_path,
+              model_config=MODEL_CONFIG, progress=False)
+    assert info.value.step == 7 and math.isnan(info.value.value)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == snapshot["bytes"]
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["step"] == 5
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_short_epoch_is_reported(tmp_path: Path) -> None:
+    class LyingData(ToyData):
+        def n_batches(self, epoch: int) -> int:
+            return 8  # but only 6 batches are yielded
+
+        def iter_epoch(self, epoch: int, start_batch: int = 0):
+            return itertools.islice(super().iter_epoch(epoch, start_batch), 6 - start_batch)
+
+    with pytest.raises(RuntimeError, match="stopped after 6 batches"):
+        train(make_model(), toy_loss, LyingData(), cfg_for(max_steps=20), tmp_path, model_config=MODEL_CONFIG,
+              progress=False)
+
+
+def test_atomic_helpers_roundtrip(tmp_path: Path) -> None:
+    atomic_write_json(tmp_path / "a.json", {"x": [1, 2]})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": [1, 2]}
+    atomic_torch_save(tmp_path / "b.pt", {"w": torch.arange(3), "step": 4})
+    loaded = load_checkpoint(tmp_path / "b.pt")
+    assert torch.equal(loaded["w"], torch.arange(3)) and loaded["step"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.pt"]

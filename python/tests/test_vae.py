@@ -1,0 +1,316 @@
+"""TransformerVAE: exchangeability, subset decoding, library sizes, training, (de)serialisation, errors."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from sclatent.nn.likelihoods import Gaussian, NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
+from sclatent.nn.vae import LIKELIHOODS, TransformerVAE, VAEConfig
+
+G = 40
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run small models on one intra-op thread: far faster than 2 contended OpenMP threads for tiny ops."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tiny(**overrides: object) -> TransformerVAE:
+    return TransformerVAE(VAEConfig.preset("tiny", G, **overrides), seed=0).eval()
+
+
+def synthetic_batch(B: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    """NB counts of B cells from 4 cell types; tokens = expressed genes first, then PAD (id 0, count 0)."""
+    g = torch.Generator().manual_seed(seed)
+    types = torch.randint(0, 4, (B,), generator=g)
+    profiles = torch.softmax(2.0 * torch.randn(4, G, generator=g), dim=-1)  # (4, G)
+    L = torch.exp(torch.empty(B).uniform_(6.0, 7.5, generator=g))  # (B,)
+    x = NegativeBinomial(profiles[types] * L[:, None], torch.full((G,), 20.0)).sample(g)  # (B, G)
+    order = torch.argsort((x == 0).float(), dim=1, stable=True)  # expressed genes first
+    counts = x.gather(1, order)  # (B, G)
+    mask = counts > 0
+    genes = (order + 1) * mask  # PAD id 0 where not expressed
+    return {
+        "genes": genes,
+        "counts": counts,
+        "mask": mask,
+        "library_size": x.sum(dim=1),
+        "target_genes": torch.arange(1, G + 1),
+        "target_counts": x,
+    }
+
+
+def _pad(batch: dict[str, torch.Tensor], extra: int) -> dict[str, torch.Tensor]:
+    """Append `extra` PAD tokens to every cell."""
+    B = batch["genes"].shape[0]
+    out = dict(batch)
+    out["genes"] = torch.cat([batch["genes"], torch.zeros(B, extra, dtype=torch.long)], dim=1)
+    out["counts"] = torch.cat([batch["counts"], torch.zeros(B, extra)], dim=1)
+    out["mask"] = torch.cat([batch["mask"], torch.zeros(B, extra, dtype=torch.bool)], dim=1)
+    return out
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"embedding": "multiplicative"},
+        {"variational": True},
+        {"latent_norm": False},
+    ],
+)
+def test_encoder_invariant_to_token_order_and_padding(overrides: dict) -> None:
+    model = _tiny(**overrides)
+    b = synthetic_batch(8)
+    mu, logvar = model.encode(b["genes"], b["counts"], b["mask"])
+    assert mu.shape == (8, 4, 4)
+    assert (logvar is not None) == model.config.variational
+    perm = torch.randperm(G, generator=torch.Generator().manual_seed(1))  # mixes real and PAD tokens
+    mu_p, _ = model.encode(b["genes"][:, perm], b["counts"][:, perm], b["mask"][:, perm])
+    torch.testing.assert_close(mu_p, mu, atol=1e-5, rtol=1e-5)
+    for extra in (1, 25):
+        p = _pad(b, extra)
+        mu_pad, logvar_pad = model.encode(p["genes"], p["counts"], p["mask"])
+        torch.testing.assert_close(mu_pad, mu, atol=1e-5, rtol=1e-5)
+        if logvar is not None:
+            torch.testing.assert_close(logvar_pad, logvar, atol=1e-5, rtol=1e-5)
+    # a cell encoded alone, without any padding, gives the same latent
+    n0 = int(b["mask"][3].sum())
+    mu_alone, _ = model.encode(b["genes"][3:4, :n0], b["counts"][3:4, :n0], b["mask"][3:4, :n0])
+    torch.testing.assert_close(mu_alone, mu[3:4], atol=1e-5, rtol=1e-5)
+
+
+def test_concat_encoder_sees_counts_multiplicative_does_not() -> None:
+    """Characterises the official embedding: LN_K / LN_V cancel the log1p(x) scale of E_g * log1p(x)."""
+    b = synthetic_batch(4)
+    for embedding, sees_counts in (("concat", True), ("multiplicative", False)):
+        model = _tiny(embedding=embedding)
+        z1, _ = model.encode(b["genes"], b["counts"], b["mask"])
+        z2, _ = model.encode(b["genes"], b["counts"] * 50, b["mask"])
+        moved = (z1 - z2).abs().max().item()
+        assert (moved > 1e-2) if sees_counts else (moved < 1e-4), (embedding, moved)
+
+
+def test_decoder_equivariant_to_query_permutation() -> None:
+    model = _tiny()
+    z = torch.randn(5, 4, 4, generator=torch.Generator().manual_seed(0))
+    genes = torch.arange(1, G + 1)
+    perm = torch.randperm(G, generator=torch.Generator().manual_seed(1))
+    L = torch.full((5,), 1000.0)
+    full, permuted = model.decode(z, genes, L), model.decode(z, genes[perm], L)
+    torch.testing.assert_close(permuted.mean, full.mean[:, perm], atol=1e-4, rtol=1e-5)
+    x = torch.randint(0, 30, (5, G), generator=torch.Generator().manual_seed(2)).float()
+    torch.testing.assert_close(permuted.log_prob(x[:, perm]), full.log_prob(x)[:, perm], atol=1e-4, rtol=1e-5)
+
+
+def _count_mean(lik: object) -> torch.Tensor:
+    """The softmax * L mean: of the NB component for ZINB (its mixture mean is (1 - pi) mu)."""
+    return lik.nb.mean if isinstance(lik, ZeroInflatedNegativeBinomial) else lik.mean
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_subset_decode_equals_subset_of_full_decode(likelihood: str) -> None:
+    """Parameters of a gene depend only on z and its id; count means renormalise over the requested set."""
+    model = _tiny(likelihood=likelihood)
+    z = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    all_genes = torch.arange(1, G + 1)
+    subset = torch.tensor([17, 3, 40, 8, 22])  # any order
+    full = model.decode_parameters(z, all_genes)
+    part = model.decode_parameters(z, subset)
+    for key, value in part.items():
+        ref = full[key][..., subset - 1]
+        torch.testing.assert_close(value.expand_as(ref), ref, atol=1e-6, rtol=1e-6)
+    if likelihood != "gaussian":
+        L = torch.tensor([500.0, 1200.0, 80.0])
+        mean_full = _count_mean(model.decode(z, all_genes, L))[:, subset - 1]
+        renormalised = mean_full / mean_full.sum(dim=1, keepdim=True) * L[:, None]
+        torch.testing.assert_close(_count_mean(model.decode(z, subset, L)), renormalised, atol=1e-3, rtol=1e-5)
+    # per-cell gene lists (B, Q) give the same parameters as the shared list
+    per_cell = model.decode_parameters(z, subset.expand(3, -1))
+    for key, value in per_cell.items():
+        torch.testing.assert_close(value, part[key].expand_as(value), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "nb_cell", "zinb", "poisson"])
+def test_count_means_sum_to_library_size(likelihood: str) -> None:
+    model = _tiny(likelihood=likelihood)
+    z = torch.randn(4, 4, 4, generator=torch.Generator().manual_seed(0))
+    L = torch.tensor([1.0, 250.0, 3e4, 1e5])
+    lik = model.decode(z, torch.arange(1, G + 1), L)
+    torch.testing.assert_close(_count_mean(lik).sum(dim=1), L, rtol=1e-5, atol=0.0)
+
+
+def test_likelihood_types_and_log_probs() -> None:
+    expected = {
+        "nb": NegativeBinomial,
+        "nb_cell": NegativeBinomial,
+        "zinb": ZeroInflatedNegativeBinomial,
+        "poisson": Poisson,
+        "gaussian": Gaussian,
+    }
+    b = synthetic_batch(6)
+    for name, cls in expected.items():
+        model = _tiny(likelihood=name)
+        lik = model.reconstruct(b["genes"], b["counts"], b["mask"], b["target_genes"], b["library_size"])
+        assert isinstance(lik, cls)
+        lp = lik.log_prob(b["target_counts"])
+        assert lp.shape == (6, G) and torch.isfinite(lp).all()
+        draws = lik.sample(torch.Generator().manual_seed(0))
+        assert draws.shape == (6, G) and torch.equal(draws, draws.round()) and bool((draws >= 0).all())
+    # per-gene theta starts at e (official initialisation)
+    nb = _tiny().decode(torch.zeros(1, 4, 4), torch.arange(1, G + 1), torch.ones(1))
+    torch.testing.assert_close(nb.theta, torch.full((1, G), torch.e))
+
+
+def test_loss_terms_and_subset_scaling() -> None:
+    model = _tiny()
+    b = synthetic_batch(8)
+    out = model.loss(**b)
+    assert set(out) == {"loss", "nll", "kl"} and out["kl"].item() == 0.0
+    z, _ = model.encode(b["genes"], b["counts"], b["mask"])
+    lik = model.decode(z, b["target_genes"], b["library_size"])
+    torch.testing.assert_close(out["nll"], -lik.log_prob(b["target_counts"]).sum(1).mean())
+    torch.testing.assert_close(out["loss"], out["nll"])
+    # a gene subset: NB means are normalised to the subset's observed total, NLL scaled by G / Q
+    subset = torch.tensor([5, 1, 33, 20, 12, 7, 28, 39])
+    tc = b["target_counts"][:, subset - 1]
+    sub = model.loss(b["genes"], b["counts"], b["mask"], b["library_size"], subset, tc)
+    lik_sub = model.decode(z, subset, tc.sum(1))
+    torch.testing.assert_close(lik_sub.mean.sum(1), tc.sum(1), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(sub["nll"], -(G / len(subset)) * lik_sub.log_prob(tc).sum(1).mean())
+
+
+def test_deterministic_and_variational_modes() -> None:
+    b = synthetic_batch(8)
+    det = _tiny()
+    assert det.to_logvar is None
+    z, logvar = det.encode(b["genes"], b["counts"], b["mask"])
+    assert logvar is None
+    # latent_norm: every latent token has zero mean and unit variance over its features
+    torch.testing.assert_close(z.mean(-1), torch.zeros(8, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.var(-1, unbiased=False), torch.ones(8, 4), atol=1e-3, rtol=0)
+    a = det.loss(**b, generator=torch.Generator().manual_seed(0))
+    c = det.loss(**b, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a["loss"], c["loss"])  # nothing random in deterministic mode
+
+    var = _tiny(variational=True, beta=0.5)
+    with pytest.raises(ValueError, match="generator"):
+        var.loss(**b)
+    s1 = var.loss(**b, generator=torch.Generator().manual_seed(0))
+    s2 = var.loss(**b, generator=torch.Generator().manual_seed(0))
+    s3 = var.loss(**b, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(s1["loss"], s2["loss"])
+    assert s1["nll"].item() != s3["nll"].item()
+    assert s1["kl"].item() > 0
+    torch.testing.assert_close(s1["loss"], s1["nll"] + 0.5 * s1["kl"])
+    mean_only = var.loss(**b, sample_posterior=False)
+    mu, logvar = var.encode(b["genes"], b["counts"], b["mask"])
+    kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).sum((1, 2)).mean()
+    torch.testing.assert_close(mean_only["kl"], kl)
+    s1["loss"].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in var.parameters() if p.requires_grad)
+
+
+def test_all_padding_cell_is_finite() -> None:
+    b = synthetic_batch(4)
+    b["genes"][2] = 0
+    b["counts"][2] = 0
+    b["mask"][2] = False
+    b["target_counts"][2] = 0
+    b["library_size"][2] = 0
+    for overrides in ({}, {"variational": True}, {"likelihood": "gaussian"}, {"likelihood": "zinb"}):
+        model = _tiny(**overrides).train()
+        mu, _ = model.encode(b["genes"], b["counts"], b["mask"])
+        assert torch.isfinite(mu).all()
+        out = model.loss(**b, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(out["loss"]), overrides
+        out["loss"].backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None), overrides
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_tiny_model_overfits_a_synthetic_batch() -> None:
+    b = synthetic_batch(64)
+    model = TransformerVAE(VAEConfig.preset("tiny", G), seed=0).train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    first = None
+    for _ in range(200):
+        out = model.loss(**b, generator=g)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        first = out["loss"].item() if first is None else first
+    final = model.loss(**b)["loss"].item()
+    assert final < 0.5 * first, (first, final)
+
+
+def test_state_dict_round_trip_and_seeded_init() -> None:
+    cfg = VAEConfig.preset("tiny", G, likelihood="zinb", variational=True)
+    model = TransformerVAE(cfg, seed=3).eval()
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    clone = TransformerVAE(VAEConfig.from_dict(ckpt["config"]), seed=99).eval()
+    clone.load_state_dict(ckpt["model"])
+    b = synthetic_batch(5)
+    out_a = model.loss(**b, sample_posterior=False)
+    out_b = clone.loss(**b, sample_posterior=False)
+    assert torch.equal(out_a["loss"], out_b["loss"])
+    # same seed -> same weights regardless of the global RNG; other seed -> different weights
+    torch.manual_seed(123)
+    same = TransformerVAE(cfg, seed=3)
+    other = TransformerVAE(cfg, seed=4)
+    sd, sd_same, sd_other = model.state_dict(), same.state_dict(), other.state_dict()
+    assert all(torch.equal(sd[k], sd_same[k]) for k in sd)
+    assert not all(torch.equal(sd[k], sd_other[k]) for k in sd)
+
+
+def test_config_round_trip_presets_and_errors() -> None:
+    cfg = VAEConfig.preset("default", 2000)
+    assert (cfg.d_model, cfg.n_latent_tokens, cfg.d_latent, cfg.n_enc_blocks, cfg.n_dec_blocks) == (32, 16, 16, 8, 8)
+    assert (cfg.n_heads, cfg.n_cross_heads) == (8, 4)
+    assert VAEConfig.from_dict(cfg.to_dict()) == cfg
+    tiny = VAEConfig.preset("tiny", 10, likelihood="poisson")
+    assert VAEConfig.from_dict(tiny.to_dict()) == tiny and tiny.likelihood == "poisson"
+    with pytest.raises(ValueError, match="'negbin'"):
+        VAEConfig(n_genes=10, likelihood="negbin")
+    with pytest.raises(ValueError, match="'additive'"):
+        VAEConfig(n_genes=10, embedding="additive")
+    with pytest.raises(ValueError, match="'huge'"):
+        VAEConfig.preset("huge", 10)
+    with pytest.raises(ValueError, match="bogus"):
+        VAEConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match="n_heads=3"):
+        VAEConfig(n_genes=10, n_heads=3)
+    with pytest.raises(ValueError, match="n_genes"):
+        VAEConfig(n_genes=0)
+
+
+def test_bad_model_inputs_raise_value_errors() -> None:
+    model = _tiny()
+    b = synthetic_batch(2)
+    with pytest.raises(ValueError, match=r"outside \[0, 40\]"):
+        model.encode(b["genes"] + 5, b["counts"], b["mask"])
+    with pytest.raises(ValueError, match="mask must be bool"):
+        model.encode(b["genes"], b["counts"], b["mask"].float())
+    with pytest.raises(ValueError, match="share a"):
+        model.encode(b["genes"][:, :3], b["counts"], b["mask"])
+    z = torch.zeros(2, 4, 4)
+    with pytest.raises(ValueError, match=r"outside \[1, 40\]"):
+        model.decode(z, torch.tensor([0, 1, 2]), torch.ones(2))
+    with pytest.raises(ValueError, match="z must have shape"):
+        model.decode(torch.zeros(2, 3, 4), torch.tensor([1, 2]), torch.ones(2))
+    with pytest.raises(ValueError, match="library_size"):
+        model.decode(z, torch.tensor([1, 2]), torch.ones(3))
+    with pytest.raises(ValueError, match="target_counts"):
+        model.loss(b["genes"], b["counts"], b["mask"], b["library_size"], torch.tensor([1, 2]), torch.ones(2, 3))
