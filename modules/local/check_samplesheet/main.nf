@@ -28,7 +28,12 @@ process CHECK_SAMPLESHEET {
     """
 
     stub:
+    // the same (fast) validation: later stub tasks need the absolute paths it writes
     """
-    cp ${samplesheet} samplesheet.valid.csv
+    sclatent check-samplesheet \\
+        ${samplesheet} \\
+        --base-dir '${base_dir}' \\
+        --no-check-exists \\
+        --out samplesheet.valid.csv
     """
 }
