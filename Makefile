@@ -32,7 +32,7 @@ $(NXF): tools/nextflow/pom.xml tools/nextflow/bootstrap.sh
 nextflow: $(NXF)
 
 test: venv nextflow
-	cd python && SCLATENT_NEXTFLOW=$(NXF) $(PY) -m pytest tests ../tests -q
+	SCLATENT_NEXTFLOW=$(NXF) $(PY) -m pytest python/tests tests -q
 
 demo: venv nextflow
 	$(NXF) run main.nf -profile test --outdir results -ansi-log false

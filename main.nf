@@ -11,19 +11,31 @@
 include { CHECK_SAMPLESHEET                     } from './modules/local/check_samplesheet'
 include { PREPARE                               } from './modules/local/prepare'
 include { TOKENIZE                              } from './modules/local/tokenize'
+include { TRAIN_VAE                             } from './modules/local/train_vae'
+include { ENCODE                                } from './modules/local/encode'
+include { TRAIN_PRIOR                           } from './modules/local/train_prior'
+include { SAMPLE                                } from './modules/local/sample'
+include { GATHER                                } from './modules/local/gather'
+include { EVALUATE                              } from './modules/local/evaluate'
 include { PIPELINE_INITIALISATION               } from './subworkflows/local/utils_sclatent'
 include { PIPELINE_COMPLETION                   } from './subworkflows/local/utils_sclatent'
 
 /*
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-    THE PIPELINE: samplesheet -> per dataset: PREPARE -> TOKENIZE
+    THE PIPELINE: samplesheet -> per dataset: PREPARE -> TOKENIZE -> TRAIN_VAE -> ENCODE -> TRAIN_PRIOR
+                  -> SAMPLE (scattered: replicates x shards) -> GATHER -> EVALUATE
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 */
 
 workflow SCLATENT {
     take:
-    ch_samplesheet    // channel: path(samplesheet.csv)
-    base_dir          // value: folder relative h5ad paths are resolved against
+    ch_samplesheet       // channel: path(samplesheet.csv)
+    base_dir             // value: folder relative h5ad paths are resolved against
+    sample_conditions    // value: null (like the test cells) or 'k=v,k2=v2;k=v3'
+    sample_n_cells       // value: cells per requested condition
+    sample_replicates    // value: generated replicates
+    sample_shard_size    // value: cells per SAMPLE task
+    sample_batch_size    // value: cells per sampling batch
 
     main:
     //
@@ -50,9 +62,55 @@ workflow SCLATENT {
     //
     TOKENIZE(PREPARE.out.h5ad)
 
+    //
+    // MODULES: stage 1 (VAE), latents, stage 2 (DiT prior)
+    //
+    TRAIN_VAE(TOKENIZE.out.tokens)
+    ENCODE(TRAIN_VAE.out.vae.join(TOKENIZE.out.tokens))
+    TRAIN_PRIOR(ENCODE.out.latents)
+
+    //
+    // MODULE: SAMPLE scattered into shards x replicates, gathered per dataset
+    //
+    // [ meta, request, n_cells ] per dataset: one cell per test cell (default), or the requested conditions
+    ch_requests = TOKENIZE.out.tokens.map { meta, tokens ->
+        def manifest = new groovy.json.JsonSlurper().parseText(tokens.resolve('manifest.json').text)
+        sample_conditions
+            ? [meta, [like: false, n_cells: sample_n_cells, conditions: sample_conditions], sample_n_cells * sample_conditions.tokenize(';').size()]
+            : [meta, [like: true], (manifest.splits?.test?.n_cells ?: 0) as int]
+    }
+    ch_requests.filter { _meta, _request, n -> n == 0 }.subscribe { meta, _request, _n ->
+        log.warn("${meta.id}: no test cells to generate like (test split empty); set --sample_conditions to generate anyway")
+    }
+    // shard boundaries on multiples of the sampling batch size, so that sharding never changes a cell
+    def shard = Math.max(1, Math.ceil(sample_shard_size / sample_batch_size) as int) * sample_batch_size
+    ch_shards = ch_requests.flatMap { meta, request, n ->
+        def starts = (0..<((n + shard - 1).intdiv(shard))).collect { i -> i * shard }
+        (0..<sample_replicates).collectMany { r -> starts.collect { a -> [meta, request, r, a, Math.min(a + shard, n)] } }
+    }
+    ch_sample_in = TRAIN_VAE.out.vae
+        .join(TRAIN_PRIOR.out.prior)
+        .join(PREPARE.out.h5ad.map { meta, _train, test -> [meta, test] })
+        .combine(ch_shards, by: 0)
+    SAMPLE(ch_sample_in)
+    GATHER(SAMPLE.out.h5ad.groupTuple())
+
+    //
+    // MODULE: metrics of the generated cells against the real test cells
+    //
+    EVALUATE(
+        PREPARE.out.h5ad.map { meta, _train, test -> [meta, test] }
+            .join(GATHER.out.h5ad)
+            .join(ENCODE.out.reconstruction)
+    )
+
     emit:
     prepare_json = PREPARE.out.json       // channel: [ meta, prepare.json ]
     tokens       = TOKENIZE.out.tokens    // channel: [ meta, tokens/ ]
+    vae          = TRAIN_VAE.out.vae      // channel: [ meta, vae/ ]
+    prior        = TRAIN_PRIOR.out.prior  // channel: [ meta, prior/ ]
+    generated    = GATHER.out.h5ad        // channel: [ meta, generated.h5ad ]
+    metrics      = EVALUATE.out.json      // channel: [ meta, metrics.json ]
 }
 
 /*
@@ -68,6 +126,11 @@ workflow {
     SCLATENT(
         PIPELINE_INITIALISATION.out.samplesheet,
         PIPELINE_INITIALISATION.out.base_dir,
+        params.sample_conditions,
+        params.sample_n_cells,
+        params.sample_replicates,
+        params.sample_shard_size,
+        params.sample_batch_size,
     )
 
     PIPELINE_COMPLETION()

@@ -19,9 +19,51 @@ def test_all_tasks_succeed(test_profile_run):
     tasks = test_profile_run.trace()
     names = [t["name"] for t in tasks]
     assert all(t["status"] == "COMPLETED" for t in tasks), tasks
-    for step in ("PREPARE", "TOKENIZE"):
+    for step in ("PREPARE", "TOKENIZE", "TRAIN_VAE", "ENCODE", "TRAIN_PRIOR", "GATHER", "EVALUATE"):
         for ds in DATASETS:
-            assert any(step in n and f"({ds})" in n for n in names), (step, ds, names)
+            assert any(f":{step} ({ds})" in n for n in names), (step, ds, names)
+    # SAMPLE scattered: test profile = 2 replicates x shards of 128 cells (pbmc 200 test cells -> 2 shards)
+    pbmc_shards = sorted(n for n in names if ":SAMPLE (pbmc:" in n)
+    assert len(pbmc_shards) == 4 and any("r1:128-200" in n for n in pbmc_shards), pbmc_shards
+
+
+@pytest.mark.parametrize("dataset", sorted(DATASETS))
+def test_generated_cells(test_profile_run, dataset):
+    out = test_profile_run.outdir / dataset
+    gen = ad.read_h5ad(out / "sample" / "generated.h5ad")
+    test = ad.read_h5ad(out / "prepare" / "test.h5ad")
+    manifest = json.loads((out / "tokenize" / "tokens" / "manifest.json").read_text())
+    # one generated cell per test cell and replicate, with its labels, over the model's genes
+    assert gen.n_obs == 2 * test.n_obs and list(gen.var_names) == manifest["genes"]
+    assert sorted(set(gen.obs["replicate"])) == [0, 1] and bool(gen.obs["generated"].all())
+    for key in DATASETS[dataset]:
+        for r in (0, 1):
+            rep = gen.obs[gen.obs["replicate"] == r]
+            assert list(rep[key].astype(str)) == list(test.obs[key].astype(str))
+    data = gen.X.data
+    assert np.all(data >= 0) and np.all(np.floor(data) == data) and gen.X.nnz > 0
+
+
+@pytest.mark.parametrize("dataset", sorted(DATASETS))
+def test_models_and_metrics(test_profile_run, dataset):
+    out = test_profile_run.outdir / dataset
+    for stage, folder in (("vae", "train_vae/vae"), ("prior", "train_prior/prior")):
+        cfg = json.loads((out / folder / "config.json").read_text())
+        assert cfg["metadata"]["stage"] == stage and (out / folder / "checkpoint.pt").exists()
+        history = (out / folder / "history.csv").read_text().splitlines()
+        assert history[0].startswith("step,epoch,loss") and len(history) > 2
+    recon = json.loads((out / "encode" / "reconstruction.json").read_text())["metrics"]
+    assert recon["re_nll_gene_sum_cell_mean"] > 0 and recon["n_cells"] > 0
+    with np.load(out / "encode" / "latents.npz") as z:
+        assert z["train_z"].shape[1:] == (4, 4)  # tiny preset: 4 latent tokens of width 4
+    metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
+    assert metrics["condition_keys"] == DATASETS[dataset] and metrics["replicates"] == [0, 1]
+    overall = metrics["generation"]["overall"]
+    for m in ("w2", "mmd2_rbf", "fd", "one_nn_accuracy", "precision", "recall"):
+        assert overall[m]["n"] == 2 and overall[m]["mean"] is not None, m
+    assert metrics["real_vs_real"]["overall"]["w2"] > 0
+    assert metrics["reconstruction"]["re_nll_gene_sum_cell_mean"] == recon["re_nll_gene_sum_cell_mean"]
+    assert "overall" in (out / "evaluate" / "metrics_mqc.tsv").read_text()
 
 
 @pytest.mark.parametrize("dataset", sorted(DATASETS))

@@ -20,6 +20,10 @@ log = logging.getLogger("sclatent")
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
+    if quiet:
+        import os
+
+        os.environ["TQDM_DISABLE"] = "1"  # no progress bars either
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="[sclatent %(asctime)s] %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
 
@@ -142,6 +146,289 @@ def tokenize(train, test, outdir, genes, condition_keys, max_tokens, shard_size,
         shard_size=shard_size,
         seed=seed,
         progress=progress,
+    )
+
+
+def _training_options(*, lr: float, batch_size: int, betas: str, decay_frac: float, decay_shape: str, ema: float | None):
+    """Options of the shared training loop (train.py), with per-stage defaults."""
+
+    def deco(fn):
+        opts = [
+            click.option("--epochs", default=100.0, type=float, help="Training length in passes over the data."),
+            click.option("--max-steps", default=None, type=int, help="Training length in optimiser steps (overrides --epochs)."),
+            click.option("--batch-size", default=batch_size, type=int, help="Cells per batch."),
+            click.option("--lr", default=lr, type=float, help="Peak learning rate (AdamW)."),
+            click.option("--weight-decay", default=0.0, type=float, help="AdamW weight decay."),
+            click.option("--betas", default=betas, help="AdamW betas, 'b1,b2'."),
+            click.option("--warmup-frac", default=0.1, type=float, help="Fraction of steps of linear warmup."),
+            click.option("--decay-frac", default=decay_frac, type=float, help="Fraction of steps of the final decay (warmup-stable-decay)."),
+            click.option("--decay-shape", type=click.Choice(["sqrt", "cosine", "linear"]), default=decay_shape, help="Shape of the decay."),
+            click.option("--grad-clip", default=10.0, type=float, help="Gradient-norm clipping (0 = off)."),
+            click.option("--ema-decay", default=ema, type=float, help="EMA decay of the weights (0 = no EMA)."),
+            click.option("--checkpoint-every", default=1000, type=int, help="Checkpoint every N steps (and at the end)."),
+            click.option("--seed", default=0, type=int, help="Seed of initialisation, data order and every random draw."),
+            click.option("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ..."),
+            click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", help="auto = bf16 autocast on CUDA, fp32 on CPU."),
+            click.option("--threads", default=None, type=int, help="CPU threads for torch [default: torch's choice]."),
+            click.option("--resume", is_flag=True, help="Continue from the checkpoint in --outdir."),
+            click.option("--progress/--no-progress", default=True, help="Show a progress bar."),
+        ]
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return deco
+
+
+def _train_config(kw: dict):
+    from .train import TrainConfig
+
+    try:
+        b1, b2 = (float(x) for x in kw.pop("betas").split(","))
+    except ValueError:
+        raise InputError("--betas must be two numbers 'b1,b2'") from None
+    if kw.get("threads"):
+        import torch
+
+        torch.set_num_threads(kw["threads"])
+    try:
+        return TrainConfig(
+            max_steps=1,  # set from --epochs/--max-steps by the stage
+            batch_size=kw["batch_size"],
+            lr=kw["lr"],
+            weight_decay=kw["weight_decay"],
+            betas=(b1, b2),
+            warmup_frac=kw["warmup_frac"],
+            decay_frac=kw["decay_frac"],
+            decay_shape=kw["decay_shape"],
+            grad_clip=kw["grad_clip"] or None,
+            ema_decay=kw["ema_decay"] or None,
+            checkpoint_every=kw["checkpoint_every"],
+            seed=kw["seed"],
+            device=kw["device"],
+            precision=kw["precision"],
+        )
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def _run_training(fn, *args, **kwargs):
+    """Run a training stage, turning its refusals into one-line errors."""
+    from .train import NonFiniteLossError
+
+    try:
+        return fn(*args, **kwargs)
+    except NonFiniteLossError as exc:
+        raise InputError(str(exc)) from None
+    except (FileNotFoundError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(str(exc)) from None
+
+
+@main.command("train-vae")
+@click.option("--tokens", "tokens", required=True, type=click.Path(file_okay=False, exists=True), help="TOKENIZE output folder.")
+@click.option("--outdir", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoint.pt, config.json, history.csv).")
+@click.option("--preset", type=click.Choice(["default", "tiny"]), default="default", help="Model sizes: the official ones, or tiny (tests).")
+@click.option("--embedding", type=click.Choice(["concat", "multiplicative"]), default=None, help="Token embedding: paper eq. 9 (concat) or official E_g*log1p(x) [default: the preset's].")
+@click.option("--likelihood", type=click.Choice(["nb", "nb_cell", "zinb", "poisson", "gaussian"]), default=None, help="Count likelihood [default: nb].")
+@click.option("--variational/--deterministic", default=None, help="Gaussian posterior with KL (beta-VAE) or the official deterministic encoder [default: the preset's].")
+@click.option("--beta", default=None, type=float, help="KL weight (variational only).")
+@click.option("--decode-genes", default=512, type=int, help="Genes per cell in the loss (a random subset each step; 0 = all).")
+@click.option("--subset", type=click.Choice(["cell", "batch"]), default="cell", help="Draw the decoded subset per cell or once per batch.")
+@click.option("--max-tokens", default=None, type=int, help="Encoder input cap [default: the manifest's].")
+@_training_options(lr=1e-3, batch_size=128, betas="0.9,0.95", decay_frac=0.1, decay_shape="sqrt", ema=None)
+@_user_errors
+def train_vae_cmd(tokens, outdir, preset, embedding, likelihood, variational, beta, decode_genes, subset, max_tokens, **kw) -> None:
+    """TRAIN_VAE: train the exchangeable Transformer VAE (MCAB encoder/decoder)."""
+    from .train_vae import VAERunConfig, train_vae
+
+    overrides = {k: v for k, v in dict(embedding=embedding, likelihood=likelihood, variational=variational, beta=beta).items() if v is not None}
+    run = VAERunConfig(preset=preset, model_overrides=overrides, epochs=kw["epochs"], max_steps=kw["max_steps"], decode_genes=decode_genes, subset=subset, max_tokens=max_tokens)
+    tcfg = _train_config(kw)
+    _run_training(train_vae, tokens, outdir, run, tcfg, resume=kw["resume"], progress=kw["progress"])
+
+
+@main.command()
+@click.option("--vae", "vae", required=True, type=click.Path(file_okay=False, exists=True), help="TRAIN_VAE run folder.")
+@click.option("--tokens", "tokens", required=True, type=click.Path(file_okay=False, exists=True), help="TOKENIZE output folder (same vocabulary).")
+@click.option("--outdir", required=True, type=click.Path(file_okay=False), help="Where latents.npz, latents.json, reconstruction.json go.")
+@click.option("--batch-size", default=256, type=int, help="Cells per batch.")
+@click.option("--max-cells", default=10_000, type=int, help="At most this many test cells (seeded, file order) in the reconstruction metrics.")
+@click.option("--seed", default=0, type=int, help="Seed of the NB sample and the subset.")
+@click.option("--device", default="auto", help="auto, cpu, cuda, ...")
+@click.option("--weights", type=click.Choice(["auto", "ema", "model"]), default="auto", help="Which VAE weights (auto: EMA if kept).")
+@click.option("--threads", default=None, type=int, help="CPU threads for torch.")
+@_user_errors
+def encode(vae, tokens, outdir, batch_size, max_cells, seed, device, weights, threads) -> None:
+    """ENCODE: latents of train/test cells and reconstruction metrics on test cells."""
+    from .encode import encode as run
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    run(vae, tokens, outdir, batch_size=batch_size, max_cells=max_cells, seed=seed, device=device, weights=weights)
+
+
+@main.command("train-prior")
+@click.option("--latents", "latents", required=True, type=click.Path(dir_okay=False, exists=True), help="ENCODE's latents.npz (latents.json beside it).")
+@click.option("--outdir", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoint.pt, config.json, history.csv).")
+@click.option("--preset", type=click.Choice(["default", "tiny"]), default="default", help="DiT sizes: default (256 wide, 8 blocks, 8 heads) or tiny.")
+@click.option("--rho", default=0.2, type=float, help="Label dropout: each attribute is replaced by its null token with this probability, independently.")
+@click.option("--standardize/--no-standardize", default=True, help="Standardise latents with train statistics (stored in the run).")
+@_training_options(lr=5e-4, batch_size=256, betas="0.9,0.999", decay_frac=1.0, decay_shape="cosine", ema=0.999)
+@_user_errors
+def train_prior_cmd(latents, outdir, preset, rho, standardize, **kw) -> None:
+    """TRAIN_PRIOR: train the DiT flow-matching prior with per-attribute label dropout."""
+    from .train_prior import PriorRunConfig, train_prior
+
+    run = PriorRunConfig(preset=preset, epochs=kw["epochs"], max_steps=kw["max_steps"], rho=rho, standardize=standardize)
+    tcfg = _train_config(kw)
+    _run_training(train_prior, latents, outdir, run, tcfg, resume=kw["resume"], progress=kw["progress"])
+
+
+def _parse_scales(values: tuple[str, ...]) -> tuple[float, dict[str, float] | None]:
+    scale, per = 1.0, {}
+    for v in values:
+        if "=" in v:
+            k, x = v.split("=", 1)
+            try:
+                per[k.strip()] = float(x)
+            except ValueError:
+                raise InputError(f"--cfg-scale '{v}': expected a number or key=number") from None
+        else:
+            try:
+                scale = float(v)
+            except ValueError:
+                raise InputError(f"--cfg-scale '{v}': expected a number or key=number") from None
+    return scale, per or None
+
+
+@main.command()
+@click.option("--vae", "vae", required=True, type=click.Path(file_okay=False, exists=True), help="TRAIN_VAE run folder.")
+@click.option("--prior", "prior_dir", default=None, type=click.Path(file_okay=False, exists=True), help="TRAIN_PRIOR run folder (not needed with --prior-kind gaussian).")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Output h5ad.")
+@click.option("--n-cells", default=None, type=int, help="Number of cells to generate (with --condition).")
+@click.option("--condition", "conditions", multiple=True, help="key=value, repeatable; unrequested keys are marginalised.")
+@click.option("--conditions", "requests", default=None, help="Several requests of --n-cells cells each: 'k=v,k2=v2;k=v3' (';' between requests).")
+@click.option("--like", default=None, type=click.Path(dir_okay=False, exists=True), help="One generated cell per cell of this h5ad, with its labels.")
+@click.option("--guidance", type=click.Choice(["joint", "additive"]), default="joint", help="Classifier-free guidance: joint (paper eq. 11) or additive (CFGen).")
+@click.option("--cfg-scale", "cfg_scale", multiple=True, default=("1.0",), help="Guidance weight w, or key=w per attribute (additive); repeatable.")
+@click.option("--method", type=click.Choice(["euler", "heun", "dopri5"]), default="heun", help="ODE sampler.")
+@click.option("--n-steps", default=16, type=int, help="Steps of the fixed-step samplers.")
+@click.option("--atol", default=1e-5, type=float, help="dopri5 absolute tolerance.")
+@click.option("--rtol", default=1e-5, type=float, help="dopri5 relative tolerance.")
+@click.option("--counts", type=click.Choice(["sample", "mean"]), default="sample", help="NB draws or the NB mean.")
+@click.option("--library-size", "library", type=click.Choice(["model", "like"]), default="model", help="Per-condition log-normal from training, or the --like cells' own totals.")
+@click.option("--prior-kind", "prior_kind", type=click.Choice(["ldm", "gaussian"]), default="ldm", help="The DiT prior, or N(0, I) (the paper's ablation).")
+@click.option("--weights", type=click.Choice(["auto", "ema", "model"]), default="auto", help="Prior weights (auto: EMA if kept).")
+@click.option("--genes", "genes", default=None, help="Output genes: comma list or @file (one per line) [default: all model genes].")
+@click.option("--shard", default=None, help="Generate only cells start:stop of the request (for scattering).")
+@click.option("--replicate", default=0, type=int, help="Replicate number (a different draw with the same seed).")
+@click.option("--batch-size", default=512, type=int, help="Cells per batch.")
+@click.option("--seed", default=0, type=int, help="Seed.")
+@click.option("--keep-latents", is_flag=True, help="Store the latents in obsm['X_latent'].")
+@click.option("--device", default="auto", help="auto, cpu, cuda, ...")
+@click.option("--threads", default=None, type=int, help="CPU threads for torch.")
+@_user_errors
+def sample(vae, prior_dir, out, n_cells, conditions, requests, like, guidance, cfg_scale, method, n_steps, atol, rtol, counts, library, prior_kind, weights, genes, shard, replicate, batch_size, seed, keep_latents, device, threads) -> None:
+    """SAMPLE: generate cells (integer counts) conditioned on any subset of the labels."""
+    from .generate import SampleConfig, parse_conditions, run_sample
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    scale, per = _parse_scales(cfg_scale)
+    cfg = SampleConfig(
+        guidance=guidance, cfg_scale=scale, cfg_scales=per, method=method, n_steps=n_steps, atol=atol, rtol=rtol,
+        batch_size=batch_size, seed=seed, replicate=replicate, counts=counts, library=library, prior=prior_kind,
+        weights=weights, keep_latents=keep_latents,
+    )
+    gene_list = None
+    if genes:
+        if genes.startswith("@"):
+            path = Path(genes[1:])
+            if not path.exists():
+                raise InputError(f"--genes {genes}: file does not exist")
+            gene_list = [g.strip() for g in path.read_text().splitlines() if g.strip()]
+        else:
+            gene_list = [g.strip() for g in genes.split(",") if g.strip()]
+    span = None
+    if shard:
+        try:
+            a, b = (int(x) for x in shard.split(":"))
+        except ValueError:
+            raise InputError(f"--shard '{shard}': expected start:stop") from None
+        span = (a, b)
+    from .generate import parse_requests
+
+    if requests and conditions:
+        raise InputError("use either --condition (one request) or --conditions (several), not both")
+    wanted = parse_requests(requests) if requests else parse_conditions(conditions)
+    run_sample(vae, prior_dir, out, cfg, n_cells=n_cells, conditions=wanted, like=like, genes=gene_list, shard=span, device=device)
+
+
+@main.command()
+@click.argument("shards", nargs=-1, type=click.Path(dir_okay=False, exists=True))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Gathered h5ad.")
+@_user_errors
+def gather(shards, out) -> None:
+    """Concatenate SAMPLE shards into one h5ad (ordered by replicate and cell index)."""
+    from .generate import gather as run
+
+    run(list(shards), out)
+
+
+@main.command()
+@click.option("--real", "real", required=True, type=click.Path(dir_okay=False, exists=True), help="Real test cells (PREPARE's test.h5ad: counts, labels, var['highly_variable']).")
+@click.option("--generated", "generated", required=True, type=click.Path(dir_okay=False, exists=True), help="Generated cells (gathered SAMPLE output, obs['replicate']).")
+@click.option("--outdir", required=True, type=click.Path(file_okay=False), help="Where metrics.json and metrics_mqc.tsv go.")
+@click.option("--condition-keys", default=None, help="Comma list of obs columns [default: those PREPARE recorded].")
+@click.option("--reconstruction", default=None, type=click.Path(dir_okay=False, exists=True), help="ENCODE's reconstruction.json, carried into metrics.json.")
+@click.option("--dataset", default=None, help="Dataset name recorded in metrics.json.")
+@click.option("--n-pcs", default=30, type=int, help="PCs of the feature space.")
+@click.option("--max-cells", default=None, type=int, help="Seeded subsample cap per side for the kNN/MMD metrics [default: the metrics module's].")
+@click.option("--floor/--no-floor", default=True, help="Also compute the real-vs-real floor (two halves of the real cells).")
+@click.option("--seed", default=0, type=int, help="Seed of every subsample.")
+@_user_errors
+def evaluate(real, generated, outdir, condition_keys, reconstruction, dataset, n_pcs, max_cells, floor, seed) -> None:
+    """EVALUATE: W2, MMD², FD, 1-NN, PRDC, kNN-F1, TSTR overall and per class, over replicates."""
+    from .evaluate import run_evaluate
+
+    run_evaluate(
+        real, generated, outdir, condition_keys=None if condition_keys is None else _keys(condition_keys),
+        reconstruction=reconstruction, dataset=dataset, seed=seed, n_pcs=n_pcs, max_cells=max_cells, floor=floor,
+    )
+
+
+@main.command()
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="The HTML report to write.")
+@click.option("--dataset", default=None, help="Dataset name in the title [default: from metrics.json / prepare.json].")
+@click.option("--prepare", "prepare_json", default=None, help="PREPARE's prepare.json.")
+@click.option("--manifest", default=None, help="TOKENIZE's manifest.json (or the tokens folder).")
+@click.option("--vae-history", default=None, help="TRAIN_VAE's history.csv (or the run folder); config.json beside it is read too.")
+@click.option("--prior-history", default=None, help="TRAIN_PRIOR's history.csv (or the run folder); config.json beside it is read too.")
+@click.option("--reconstruction", default=None, help="ENCODE's reconstruction.json.")
+@click.option("--metrics", default=None, help="EVALUATE's metrics.json.")
+@click.option("--real", default=None, help="Real test cells (PREPARE's test.h5ad), for the UMAP and marker genes.")
+@click.option("--generated", default=None, help="Generated cells (gathered SAMPLE output), for the UMAP and marker genes.")
+@click.option("--baseline", "baselines", multiple=True, help="NAME=metrics.json of a baseline evaluated the same way; repeatable.")
+@click.option("--trace", default=None, help="Nextflow execution trace (tab-separated) for per-task wall times.")
+@click.option("--max-cells", default=3000, type=int, help="At most this many cells per side in the UMAP and dot plot (seeded subsample).")
+@click.option("--marker-key", default=None, help="Condition key whose classes get marker genes [default: the first with >= 2 classes].")
+@click.option("--n-markers", default=3, type=int, help="Top marker genes per class in the dot plot.")
+@click.option("--seed", default=0, type=int, help="Seed of the subsample and the UMAP.")
+@_user_errors
+def report(out, dataset, prepare_json, manifest, vae_history, prior_history, reconstruction, metrics, real, generated, baselines, trace, max_cells, marker_key, n_markers, seed) -> None:
+    """REPORT: one self-contained HTML page (tables, training curves, UMAPs, marker genes) for a dataset."""
+    from .report import make_report, parse_baselines
+
+    make_report(
+        out, dataset=dataset, prepare=prepare_json, manifest=manifest, vae_history=vae_history, prior_history=prior_history,
+        reconstruction=reconstruction, metrics=metrics, real=real, generated=generated, baselines=parse_baselines(baselines),
+        trace=trace, max_cells=max_cells, seed=seed, marker_key=marker_key, n_markers=n_markers,
     )
 
 

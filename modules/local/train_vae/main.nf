@@ -1,0 +1,39 @@
+process TRAIN_VAE {
+    tag "${meta.id}"
+    label 'process_gpu'
+
+    conda "${moduleDir}/../../../containers/environment.yml"
+    container "${ task.accelerator ? task.ext.container_gpu : task.ext.container_cpu }"
+
+    input:
+    tuple val(meta), path(tokens)
+
+    output:
+    tuple val(meta), path('vae')                 , emit: vae
+    tuple val(meta), path('vae/history.csv')     , emit: history
+    tuple val("${task.process}"), val('sclatent'), eval('sclatent --version | sed "s/.* //"'), topic: versions
+    tuple val("${task.process}"), val('torch'), eval('python3 -c "import torch; print(torch.__version__)" 2>/dev/null || echo unknown'), topic: versions
+
+    when:
+    task.ext.when == null || task.ext.when
+
+    script:
+    def args   = task.ext.args ?: ''
+    def device = task.accelerator ? 'cuda' : 'cpu'
+    """
+    sclatent train-vae \\
+        --tokens ${tokens} \\
+        --outdir vae \\
+        --device ${device} \\
+        --threads ${task.cpus} \\
+        --no-progress \\
+        ${args}
+    """
+
+    stub:
+    """
+    mkdir -p vae
+    touch vae/checkpoint.pt vae/config.json
+    echo 'step,epoch,loss' > vae/history.csv
+    """
+}

@@ -1,0 +1,138 @@
+"""EVALUATE: generated vs real test cells, per replicate, aggregated; plus the real-vs-real floor.
+
+Reads the real test cells (PREPARE's test.h5ad: counts, labels, `var["highly_variable"]`) and the gathered
+generated cells (SAMPLE + GATHER: `obs["replicate"]`), computes the metrics of `metrics.evaluate` for every
+replicate, aggregates them (`metrics.aggregate_replicates`: mean ± SEM over replicates of the per-replicate
+values / class means), and — as the reference every number should be read against — the same metrics between
+two seeded, stratified halves A and B of the real test cells ("real_vs_real": the floor this data allows),
+next to the model at the same sizes ("generated_vs_real_half": |A| generated cells of replicate 0 vs B),
+because W2 and MMD² shrink with the number of cells compared.
+The reconstruction metrics of ENCODE are carried over. Writes `metrics.json` and `metrics_mqc.tsv`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .io import InputError, atomic_outputs, dump_json, provenance, read_h5ad, read_json
+from .metrics import aggregate_replicates, evaluate as evaluate_metrics, to_mqc_tsv
+
+log = logging.getLogger(__name__)
+
+
+def _split_halves(adata, keys: Sequence[str], seed: int):
+    """Two disjoint halves of `adata`, stratified by the joint labels (seeded)."""
+    rng = np.random.default_rng(seed)
+    strata = adata.obs[list(keys)].astype(str).agg("|".join, axis=1).to_numpy() if keys else np.zeros(adata.n_obs, dtype=object)
+    first = np.zeros(adata.n_obs, dtype=bool)
+    for value in sorted(set(strata.tolist())):
+        idx = rng.permutation(np.flatnonzero(strata == value))
+        first[idx[: len(idx) // 2]] = True
+    return adata[first].copy(), adata[~first].copy()
+
+
+def run_evaluate(
+    real_path: str | Path,
+    generated_path: str | Path,
+    outdir: str | Path,
+    *,
+    condition_keys: Sequence[str] | None = None,
+    reconstruction: str | Path | None = None,
+    dataset: str | None = None,
+    seed: int = 0,
+    n_pcs: int = 30,
+    max_cells: int | None = None,
+    floor: bool = True,
+    **metric_kwargs: Any,
+) -> dict[str, Any]:
+    """Run EVALUATE; returns the metrics.json content."""
+    t0 = time.time()
+    real = read_h5ad(real_path)
+    gen = read_h5ad(generated_path)
+    keys = list(condition_keys) if condition_keys is not None else list(real.uns.get("sclatent", {}).get("condition_keys", []))
+    if "highly_variable" not in real.var.columns:
+        raise InputError(f"{real_path}: no var['highly_variable'] (the HVG flags written by PREPARE)")
+    reps = sorted(gen.obs["replicate"].unique().tolist()) if "replicate" in gen.obs.columns else [0]
+    kwargs = {"n_pcs": n_pcs, "seed": seed, **({"max_cells": max_cells} if max_cells else {}), **metric_kwargs}
+    model_genes = list(gen.var_names)
+    per_rep = []
+    for r in reps:
+        part = gen[gen.obs["replicate"] == r] if "replicate" in gen.obs.columns else gen
+        log.info("evaluating replicate %s: %d generated vs %d real cells", r, part.n_obs, real.n_obs)
+        try:
+            per_rep.append(evaluate_metrics(real, part, keys, "highly_variable", model_genes=model_genes, **kwargs))
+        except ValueError as exc:
+            raise InputError(f"{generated_path} vs {real_path}: {exc}") from None
+    summary = aggregate_replicates(per_rep)
+    result: dict[str, Any] = {
+        "dataset": dataset or real.uns.get("sclatent", {}).get("dataset"),
+        "condition_keys": keys,
+        "n_real": int(real.n_obs),
+        "n_generated": int(gen.n_obs),
+        "replicates": [int(r) for r in reps],
+        "generation": summary,
+        "generation_per_replicate": per_rep,
+    }
+    if floor:
+        # Distances shrink with the number of cells compared, so the floor (half A vs half B of the real
+        # cells) is read against the model at the same sizes: generated cells (replicate 0, subsampled to
+        # |A|, seeded) vs the same half B.
+        a, b = _split_halves(real[:, model_genes].copy(), keys, seed)
+        first = gen[gen.obs["replicate"] == reps[0]] if "replicate" in gen.obs.columns else gen
+        pick = np.sort(np.random.default_rng(seed).choice(first.n_obs, size=min(a.n_obs, first.n_obs), replace=False))
+        log.info("real-vs-real floor: %d vs %d cells (model at matched size: %d vs %d)", a.n_obs, b.n_obs, len(pick), b.n_obs)
+        try:
+            # half B is the reference ("real") side of both comparisons
+            result["real_vs_real"] = evaluate_metrics(b, a, keys, "highly_variable", model_genes=model_genes, **kwargs)
+            result["generated_vs_real_half"] = evaluate_metrics(b, first[pick], keys, "highly_variable", model_genes=model_genes, **kwargs)
+        except ValueError as exc:
+            log.warning("real-vs-real floor not computed: %s", exc)
+            result["real_vs_real"] = result["generated_vs_real_half"] = None
+    if reconstruction is not None:
+        result["reconstruction"] = read_json(reconstruction).get("metrics", {})
+    sampler = gen.uns.get("sclatent", {})
+    result["sampler"] = {
+        k: (v.tolist() if isinstance(v, np.ndarray) else v.item() if isinstance(v, np.generic) else v)
+        for k, v in sampler.items()
+        if k != "provenance_json"
+    }
+    result["elapsed_s"] = round(time.time() - t0, 3)
+    result["provenance"] = provenance(
+        "evaluate",
+        {"condition_keys": keys, "seed": seed, "n_pcs": n_pcs, "max_cells": max_cells, "floor": floor, **metric_kwargs},
+        {"real": real_path, "generated": generated_path},
+    )
+    outdir = Path(outdir)
+    with atomic_outputs(outdir / "metrics.json", outdir / "metrics_mqc.tsv") as (tj, tt):
+        dump_json(result, tj)
+        name = result["dataset"] or "dataset"
+        parts = [(f"{name}: ", summary)]
+        if result.get("real_vs_real"):
+            parts += [(f"{name} (half-size): ", result["generated_vs_real_half"]), (f"{name} real-vs-real floor: ", result["real_vs_real"])]
+        if result.get("reconstruction"):
+            parts.append((f"{name} reconstruction: ", result["reconstruction"]))
+        Path(tt).write_text(to_mqc_tsv(parts))
+    log.info("EVALUATE done in %.1fs: W2 %.3f (floor %s)", result["elapsed_s"],
+             summary["overall"]["w2"]["mean"],
+             "n/a" if not result.get("real_vs_real") else f"{result['real_vs_real']['overall']['w2']:.3f}")
+    return result
+
+
+def load_metrics(path: str | Path) -> dict[str, Any]:
+    """Read a metrics.json written by EVALUATE."""
+    data = read_json(path)
+    if "generation" not in data:
+        raise InputError(f"{path}: not an EVALUATE metrics.json (no 'generation' entry)")
+    return data
+
+
+def metrics_table_json(result: dict[str, Any]) -> str:
+    """A compact JSON of the headline numbers (for logs)."""
+    ov = result["generation"]["overall"]
+    return json.dumps({m: round(v["mean"], 4) for m, v in ov.items() if v.get("mean") is not None})

@@ -1,0 +1,165 @@
+"""TRAIN_PRIOR: stage 2 of scLDM — the DiT flow-matching prior over the frozen VAE's latents.
+
+Reads `latents.npz` from ENCODE, standardises the latents with per-(token, dimension) statistics of the
+training cells (stored in the checkpoint's config so that sampling can undo it), and trains the DiT with the
+linear-interpolant flow-matching loss and per-attribute label dropout (`flow.flow_matching_loss`) in the shared
+loop of `train.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .flow import flow_matching_loss
+from .io import InputError, read_json
+from .nn.dit import DiT, DiTConfig
+from .train import CONFIG_NAME, TrainConfig, TrainResult, load_checkpoint, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PriorRunConfig:
+    """Everything `sclatent train-prior` can set besides the training-loop settings."""
+
+    preset: str = "default"
+    epochs: float = 100.0
+    max_steps: int | None = None
+    rho: float = 0.2  # probability of dropping each label to its null token (independently per attribute)
+    standardize: bool = True
+
+    def validate(self) -> None:
+        if not 0.0 <= self.rho <= 1.0:
+            raise InputError(f"--rho must be in [0, 1], got {self.rho}")
+        if self.max_steps is None and not self.epochs > 0:
+            raise InputError(f"--epochs must be > 0, got {self.epochs}")
+
+
+class LatentBatches:
+    """In-memory batches of (z, labels) with a seeded order per epoch; resumable at any batch."""
+
+    def __init__(self, z: np.ndarray, labels: np.ndarray, batch_size: int, seed: int) -> None:
+        self.z = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))  # (N, m, dl)
+        self.labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))  # (N, K)
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def n_batches(self, epoch: int = 0) -> int:
+        return -(-len(self.z) // self.batch_size)
+
+    def __len__(self) -> int:
+        return self.n_batches()
+
+    def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.from_numpy(np.random.default_rng([self.seed, epoch]).permutation(len(self.z)))
+        for b in range(start_batch, self.n_batches()):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self.z[idx], self.labels[idx]
+
+
+class PriorLoss:
+    """loss_fn for `train.train`: flow matching with per-attribute label dropout."""
+
+    def __init__(self, rho: float) -> None:
+        self.rho = rho
+
+    def __call__(self, model: DiT, batch: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator):
+        z, labels = batch
+        loss = flow_matching_loss(model, z, labels, generator, self.rho)
+        return loss, {}
+
+
+def read_latents(path: str | Path) -> dict[str, np.ndarray]:
+    """Arrays of an ENCODE latents.npz (train_z, train_labels, ...)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read latents ({exc})") from None
+    for key in ("train_z", "train_labels"):
+        if key not in out:
+            raise InputError(f"{path}: missing array '{key}' (is this ENCODE's latents.npz?)")
+    if len(out["train_z"]) == 0:
+        raise InputError(f"{path}: no training latents")
+    return out
+
+
+def train_prior(
+    latents_path: str | Path,
+    out_dir: str | Path,
+    run: PriorRunConfig,
+    tcfg: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the DiT prior on ENCODE's latents into `out_dir`."""
+    run.validate()
+    arrays = read_latents(latents_path)
+    sidecar = read_json(Path(latents_path).with_suffix(".json"))
+    z = arrays["train_z"].astype(np.float32)  # (N, m, dl)
+    labels = arrays["train_labels"].astype(np.int64)  # (N, K)
+    n_classes = [len(sidecar["labels"][k]) for k in sidecar["condition_keys"]]
+    if labels.shape[1] != len(n_classes):
+        raise InputError(f"{latents_path}: labels have {labels.shape[1]} columns but {len(n_classes)} condition keys")
+    if run.standardize:
+        mean = z.mean(axis=0)  # (m, dl)
+        std = z.std(axis=0) + 1e-6  # (m, dl)
+    else:
+        mean = np.zeros(z.shape[1:], np.float32)
+        std = np.ones(z.shape[1:], np.float32)
+    z = (z - mean) / std
+    try:
+        model_cfg = DiTConfig.preset(run.preset, d_latent=z.shape[2], n_tokens=z.shape[1], n_classes=n_classes)
+    except ValueError as exc:
+        raise InputError(f"DiT configuration: {exc}") from None
+    data = LatentBatches(z, labels, tcfg.batch_size, tcfg.seed)
+    tcfg.max_steps = run.max_steps if run.max_steps is not None else max(1, math.ceil(run.epochs * data.n_batches()))
+    torch.manual_seed(tcfg.seed)
+    model = DiT(model_cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("DiT %s: %d parameters, %d latent cells, %d steps, rho=%.2f", run.preset, n_params, len(z), tcfg.max_steps, run.rho)
+    metadata = {
+        "stage": "prior",
+        "run": asdict(run),
+        "n_parameters": n_params,
+        "latent_mean": mean.tolist(),
+        "latent_std": std.tolist(),
+        "condition_keys": sidecar["condition_keys"],
+        "labels": sidecar["labels"],
+        "library_size": sidecar["library_size"],
+        "genes": sidecar["genes"],
+        "vocabulary_digest": sidecar["vocabulary_digest"],
+        "vae": sidecar["vae"],
+        "latents": str(latents_path),
+    }
+    return train(
+        model, PriorLoss(run.rho), data, tcfg, Path(out_dir), resume=resume, model_config=model_cfg.to_dict(),
+        metadata=metadata, progress=progress, cells_in_batch=lambda b: len(b[0]),
+    )
+
+
+def load_prior(run_dir: str | Path, *, weights: str = "auto", map_location: str | torch.device = "cpu") -> tuple[DiT, dict]:
+    """Load a trained prior: (DiT in eval mode, config.json content). weights: "ema" | "model" | "auto"."""
+    run_dir = Path(run_dir)
+    cfg = read_json(run_dir / CONFIG_NAME)
+    if cfg.get("metadata", {}).get("stage") != "prior":
+        raise InputError(f"{run_dir}: not a prior run directory (config.json stage is {cfg.get('metadata', {}).get('stage')!r})")
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt", map_location=map_location)
+    model = DiT(DiTConfig.from_dict(cfg["model_config"]))
+    use_ema = weights == "ema" or (weights == "auto" and ckpt.get("ema") is not None)
+    if use_ema and ckpt.get("ema") is None:
+        raise InputError(f"{run_dir}: no EMA weights in the checkpoint (train with --ema-decay)")
+    model.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
+    model.eval()
+    return model, cfg

@@ -1,0 +1,185 @@
+"""TRAIN_VAE: stage 1 of scLDM — the exchangeable Transformer VAE trained on token shards.
+
+Glue between the token loader (`tokens.py`), the model (`nn/vae.py`) and the shared loop (`train.py`):
+- the model is sized from the token manifest (G = vocabulary size) and a preset;
+- each step decodes a random subset of `decode_genes` genes (the paper trains on subsets of variables; the
+  NLL is rescaled by G/Q inside the model so that it estimates the full-gene NLL), drawn per cell or shared
+  by the batch (`subset="cell" | "batch"`);
+- the run directory holds `checkpoint.pt`, `config.json` (model + training config, the vocabulary and label
+  encoders it was trained with, input checksums) and `history.csv`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .io import InputError, read_json
+from .nn.vae import TransformerVAE, VAEConfig
+from .tokens import MANIFEST, TokenBatch, TokenLoader, read_manifest
+from .train import CONFIG_NAME, TrainConfig, TrainResult, load_checkpoint, train
+
+log = logging.getLogger(__name__)
+
+
+def vocabulary_digest(genes: list[str]) -> str:
+    """A short fingerprint of an ordered gene vocabulary."""
+    return hashlib.sha256("\n".join(genes).encode()).hexdigest()[:16]
+
+
+@dataclass
+class VAERunConfig:
+    """Everything `sclatent train-vae` can set besides the training-loop settings."""
+
+    preset: str = "default"
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # VAEConfig fields (embedding, beta, ...)
+    epochs: float = 100.0
+    max_steps: int | None = None  # overrides epochs when set
+    decode_genes: int = 512  # genes per cell in the loss; 0 = all genes
+    subset: str = "cell"  # "cell": a subset per cell; "batch": one subset shared by the batch
+    max_tokens: int | None = None  # encoder input cap (default: the manifest's)
+
+    def validate(self) -> None:
+        if self.subset not in ("cell", "batch"):
+            raise InputError(f"--subset must be 'cell' or 'batch', got '{self.subset}'")
+        if self.decode_genes < 0:
+            raise InputError(f"--decode-genes must be >= 0 (0 = all genes), got {self.decode_genes}")
+        if self.max_steps is None and not self.epochs > 0:
+            raise InputError(f"--epochs must be > 0, got {self.epochs}")
+
+
+class VAELoss:
+    """loss_fn for `train.train`: decode a random gene subset of each cell and return the negative ELBO."""
+
+    def __init__(self, n_genes: int, decode_genes: int, subset: str) -> None:
+        self.n_genes = n_genes
+        self.q = n_genes if decode_genes <= 0 or decode_genes >= n_genes else decode_genes
+        self.subset = subset
+
+    def __call__(self, model: TransformerVAE, batch: dict[str, torch.Tensor], generator: torch.Generator):
+        target = batch["target"]  # (B, G) all counts of the cells
+        B, G = target.shape
+        dev = target.device
+        if self.q == G:
+            idx = torch.arange(G, device=dev)  # (G,)
+            target_genes, target_counts = idx + 1, target
+        elif self.subset == "batch":
+            idx = torch.randperm(G, generator=generator, device=generator.device)[: self.q].to(dev)  # (Q,)
+            target_genes, target_counts = idx + 1, target[:, idx]
+        else:
+            # a uniform random subset per cell: the Q smallest of G uniform keys
+            keys = torch.rand((B, G), generator=generator, device=generator.device).to(dev)
+            idx = keys.topk(self.q, dim=1, largest=False).indices  # (B, Q)
+            target_genes, target_counts = idx + 1, target.gather(1, idx)
+        out = model.loss(
+            batch["genes"], batch["counts"], batch["mask"], batch["library_size"], target_genes, target_counts,
+            generator=generator,
+        )
+        return out["loss"], {"nll": out["nll"].item(), "kl": out["kl"].item()}
+
+
+def train_vae(
+    tokens_dir: str | Path,
+    out_dir: str | Path,
+    run: VAERunConfig,
+    tcfg: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the VAE on `tokens_dir`'s train split into `out_dir` (see the module docstring)."""
+    run.validate()
+    manifest = read_manifest(tokens_dir)
+    G = int(manifest["n_genes"])
+    try:
+        model_cfg = VAEConfig.preset(run.preset, G, **run.model_overrides)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"VAE configuration: {exc}") from None
+    loader = TokenLoader(
+        tokens_dir, "train", batch_size=tcfg.batch_size, shuffle=True, seed=tcfg.seed, max_tokens=run.max_tokens
+    )
+    if run.max_steps is None:
+        tcfg.max_steps = max(1, math.ceil(run.epochs * loader.n_batches()))
+    else:
+        tcfg.max_steps = run.max_steps
+    model = TransformerVAE(model_cfg, seed=tcfg.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(
+        "VAE %s: %d genes, %d parameters, %d steps (%d cells, %d batches/epoch), decoding %s genes per %s",
+        run.preset, G, n_params, tcfg.max_steps, loader.n_cells, loader.n_batches(),
+        "all" if run.decode_genes <= 0 else run.decode_genes, run.subset,
+    )
+    metadata = {
+        "stage": "vae",
+        "run": asdict(run),
+        "n_parameters": n_params,
+        "genes": manifest["genes"],
+        "vocabulary_digest": vocabulary_digest(manifest["genes"]),
+        "condition_keys": manifest["condition_keys"],
+        "labels": manifest["labels"],
+        "library_size": manifest["library_size"],
+        "tokens_manifest": str(Path(tokens_dir) / MANIFEST),
+        "tokens_provenance": manifest.get("provenance", {}),
+    }
+    return train(
+        model,
+        VAELoss(G, run.decode_genes, run.subset),
+        loader,
+        tcfg,
+        Path(out_dir),
+        resume=resume,
+        model_config=model_cfg.to_dict(),
+        metadata=metadata,
+        progress=progress,
+        cells_in_batch=len,
+        move_batch=lambda b, device: b.to_torch(device, dense_target=G),
+    )
+
+
+def load_vae(run_dir: str | Path, *, weights: str = "auto", map_location: str | torch.device = "cpu") -> tuple[TransformerVAE, dict]:
+    """Load a trained VAE from its run directory: (model in eval mode, config.json content).
+
+    weights: "ema" | "model" | "auto" (EMA weights when the run kept them).
+    """
+    run_dir = Path(run_dir)
+    cfg = read_json(run_dir / CONFIG_NAME)
+    if cfg.get("metadata", {}).get("stage") != "vae":
+        raise InputError(f"{run_dir}: not a VAE run directory (config.json stage is {cfg.get('metadata', {}).get('stage')!r})")
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt", map_location=map_location)
+    model = TransformerVAE(VAEConfig.from_dict(cfg["model_config"]))
+    use_ema = weights == "ema" or (weights == "auto" and ckpt.get("ema") is not None)
+    if use_ema and ckpt.get("ema") is None:
+        raise InputError(f"{run_dir}: no EMA weights in the checkpoint (train with --ema-decay)")
+    model.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
+    model.eval()
+    return model, cfg
+
+
+def check_vocabulary(cfg: dict, manifest: dict, *, what: str) -> None:
+    """Refuse a token manifest whose vocabulary or labels differ from those the model was trained with."""
+    genes, theirs = cfg["metadata"]["genes"], manifest["genes"]
+    if genes != theirs:
+        if len(genes) != len(theirs):
+            detail = f"{len(genes)} genes in the model vs {len(theirs)} in the tokens"
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(genes, theirs)) if a != b)
+            detail = f"gene {i + 1} is '{genes[i]}' in the model but '{theirs[i]}' in the tokens"
+        raise InputError(f"{what}: the gene vocabulary differs from the model's ({detail})")
+    if cfg["metadata"]["condition_keys"] != manifest["condition_keys"]:
+        raise InputError(
+            f"{what}: condition keys {manifest['condition_keys']} differ from the model's {cfg['metadata']['condition_keys']}"
+        )
+    for key, cats in cfg["metadata"]["labels"].items():
+        if manifest["labels"].get(key) != cats:
+            raise InputError(f"{what}: the categories of '{key}' differ from the model's ({manifest['labels'].get(key)} vs {cats})")
+
+
+def batch_to_device(batch: TokenBatch, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Encoder inputs of a token batch on `device`."""
+    return batch.to_torch(device)
