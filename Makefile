@@ -11,7 +11,7 @@ STAMP       := $(VENV)/.installed
 export NXF_HOME ?= $(ROOT)/.cache/nxf-home
 export PATH := $(ROOT)/.cache/nextflow/bin:$(PATH)
 
-.PHONY: all venv nextflow test test-python test-pipeline demo bench bench-quick lint clean
+.PHONY: all venv nextflow browser test test-python test-pipeline demo bench bench-quick lint clean
 
 all: test
 
@@ -31,7 +31,16 @@ $(NXF): tools/nextflow/pom.xml tools/nextflow/bootstrap.sh
 
 nextflow: $(NXF)
 
-test: venv nextflow
+# Headless Chromium renders the HTML report in the report tests. Installed from Debian's packages when this runs
+# as root with apt (CI); elsewhere the render test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the report render test"; \
+	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: chromium not installed (needs root + apt); the report render test will skip"; fi; }
+
+test: venv nextflow browser
 	SCLATENT_NEXTFLOW=$(NXF) $(PY) -m pytest python/tests tests -q
 
 demo: venv nextflow
@@ -41,10 +50,16 @@ demo: venv nextflow
 	@find results -maxdepth 3 -mindepth 2 -not -path '*/pipeline_info*' | sort | sed 's/^/  /'
 	@echo "Run reports: results/pipeline_info/"
 
-bench: venv nextflow
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip freeze --exclude-editable > $(VENV)/.constraints.txt
+	$(PY) -m pip install --quiet -e 'python[bench]' -c $(VENV)/.constraints.txt
+	touch $@
+
+bench: $(BENCH_STAMP) nextflow
 	$(PY) python/benchmarks/run_all.py --full
 
-bench-quick: venv nextflow
+bench-quick: $(BENCH_STAMP) nextflow
 	$(PY) python/benchmarks/run_all.py --quick
 
 lint: nextflow

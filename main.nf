@@ -17,13 +17,14 @@ include { TRAIN_PRIOR                           } from './modules/local/train_pr
 include { SAMPLE                                } from './modules/local/sample'
 include { GATHER                                } from './modules/local/gather'
 include { EVALUATE                              } from './modules/local/evaluate'
+include { REPORT                                } from './modules/local/report'
 include { PIPELINE_INITIALISATION               } from './subworkflows/local/utils_sclatent'
 include { PIPELINE_COMPLETION                   } from './subworkflows/local/utils_sclatent'
 
 /*
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
     THE PIPELINE: samplesheet -> per dataset: PREPARE -> TOKENIZE -> TRAIN_VAE -> ENCODE -> TRAIN_PRIOR
-                  -> SAMPLE (scattered: replicates x shards) -> GATHER -> EVALUATE
+                  -> SAMPLE (scattered: replicates x shards) -> GATHER -> EVALUATE -> REPORT
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 */
 
@@ -104,7 +105,23 @@ workflow SCLATENT {
             .join(ENCODE.out.reconstruction)
     )
 
+    //
+    // MODULE: one self-contained HTML report per dataset
+    //
+    ch_test = PREPARE.out.h5ad.map { meta, _train, test -> [meta, test] }
+    ch_report_in = PREPARE.out.json
+        .join(TOKENIZE.out.tokens)
+        .join(TRAIN_VAE.out.vae)
+        .join(ENCODE.out.reconstruction)
+        .join(TRAIN_PRIOR.out.prior)
+        .join(EVALUATE.out.json)
+        .join(ch_test)
+        .join(GATHER.out.h5ad)
+        .map { row -> row + [[], []] }   // no baselines inside the pipeline (make bench adds them)
+    REPORT(ch_report_in, [])
+
     emit:
+    report       = REPORT.out.html        // channel: [ meta, report.html ]
     prepare_json = PREPARE.out.json       // channel: [ meta, prepare.json ]
     tokens       = TOKENIZE.out.tokens    // channel: [ meta, tokens/ ]
     vae          = TRAIN_VAE.out.vae      // channel: [ meta, vae/ ]

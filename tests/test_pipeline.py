@@ -19,7 +19,7 @@ def test_all_tasks_succeed(test_profile_run):
     tasks = test_profile_run.trace()
     names = [t["name"] for t in tasks]
     assert all(t["status"] == "COMPLETED" for t in tasks), tasks
-    for step in ("PREPARE", "TOKENIZE", "TRAIN_VAE", "ENCODE", "TRAIN_PRIOR", "GATHER", "EVALUATE"):
+    for step in ("PREPARE", "TOKENIZE", "TRAIN_VAE", "ENCODE", "TRAIN_PRIOR", "GATHER", "EVALUATE", "REPORT"):
         for ds in DATASETS:
             assert any(f":{step} ({ds})" in n for n in names), (step, ds, names)
     # SAMPLE scattered: test profile = 2 replicates x shards of 128 cells (pbmc 200 test cells -> 2 shards)
@@ -162,3 +162,12 @@ def test_schema_defaults_equal_config(tmp_path):
             continue  # a timestamp
         assert prop.get("default") == value, (name, prop.get("default"), raw)
         assert prop.get("description"), name
+
+
+@pytest.mark.parametrize("dataset", sorted(DATASETS))
+def test_report_is_self_contained(test_profile_run, dataset):
+    html = (test_profile_run.outdir / dataset / "report" / "report.html").read_text()
+    for section in ("run-summary", "data-summary", "training", "reconstruction", "metrics", "per-class", "umap", "markers"):
+        assert f'id="{section}"' in html, section
+    assert not re.search(r'(src|href)="https?://', html)
+    assert html.count("data:image/png;base64,") >= 4

@@ -17,14 +17,19 @@ process TRAIN_PRIOR {
     task.ext.when == null || task.ext.when
 
     script:
-    def args   = task.ext.args ?: ''
-    def device = task.accelerator ? 'cuda' : 'cpu'
+    def args    = task.ext.args ?: ''
+    def device  = task.accelerator ? 'cuda' : 'cpu'
+    // more than one GPU: torchrun starts one DDP process per GPU, each running the same `sclatent` command
+    // (--batch-size stays the global batch); --standalone takes a free port, so tasks on one node never collide
+    def n_gpus  = task.accelerator ? (task.accelerator.request ?: 1) as int : 0
+    def launch  = n_gpus > 1 ? "torchrun --standalone --nproc_per_node ${n_gpus} --no-python sclatent" : 'sclatent'
+    def threads = n_gpus > 1 ? Math.max(1, task.cpus.intdiv(n_gpus)) : task.cpus
     """
-    sclatent train-prior \\
+    ${launch} train-prior \\
         --latents ${latents} \\
         --outdir prior \\
         --device ${device} \\
-        --threads ${task.cpus} \\
+        --threads ${threads} \\
         --no-progress \\
         ${args}
     """

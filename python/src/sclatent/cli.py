@@ -391,15 +391,17 @@ def gather(shards, out) -> None:
 @click.option("--n-pcs", default=30, type=int, help="PCs of the feature space.")
 @click.option("--max-cells", default=None, type=int, help="Seeded subsample cap per side for the kNN/MMD metrics [default: the metrics module's].")
 @click.option("--floor/--no-floor", default=True, help="Also compute the real-vs-real floor (two halves of the real cells).")
+@click.option("--min-cells-per-class", default=20, type=int, help="Classes with fewer cells on either side are skipped (and listed) in the per-class metrics.")
 @click.option("--seed", default=0, type=int, help="Seed of every subsample.")
 @_user_errors
-def evaluate(real, generated, outdir, condition_keys, reconstruction, dataset, n_pcs, max_cells, floor, seed) -> None:
+def evaluate(real, generated, outdir, condition_keys, reconstruction, dataset, n_pcs, max_cells, floor, min_cells_per_class, seed) -> None:
     """EVALUATE: W2, MMD², FD, 1-NN, PRDC, kNN-F1, TSTR overall and per class, over replicates."""
     from .evaluate import run_evaluate
 
     run_evaluate(
         real, generated, outdir, condition_keys=None if condition_keys is None else _keys(condition_keys),
         reconstruction=reconstruction, dataset=dataset, seed=seed, n_pcs=n_pcs, max_cells=max_cells, floor=floor,
+        min_cells_per_class=min_cells_per_class,
     )
 
 

@@ -133,6 +133,7 @@ def encode(
         "provenance": provenance("encode", config, {"vae_checkpoint": Path(vae_dir) / "checkpoint.pt"}),
     }
     recon_doc = {
+        "elapsed_s": round(time.time() - t0, 3),
         "metrics": recon,
         "split": "test",
         "likelihood": cfg["model_config"]["likelihood"],

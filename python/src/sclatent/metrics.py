@@ -286,8 +286,11 @@ def _cell_hash_order(counts: Any, labels: pd.DataFrame) -> NDArray[np.intp]:
 
     Cells with equal hashes have identical counts and labels, so they are interchangeable.
     """
-    label_rows = ["\x1f".join(row) for row in labels.itertuples(index=False, name=None)]
     n = counts.shape[0]
+    if labels.shape[1] == 0:  # no condition keys: only the counts decide the order
+        label_rows = [""] * n
+    else:
+        label_rows = ["\x1f".join(row) for row in labels.itertuples(index=False, name=None)]
     keys = np.empty(n, dtype=np.uint64)
     if sp.issparse(counts):
         csr = sp.csr_matrix(counts, dtype=np.float64, copy=True)
@@ -684,7 +687,11 @@ def _per_class(
     min_cells: int,
     metric_kwargs: dict[str, Any],
 ) -> dict[str, Any]:
-    """Metrics of each class with >= min_cells cells on both sides; summary = mean ± SEM over classes."""
+    """Metrics of each class with >= min_cells cells on both sides; summary = mean ± SEM over classes.
+
+    The k-NN metrics need k + 1 cells on a side, so that is the least `min_cells` can be.
+    """
+    min_cells = max(min_cells, int(metric_kwargs.get("k", DEFAULT_K)) + 1)
     per_class: dict[str, dict[str, float]] = {}
     skipped = []
     for cls in sorted(set(classes_x.tolist()) | set(classes_y.tolist())):

@@ -18,6 +18,22 @@ Files written to ``out_dir``:
 Resume is exact: model, optimiser, EMA, schedule position, the loss generator, the global torch RNG (dropout)
 and the data position (epoch, batch) are all restored, so a resumed run continues the loss curve of an
 uninterrupted one bit for bit on CPU.
+
+Several processes (DDP). Launched by ``torchrun`` (WORLD_SIZE > 1), every process joins the process group (nccl
+on CUDA, each rank on GPU ``LOCAL_RANK``; gloo on CPU) and trains the same run as one process would:
+
+- ``cfg.batch_size`` stays the *global* batch. Every rank reads the same global batch from ``data`` and keeps
+  its contiguous share of the cells (:func:`shard_rows`, cut by ``split_batch``);
+- the loss is weighted by ``world_size * n_rank / n_global`` before DDP averages the gradients, so the applied
+  gradient is that of the global-batch mean (also when the cells do not split evenly);
+- the random numbers of the loss are those of the global batch (:class:`GlobalBatchDraws`), so every cell
+  gets the numbers it gets in one process and the generators of all ranks stay in step (draws from the global
+  torch RNG, e.g. dropout, are not split: neither model has any);
+- the learning rate is *not* scaled with the number of processes: the global batch, and hence the run, is
+  the same whatever the number of GPUs;
+- rank 0 alone writes ``checkpoint.pt``, ``config.json`` and ``history.csv`` (the loss in the history is the
+  global-batch loss); every rank reads the checkpoint on resume, and a checkpoint written by N processes
+  resumes with any number of them.
 """
 
 from __future__ import annotations
@@ -34,7 +50,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from . import __version__
@@ -75,7 +94,8 @@ class NonFiniteLossError(RuntimeError):
 class TrainConfig:
     """Optimiser, schedule and bookkeeping settings of one training run.
 
-    ``batch_size`` is recorded for provenance; the batch source built by the caller applies it.
+    ``batch_size`` is recorded for provenance; the batch source built by the caller applies it. It is the
+    global batch: under torchrun each process trains on its share of it.
     """
 
     max_steps: int
@@ -368,11 +388,196 @@ def default_move_batch(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+LossFn = Callable[[nn.Module, Any, torch.Generator], tuple[torch.Tensor, Mapping[str, float]]]
+
+
+def default_split_batch(batch: Any, rows: slice) -> Any:
+    """The cells ``rows`` of a batch: dim 0 of every tensor (also inside tuples, lists and dicts)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[rows]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(default_split_batch(b, rows) for b in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(default_split_batch(b, rows) for b in batch)
+    if isinstance(batch, dict):
+        return {k: default_split_batch(v, rows) for k, v in batch.items()}
+    raise TypeError(f"cannot split a {type(batch).__name__} between processes; pass split_batch=")
+
+
+# --------------------------------------------------------------------------------------------------------
+# several processes (DDP)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a multi-process (torchrun) job."""
+
+    rank: int
+    world_size: int
+    local_rank: int  # the GPU of this process on its node
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def distributed_job() -> Distributed | None:
+    """The multi-process job this process belongs to, or None when it trains alone.
+
+    An initialised ``torch.distributed`` process group decides; otherwise torchrun's environment variables
+    ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``. A world of one process is not a job (the plain path runs).
+    """
+    if dist.is_available() and dist.is_initialized():
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+        local_rank = _env_int("LOCAL_RANK", rank)
+    else:
+        world_size, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
+        local_rank = _env_int("LOCAL_RANK", rank)
+    if world_size < 1:
+        raise ValueError(f"WORLD_SIZE must be >= 1, got {world_size}")
+    if world_size == 1:
+        return None
+    if not 0 <= rank < world_size:
+        raise ValueError(f"RANK must be in [0, {world_size}), got {rank}")
+    if local_rank < 0:
+        raise ValueError(f"LOCAL_RANK must be >= 0, got {local_rank}")
+    if not dist.is_available():
+        raise ValueError(f"WORLD_SIZE={world_size} but this torch build has no torch.distributed")
+    return Distributed(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def shard_rows(n_rows: int, rank: int, world_size: int) -> slice:
+    """Rank ``rank``'s contiguous share of ``n_rows`` cells: ``[n*r // W, n*(r+1) // W)`` (sizes differ by <= 1).
+
+    The shares of ranks 0..W-1 tile ``range(n_rows)`` in order; a rank's share is empty when n_rows < W.
+    """
+    if n_rows < 0 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"shard_rows needs n_rows >= 0 and 0 <= rank < world_size, got {n_rows}, {rank}, {world_size}")
+    return slice(n_rows * rank // world_size, n_rows * (rank + 1) // world_size)
+
+
+def _rank_share(n_rows: int, job: Distributed) -> tuple[slice, float]:
+    """This rank's cells of a global batch and its weight n_rank / n_global.
+
+    With fewer cells than ranks an idle rank computes the loss of cell 0 with weight 0: it must still take
+    part in the gradient all-reduce, and contributes nothing to it.
+    """
+    rows = shard_rows(n_rows, job.rank, job.world_size)
+    if rows.stop > rows.start:
+        return rows, (rows.stop - rows.start) / n_rows
+    return slice(0, 1), 0.0
+
+
+class GlobalBatchDraws(TorchFunctionMode):
+    """While active, draws from ``generator`` give this rank's rows of the draws for the whole global batch.
+
+    Under DDP every rank holds the same generator state and the loss sees only the rank's cells
+    (``rows`` of ``global_rows``). A ``torch.rand`` / ``torch.randn`` call on ``generator`` whose first
+    dimension is the rank's number of cells is made at the global batch size instead, and the rank's rows are
+    returned. ``torch.randperm`` (e.g. a gene subset shared by the batch) and draws of any other first
+    dimension run unchanged: they are the same on every rank. So every rank makes exactly the draws one
+    process makes for the global batch: each cell gets the numbers it gets in a single-process run, and the
+    generators of all ranks stay in step. Any other random function called with ``generator`` is refused,
+    since it could not be split this way. Contract for loss functions: a draw with the cells as its first
+    dimension is one row per cell.
+
+    Hand-written as a torch function mode because the draws happen inside the models (the VAE's posterior
+    noise, the flow-matching time and noise, the label dropout), whose code knows nothing about ranks.
+    """
+
+    def __init__(self, generator: torch.Generator, global_rows: int, rows: slice) -> None:
+        super().__init__()
+        if not 0 <= rows.start < rows.stop <= global_rows:
+            raise ValueError(f"rows {rows} are not a non-empty part of a batch of {global_rows} cells")
+        self.generator = generator
+        self.global_rows = global_rows
+        self.rows = rows
+        self.local_rows = rows.stop - rows.start
+
+    def __torch_function__(self, func: Callable[..., Any], types: tuple[type, ...], args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if kwargs.get("generator") is not self.generator or func is torch.randperm:
+            return func(*args, **kwargs)
+        if func not in (torch.rand, torch.randn) or "out" in kwargs:
+            raise RuntimeError(
+                f"{getattr(func, '__name__', func)} draws from the training generator, which cannot be split "
+                "between DDP processes; draw with torch.rand / torch.randn (cells first) or torch.randperm"
+            )
+        if "size" in kwargs:
+            size = tuple(kwargs.pop("size"))
+        elif len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)):
+            size = tuple(args[0])
+        else:
+            size = tuple(args)
+        if not size or int(size[0]) != self.local_rows:
+            return func(size, **kwargs)
+        full = func((self.global_rows, *size[1:]), **kwargs)  # (B_global, ...)
+        return full[self.rows]  # (B_rank, ...)
+
+
+class _LossForward(nn.Module):
+    """The loss callback as a module's forward, so that DDP sees the forward pass it must synchronise."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any, generator: torch.Generator) -> tuple[torch.Tensor, Mapping[str, float]]:
+        return self.loss_fn(self.model, batch, generator)
+
+
+def _rank_device(device: torch.device, job: Distributed) -> torch.device:
+    """The device of this rank: GPU ``LOCAL_RANK`` for CUDA, the CPU otherwise."""
+    if device.type != "cuda":
+        return device
+    if device.index is not None:
+        raise ValueError(f"under torchrun each process uses GPU LOCAL_RANK; give device 'cuda' or 'auto', "
+                         f"not '{device}'")
+    if job.local_rank >= torch.cuda.device_count():
+        raise ValueError(f"LOCAL_RANK {job.local_rank} but only {torch.cuda.device_count()} GPUs are visible")
+    return torch.device("cuda", job.local_rank)
+
+
+def _join_process_group(device: torch.device) -> bool:
+    """Initialise the process group from torchrun's environment (nccl on CUDA, gloo on CPU).
+
+    Returns whether this call created it (and so must destroy it); a group the caller initialised is used as
+    it is (gloo also reduces CUDA tensors, more slowly).
+    """
+    if dist.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise ValueError(f"WORLD_SIZE > 1 but {', '.join(missing)} not set: launch several processes with torchrun")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, device_id=device)
+    else:
+        dist.init_process_group(backend=backend)
+    return True
+
+
+def _global_mean(loss: torch.Tensor, terms: Mapping[str, float], weight: float,
+                 device: torch.device) -> tuple[float, dict[str, float]]:
+    """The global-batch loss and terms: the ranks' values (means over their cells) weighted by their share."""
+    values = torch.tensor([float(loss.detach()), *(float(v) for v in terms.values())], dtype=torch.float64,
+                          device=device) * weight  # (1 + n_terms,)
+    dist.all_reduce(values)
+    loss_value, *term_values = values.tolist()
+    return loss_value, dict(zip(terms, term_values))
+
+
 # --------------------------------------------------------------------------------------------------------
 # the loop
-
-
-LossFn = Callable[[nn.Module, Any, torch.Generator], tuple[torch.Tensor, Mapping[str, float]]]
 
 
 @dataclass
@@ -482,6 +687,7 @@ def train(
     progress: bool = True,
     cells_in_batch: Callable[[Any], int] = default_cells_in_batch,
     move_batch: Callable[[Any, torch.device], Any] = default_move_batch,
+    split_batch: Callable[[Any, slice], Any] = default_split_batch,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.max_steps`` optimiser steps; see the module docstring for the files.
 
@@ -490,18 +696,56 @@ def train(
     from ``cfg.seed``; draw with ``device=generator.device``). ``move_batch`` puts a batch on the device
     before ``loss_fn`` sees it; ``cells_in_batch`` counts its cells for cells/s.
 
+    Under torchrun (see the module docstring) ``split_batch(batch, rows)`` cuts a rank's cells out of a global
+    batch (before ``move_batch``); the loss and the terms must then be means over the cells of the batch, and
+    a random draw with the cells as first dimension one row per cell (:class:`GlobalBatchDraws`).
+
     ``resume=True`` continues from ``out_dir/checkpoint.pt`` exactly where it stopped; a different
     ``model_config`` is refused. Without ``resume`` an existing checkpoint in ``out_dir`` is refused.
     Raises :class:`NonFiniteLossError` on a NaN/inf loss or gradient norm.
     """
-    out_dir = Path(out_dir)
+    job = distributed_job()
+    device = resolve_device(cfg.device)
+    args = (model, loss_fn, data, cfg, Path(out_dir))
+    kwargs = dict(resume=resume, model_config=model_config, metadata=metadata, progress=progress,
+                  cells_in_batch=cells_in_batch, move_batch=move_batch, split_batch=split_batch)
+    if job is None:
+        return _train(*args, device=device, job=None, **kwargs)
+    device = _rank_device(device, job)
+    owns_group = _join_process_group(device)
+    try:
+        return _train(*args, device=device, job=job, **kwargs)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _train(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: BatchSource,
+    cfg: TrainConfig,
+    out_dir: Path,
+    *,
+    device: torch.device,
+    job: Distributed | None,
+    resume: bool,
+    model_config: Mapping[str, Any],
+    metadata: Mapping[str, Any] | None,
+    progress: bool,
+    cells_in_batch: Callable[[Any], int],
+    move_batch: Callable[[Any, torch.device], Any],
+    split_batch: Callable[[Any, slice], Any],
+) -> TrainResult:
+    """The loop of :func:`train` on ``device``; ``job`` is None for one process, else this rank's place."""
+    is_main = job is None or job.rank == 0  # the process that writes files
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT_NAME
     config_path = out_dir / CONFIG_NAME
-    device = resolve_device(cfg.device)
     use_bf16 = resolve_bf16(cfg.precision, device)
     model_config = _json_roundtrip(dict(model_config))
     metadata = _json_roundtrip(dict(metadata or {}))
+    info = logger.info if is_main else logger.debug
 
     model.to(device)
     model.train()
@@ -526,7 +770,7 @@ def train(
         if differing:
             raise ValueError(f"cannot resume {ckpt_path}: model_config differs in {', '.join(differing)}")
         changed_train = _differing_keys(old_config.get("train_config", {}), _json_roundtrip(cfg.to_dict()))
-        if changed_train:
+        if changed_train and is_main:
             logger.warning("resuming with a different train config (%s); the run is no longer the same as "
                            "an uninterrupted one", ", ".join(changed_train))
         ckpt = load_checkpoint(ckpt_path, map_location="cpu")
@@ -548,19 +792,31 @@ def train(
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         window.load(ckpt["log_window"])
         elapsed_before = float(ckpt["elapsed_s"])
-        history.truncate(int(ckpt["history_len"]), step)
-        logger.info("resuming from %s at step %d (epoch %d, batch %d)", ckpt_path, step, epoch, batch_in_epoch)
+        if is_main:
+            history.truncate(int(ckpt["history_len"]), step)
+        info("resuming from %s at step %d (epoch %d, batch %d)", ckpt_path, step, epoch, batch_in_epoch)
     else:
         if ckpt_path.exists():
             raise ValueError(f"{ckpt_path} already exists; pass resume=True or use an empty out_dir")
         # Dropout and other module-internal randomness use the global RNG; seed it for reproducibility.
         torch.manual_seed(cfg.seed)
-        history.start_fresh()
+        if is_main:
+            history.start_fresh()
 
-    write_json({"sclatent_version": __version__, "model_config": model_config,
-                "train_config": cfg.to_dict(), "metadata": metadata}, config_path)
-    logger.info("training %d parameters on %s (%s) for %d steps -> %s", sum(p.numel() for p in params),
-                device, "bf16 autocast" if use_bf16 else "fp32", cfg.max_steps, out_dir)
+    ddp: DistributedDataParallel | None = None
+    if job is not None:
+        dist.barrier()  # every rank has read config.json and checkpoint.pt before rank 0 rewrites them
+        # All parameters of both stages' models take part in every loss (find_unused_parameters=False, the
+        # fast path); DDP broadcasts rank 0's weights here, so all ranks start from the same state.
+        ddp = DistributedDataParallel(_LossForward(model, loss_fn),
+                                      device_ids=[device.index] if device.type == "cuda" else None)
+    if is_main:
+        write_json({"sclatent_version": __version__, "model_config": model_config,
+                    "train_config": cfg.to_dict(), "metadata": metadata,
+                    "world_size": 1 if job is None else job.world_size}, config_path)
+    info("training %d parameters on %s (%s)%s for %d steps -> %s", sum(p.numel() for p in params), device,
+         "bf16 autocast" if use_bf16 else "fp32", "" if job is None else f", {job.world_size} processes",
+         cfg.max_steps, out_dir)
 
     def save_checkpoint() -> None:
         atomic_torch_save(ckpt_path, {
@@ -584,8 +840,8 @@ def train(
     max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
     data_iter = None
     n_in_epoch = 0
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, file=sys.stderr, desc="train",
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and is_main), file=sys.stderr,
+               desc="train", dynamic_ncols=True)
     try:
         while step < cfg.max_steps:
             if data_iter is None:
@@ -607,9 +863,21 @@ def train(
                 group["lr"] = lr
 
             n_cells = cells_in_batch(batch)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss, terms = loss_fn(model, move_batch(batch, device), generator)
-            loss_value = float(loss.detach())
+            if ddp is None:
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss, terms = loss_fn(model, move_batch(batch, device), generator)
+                loss_value = float(loss.detach())
+                term_values = {k: float(v) for k, v in terms.items()}
+            else:
+                rows, weight = _rank_share(n_cells, job)
+                local_batch = move_batch(split_batch(batch, rows), device)
+                with (torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16),
+                      GlobalBatchDraws(generator, n_cells, rows)):
+                    loss, terms = ddp(local_batch, generator)
+                loss_value, term_values = _global_mean(loss, terms, weight, device)
+                # DDP averages the ranks' gradients: weighting rank r by W * n_r / n makes that average the
+                # gradient of the mean over the whole global batch.
+                loss = loss * (job.world_size * weight)
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(step + 1, "loss", loss_value)
             optimizer.zero_grad(set_to_none=True)
@@ -625,7 +893,7 @@ def train(
             batch_in_epoch += 1
             if batch_in_epoch == n_in_epoch:
                 epoch, batch_in_epoch, data_iter = epoch + 1, 0, None
-            window.add(loss_value, {k: float(v) for k, v in terms.items()}, grad_norm, n_cells)
+            window.add(loss_value, term_values, grad_norm, n_cells)
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 dt = time.perf_counter() - window.t0
@@ -636,15 +904,18 @@ def train(
                 row.update({"lr": lr, "grad_norm": window.grad_norm / window.n_steps,
                             "cells_per_s": window.n_cells / dt if dt > 0 else math.nan,
                             "elapsed_s": elapsed_before + (time.perf_counter() - t_start)})
-                history.append(row)
+                if is_main:
+                    history.append(row)
                 window.reset()
                 bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{lr:.3g}")
                 logger.debug("step %d loss %.6g lr %.3g grad_norm %.3g", step, row["loss"], lr, row["grad_norm"])
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            if is_main and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
                 save_checkpoint()
             bar.update(1)
     finally:
         bar.close()
 
-    logger.info("finished at step %d", step)
+    if job is not None:
+        dist.barrier()  # the final checkpoint is on disk when train() returns on any rank
+    info("finished at step %d", step)
     return TrainResult(model=model, ema=ema, step=step, out_dir=out_dir)

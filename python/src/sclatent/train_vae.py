@@ -84,6 +84,29 @@ class VAELoss:
         return out["loss"], {"nll": out["nll"].item(), "kl": out["kl"].item()}
 
 
+def token_batch_rows(batch: TokenBatch, rows: slice) -> TokenBatch:
+    """The cells ``rows`` of a token batch (one DDP rank's share; see `train.train`).
+
+    The encoder inputs keep the batch's padded width S, so every cell is encoded exactly as in the whole
+    batch; the CSR decoder target is cut to the same cells.
+    """
+    a, b = rows.start, rows.stop
+    if rows.step not in (None, 1) or not 0 <= a <= b <= len(batch):
+        raise ValueError(f"rows must be a contiguous slice of the {len(batch)} cells, got {rows}")
+    lo, hi = int(batch.target_indptr[a]), int(batch.target_indptr[b])
+    return TokenBatch(
+        genes=batch.genes[a:b],  # (b - a, S)
+        counts=batch.counts[a:b],
+        mask=batch.mask[a:b],
+        library_size=batch.library_size[a:b],  # (b - a,)
+        labels=batch.labels[a:b],  # (b - a, K)
+        cell_index=batch.cell_index[a:b],
+        target_indptr=batch.target_indptr[a : b + 1] - lo,  # (b - a + 1,)
+        target_genes=batch.target_genes[lo:hi],
+        target_counts=batch.target_counts[lo:hi],
+    )
+
+
 def train_vae(
     tokens_dir: str | Path,
     out_dir: str | Path,
@@ -139,6 +162,7 @@ def train_vae(
         progress=progress,
         cells_in_batch=len,
         move_batch=lambda b, device: b.to_torch(device, dense_target=G),
+        split_batch=token_batch_rows,
     )
 
 
