@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -20,7 +18,7 @@ from pathlib import Path
 
 
 def run_one(n_cells: int, n_genes: int, nnz: int, workdir: Path) -> dict:
-    import numpy as np
+
 
     from sclatent.synthetic import synthetic_sparse_counts
 

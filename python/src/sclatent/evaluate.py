@@ -12,7 +12,6 @@ The reconstruction metrics of ENCODE are carried over. Writes `metrics.json` and
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -122,17 +121,3 @@ def run_evaluate(
              summary["overall"]["w2"]["mean"],
              "n/a" if not result.get("real_vs_real") else f"{result['real_vs_real']['overall']['w2']:.3f}")
     return result
-
-
-def load_metrics(path: str | Path) -> dict[str, Any]:
-    """Read a metrics.json written by EVALUATE."""
-    data = read_json(path)
-    if "generation" not in data:
-        raise InputError(f"{path}: not an EVALUATE metrics.json (no 'generation' entry)")
-    return data
-
-
-def metrics_table_json(result: dict[str, Any]) -> str:
-    """A compact JSON of the headline numbers (for logs)."""
-    ov = result["generation"]["overall"]
-    return json.dumps({m: round(v["mean"], 4) for m, v in ov.items() if v.get("mean") is not None})

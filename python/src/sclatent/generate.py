@@ -417,11 +417,3 @@ def parse_conditions(items: Sequence[str]) -> dict[str, str]:
             raise InputError(f"--condition: key '{k}' given twice")
         out[k] = v
     return out
-
-
-def n_cells_in(like: str) -> int:
-    """Number of cells of a reference h5ad (for planning shards)."""
-    import h5py
-
-    with h5py.File(like, "r") as f:
-        return int(len(f["obs"][f["obs"].attrs["_index"]]))

@@ -269,6 +269,35 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def load_run(
+    run_dir: str | os.PathLike,
+    stage: str,
+    build: Callable[[dict[str, Any]], nn.Module],
+    *,
+    weights: str = "auto",
+    map_location: str | torch.device = "cpu",
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a finished run of `stage` ("vae" | "prior"): (model in eval mode, config.json content).
+
+    `build(model_config)` makes the empty model; weights: "ema" | "model" | "auto" (EMA when the run kept them).
+    """
+    from .io import InputError, read_json
+
+    run_dir = Path(run_dir)
+    cfg = read_json(run_dir / CONFIG_NAME)
+    found = cfg.get("metadata", {}).get("stage")
+    if found != stage:
+        raise InputError(f"{run_dir}: not a {stage} run directory (config.json stage is {found!r})")
+    ckpt = load_checkpoint(run_dir / CHECKPOINT_NAME, map_location=map_location)
+    use_ema = weights == "ema" or (weights == "auto" and ckpt.get("ema") is not None)
+    if use_ema and ckpt.get("ema") is None:
+        raise InputError(f"{run_dir}: no EMA weights in the checkpoint (train with --ema-decay)")
+    model = build(cfg["model_config"])
+    model.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
+    model.eval()
+    return model, cfg
+
+
 def _flat_items(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dict -> {"a.b": value} so that differing keys can be named."""
     out: dict[str, Any] = {}

@@ -20,7 +20,7 @@ import torch
 from .flow import flow_matching_loss
 from .io import InputError, read_json
 from .nn.dit import DiT, DiTConfig
-from .train import CONFIG_NAME, TrainConfig, TrainResult, load_checkpoint, train
+from .train import TrainConfig, TrainResult, load_run, train
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +151,4 @@ def train_prior(
 
 def load_prior(run_dir: str | Path, *, weights: str = "auto", map_location: str | torch.device = "cpu") -> tuple[DiT, dict]:
     """Load a trained prior: (DiT in eval mode, config.json content). weights: "ema" | "model" | "auto"."""
-    run_dir = Path(run_dir)
-    cfg = read_json(run_dir / CONFIG_NAME)
-    if cfg.get("metadata", {}).get("stage") != "prior":
-        raise InputError(f"{run_dir}: not a prior run directory (config.json stage is {cfg.get('metadata', {}).get('stage')!r})")
-    ckpt = load_checkpoint(run_dir / "checkpoint.pt", map_location=map_location)
-    model = DiT(DiTConfig.from_dict(cfg["model_config"]))
-    use_ema = weights == "ema" or (weights == "auto" and ckpt.get("ema") is not None)
-    if use_ema and ckpt.get("ema") is None:
-        raise InputError(f"{run_dir}: no EMA weights in the checkpoint (train with --ema-decay)")
-    model.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
-    model.eval()
-    return model, cfg
+    return load_run(run_dir, "prior", lambda c: DiT(DiTConfig.from_dict(c)), weights=weights, map_location=map_location)

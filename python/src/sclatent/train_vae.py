@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from .io import InputError, read_json
+from .io import InputError
 from .nn.vae import TransformerVAE, VAEConfig
 from .tokens import MANIFEST, TokenBatch, TokenLoader, read_manifest
-from .train import CONFIG_NAME, TrainConfig, TrainResult, load_checkpoint, train
+from .train import TrainConfig, TrainResult, load_run, train
 
 log = logging.getLogger(__name__)
 
@@ -167,22 +167,8 @@ def train_vae(
 
 
 def load_vae(run_dir: str | Path, *, weights: str = "auto", map_location: str | torch.device = "cpu") -> tuple[TransformerVAE, dict]:
-    """Load a trained VAE from its run directory: (model in eval mode, config.json content).
-
-    weights: "ema" | "model" | "auto" (EMA weights when the run kept them).
-    """
-    run_dir = Path(run_dir)
-    cfg = read_json(run_dir / CONFIG_NAME)
-    if cfg.get("metadata", {}).get("stage") != "vae":
-        raise InputError(f"{run_dir}: not a VAE run directory (config.json stage is {cfg.get('metadata', {}).get('stage')!r})")
-    ckpt = load_checkpoint(run_dir / "checkpoint.pt", map_location=map_location)
-    model = TransformerVAE(VAEConfig.from_dict(cfg["model_config"]))
-    use_ema = weights == "ema" or (weights == "auto" and ckpt.get("ema") is not None)
-    if use_ema and ckpt.get("ema") is None:
-        raise InputError(f"{run_dir}: no EMA weights in the checkpoint (train with --ema-decay)")
-    model.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
-    model.eval()
-    return model, cfg
+    """Load a trained VAE from its run directory: (model in eval mode, config.json content)."""
+    return load_run(run_dir, "vae", lambda c: TransformerVAE(VAEConfig.from_dict(c)), weights=weights, map_location=map_location)
 
 
 def check_vocabulary(cfg: dict, manifest: dict, *, what: str) -> None:
@@ -202,8 +188,3 @@ def check_vocabulary(cfg: dict, manifest: dict, *, what: str) -> None:
     for key, cats in cfg["metadata"]["labels"].items():
         if manifest["labels"].get(key) != cats:
             raise InputError(f"{what}: the categories of '{key}' differ from the model's ({manifest['labels'].get(key)} vs {cats})")
-
-
-def batch_to_device(batch: TokenBatch, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Encoder inputs of a token batch on `device`."""
-    return batch.to_torch(device)
