@@ -13,6 +13,7 @@ Grids:
   each followed by the default prior and sampler.
 - prior: label-dropout rho, EMA vs raw weights for sampling, latent standardisation, on the default VAE.
 - sampler: euler / heun step counts and guidance weights vs dopri5 (atol = rtol = 1e-5), on one trained model.
+- steps: VAE training length (optimiser steps) x token embedding.
 """
 
 from __future__ import annotations
@@ -85,23 +86,26 @@ def run_point(p: dict, data_dir: Path, work: Path) -> dict:
     tok = work / f"{p['dataset']}_tokens"
     if not (tok / "manifest.json").exists():
         tokenize(ds / "train.h5ad", tok, test_path=ds / "test.h5ad", genes="all", max_tokens=4096, progress=False)
-    vae_tag = f"{p['dataset']}_vae_{p['embedding']}_{'var' + str(p['beta']) if p['variational'] else 'det'}_q{p['decode_genes']}_e{p['vae_epochs']}_s{seed}"
+    vae_tag = (f"{p['dataset']}_vae{p.get('vae_preset', 'default')}_{p['embedding']}_{'var' + str(p['beta']) if p['variational'] else 'det'}"
+               f"_q{p['decode_genes']}_e{p['vae_epochs']}_n{p.get('vae_steps')}_s{seed}")
     vae_dir = work / vae_tag
     t0 = time.time()
     if not (vae_dir / "done").exists():
         overrides = {"embedding": p["embedding"], "variational": p["variational"], "beta": p["beta"]}
-        run = VAERunConfig(preset=p.get("vae_preset", "default"), model_overrides=overrides, epochs=p["vae_epochs"], decode_genes=p["decode_genes"])
+        run = VAERunConfig(preset=p.get("vae_preset", "default"), model_overrides=overrides, epochs=p["vae_epochs"],
+                           max_steps=p.get("vae_steps"), decode_genes=p["decode_genes"])
         tc = TrainConfig(max_steps=1, batch_size=128, lr=1e-3, betas=(0.9, 0.95), seed=seed, device=dev, checkpoint_every=10**9)
         train_vae(tok, vae_dir, run, tc, progress=False)
         encode(vae_dir, tok, vae_dir / "enc", seed=seed, device=dev)
         (vae_dir / "done").touch()
     t["vae_s"] = time.time() - t0
     recon = json.loads((vae_dir / "enc" / "reconstruction.json").read_text())["metrics"]
-    prior_tag = f"{vae_tag}_prior_rho{p['rho']}_std{int(p['standardize'])}_e{p['prior_epochs']}"
+    prior_tag = f"{vae_tag}_prior{p.get('prior_preset', 'default')}_rho{p['rho']}_std{int(p['standardize'])}_e{p['prior_epochs']}_n{p.get('prior_steps')}"
     prior_dir = work / prior_tag
     t0 = time.time()
     if not (prior_dir / "done").exists():
-        run = PriorRunConfig(preset=p.get("prior_preset", "default"), epochs=p["prior_epochs"], rho=p["rho"], standardize=p["standardize"])
+        run = PriorRunConfig(preset=p.get("prior_preset", "default"), epochs=p["prior_epochs"], max_steps=p.get("prior_steps"),
+                             rho=p["rho"], standardize=p["standardize"])
         tc = TrainConfig(max_steps=1, batch_size=256, lr=5e-4, betas=(0.9, 0.999), decay_frac=1.0, decay_shape="cosine",
                          ema_decay=0.999, seed=seed, device=dev, checkpoint_every=10**9)
         train_prior(vae_dir / "enc" / "latents.npz", prior_dir, run, tc, progress=False)
@@ -156,6 +160,8 @@ def grid(name: str, datasets: list[str], seeds: list[int]) -> list[dict]:
     pts = []
     for ds, seed in itertools.product(datasets, seeds):
         b = {**BASE, "dataset": ds, "seed": seed}
+        if name == "steps":  # training length x token embedding
+            pts += [{**b, "vae_steps": n, "embedding": e} for n in (200, 1500) for e in ("concat", "multiplicative")]
         if name in ("vae", "all"):
             pts += [
                 {**b},
@@ -192,7 +198,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("sweep_work"))
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--grid", default="all", choices=["vae", "prior", "sampler", "all"])
+    ap.add_argument("--grid", default="all", choices=["vae", "prior", "sampler", "steps", "all"])
     ap.add_argument("--datasets", default="pbmc,mixology")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--workers", type=int, default=4)
@@ -210,10 +216,10 @@ def main() -> None:
     # points sharing a VAE (or a prior) must not train it concurrently: stage 1 trains each VAE once, stage 2
     # each remaining prior once, stage 3 only samples and evaluates
     def vae_key(p):
-        return (p["dataset"], p["seed"], p["embedding"], p["variational"], p["beta"], p["decode_genes"], p["vae_epochs"])
+        return (p["dataset"], p["seed"], p["embedding"], p["variational"], p["beta"], p["decode_genes"], p["vae_epochs"], p.get("vae_steps"))
 
     def prior_key(p):
-        return (*vae_key(p), p["rho"], p["standardize"], p["prior_epochs"])
+        return (*vae_key(p), p["rho"], p["standardize"], p["prior_epochs"], p.get("prior_steps"))
 
     stages: list[list[dict]] = [[], [], []]
     seen_v, seen_p = set(), set()

@@ -1,0 +1,119 @@
+"""The benchmark harness (python/benchmarks): its smallest path end to end, and the pieces it relies on."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_report  # noqa: E402
+import common  # noqa: E402
+
+
+def test_child_peak_rss_is_the_childs_own(tmp_path):
+    """A child started from a process holding ~400 MB reports its own (small) peak RSS, not the parent's."""
+    ballast = np.ones(50_000_000)  # 400 MB in this process
+    wall, rss_mb, code = common.run_child([sys.executable, "-c", "pass"], log_path=tmp_path / "child.log")
+    assert code == 0 and wall > 0
+    assert ballast.sum() == 50_000_000
+    assert 1 < rss_mb < 150, f"child reported {rss_mb:.0f} MB"
+
+
+def test_child_timeout_kills_and_reports(tmp_path):
+    wall, _, code = common.run_child([sys.executable, "-c", "import time; time.sleep(30)"], log_path=tmp_path / "c.log", timeout_s=1.0)
+    assert code == -9 and wall < 15
+
+
+def test_update_benchmarks_md_replaces_only_its_section(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    bench_report.update_benchmarks_md(path, "quick", "## quick one\n")
+    bench_report.update_benchmarks_md(path, "full", "## full one\n")
+    text = path.read_text()
+    assert text.startswith("# Benchmarks") and bench_report.MARKER in text
+    assert text.index("## full one") < text.index("## quick one")  # the full run's tables come first
+    edited = text.replace("# Benchmarks", "# Benchmarks (edited by hand)")
+    path.write_text(edited)
+    bench_report.update_benchmarks_md(path, "quick", "## quick two\n")
+    text = path.read_text()
+    assert "# Benchmarks (edited by hand)" in text and "## full one" in text
+    assert "## quick two" in text and "## quick one" not in text
+    assert text.count("<!-- BEGIN quick -->") == 1
+
+
+def test_growth_sentence_reports_the_loglog_slope():
+    rows = [{"genes": g, "step_ms": 2.0 * g, "full_decode_ms_per_cell": 0.01 * g, "peak_rss_mb": 600 + 0.1 * g,
+             "rss_after_imports_mb": 600} for g in (1_000, 2_000, 4_000)]
+    text = bench_report.growth_sentence(rows, "genes")
+    assert "slope 1.00" in text and "2,000 to 8,000 ms" in text
+
+
+def test_scvi_budget_parsing():
+    from scvi_baseline import parse_budget
+
+    assert parse_budget("equal_epochs:epochs=20") == ("equal_epochs", "epochs", 20.0)
+    assert parse_budget("equal_time:seconds=12.5") == ("equal_time", "seconds", 12.5)
+    for bad in ("equal_time", "x:minutes=3", "x:epochs=-1"):
+        with pytest.raises(ValueError, match="--budget"):
+            parse_budget(bad)
+
+
+def test_unknown_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown benchmark dataset 'pbmc68k'"):
+        common.make_dataset_inputs("pbmc68k", tmp_path)
+
+
+@pytest.mark.slow
+def test_smoke_path_end_to_end(tmp_path):
+    """run_all.py --smoke: synthetic data through every quality stage, the sampler study and the speed tables."""
+    import run_all
+
+    out = tmp_path / "BENCHMARKS.md"
+    res = run_all.main(["--smoke", "--workdir", str(tmp_path / "work"), "--out", str(out), "--threads", "1"])
+    ds = res["datasets"]["synthetic"]
+    assert set(ds["generation"]) == {"ldm_joint", "ldm_additive", "ldm_uncond", "vae_gaussian"}
+    for entry in ds["generation"].values():
+        w2 = entry["summary"]["overall"]["w2"]["mean"]
+        assert math.isfinite(w2) and w2 > 0
+    assert math.isfinite(ds["reconstruction"]["sclatent VAE"]["re_nll_gene_sum_cell_mean"])
+    assert ds["budgets"]["vae"]["steps"] >= 1 and ds["budgets"]["prior"]["steps"] >= 1
+    held = ds["held_out"]["rows"]
+    assert held[0]["kind"] == "held out" and math.isfinite(held[0]["w2"])
+    sampler = res["sampler"]
+    assert sampler["rows"][0]["method"] == "dopri5" and sampler["rows"][0]["w2_rel_diff"] == 0.0
+    assert all(r["nfe"] >= 1 for r in sampler["rows"])
+    assert res["speed"]["scaling"]["genes"] and res["speed"]["presets"]
+    text = out.read_text()
+    for heading in ("Training budgets", "Generation, all", "Held-out combination", "Sampler study", "Scaling of the VAE"):
+        assert heading in text
+    assert "<!-- BEGIN smoke -->" in text and text.count("<!-- END smoke -->") == 1
+
+
+@pytest.mark.slow
+def test_scvi_baseline_trains_reconstructs_and_generates(tmp_path):
+    """scVI on a tiny synthetic set: Table 1 metrics from sclatent's function, unconditional NB counts."""
+    pytest.importorskip("scvi")
+    import scvi_baseline
+
+    from sclatent.synthetic import synthetic_counts
+
+    train, test = synthetic_counts(n_cells=120, n_genes=40, seed=1), synthetic_counts(n_cells=30, n_genes=40, seed=2)
+    model, info = scvi_baseline.train_scvi(train, train.obs["cell_type"].astype(str).to_numpy(), "epochs", 2, seed=0)
+    assert info["epochs"] == 2 and info["cells_per_s"] > 0
+    recon = scvi_baseline.reconstruct(model, test, seed=0)
+    assert recon["n_cells"] == 30 and math.isfinite(recon["re_nll_gene_sum_cell_mean"]) and recon["re_nll_gene_sum_cell_mean"] > 0
+    a = scvi_baseline.generate(model, 25, 7.0, 0.3, seed=0, replicate=0)
+    b = scvi_baseline.generate(model, 25, 7.0, 0.3, seed=0, replicate=0)
+    assert a.shape == (25, 40) and (a != b).nnz == 0  # the same seed gives the same counts
+    assert np.all(a.data == np.floor(a.data)) and a.sum() > 0
+
+
+def test_run_all_rejects_two_modes():
+    proc = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--quick", "--full"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
