@@ -143,7 +143,7 @@ def run_dataset(spec: DatasetSpec, plan: Plan, runner: Runner, budget: Budget, w
     vae_args = ["--tokens", tok, "--preset", plan.vae_preset, *common_train]
     cps = _calibrate(runner, "train-vae", [*vae_args, "--max-steps", str(plan.calibration_steps)], d / "calib_vae", name)
     vae_epochs = _epochs_for(plan.vae_seconds, cps, n_train, plan.vae_epochs_range)
-    rec = runner.sclatent("TRAIN_VAE", name, ["train-vae", *vae_args, "--epochs", vae_epochs, "--outdir", vae], child=True)
+    rec = runner.sclatent("TRAIN_VAE", name, ["train-vae", *vae_args, "--epochs", vae_epochs, "--min-steps", 0, "--outdir", vae], child=True)
     vs = training_summary(vae)
     rec.extra.update(preset=plan.vae_preset, epochs=vae_epochs, cells_per_s=vs["items_per_s"], train_s=vs["train_s"])
     rec = runner.sclatent("ENCODE", name, ["encode", "--vae", vae, "--tokens", tok, "--outdir", enc, "--seed", seed, "--threads", t], child=True)
@@ -155,7 +155,7 @@ def run_dataset(spec: DatasetSpec, plan: Plan, runner: Runner, budget: Budget, w
     prior_args = ["--latents", enc / "latents.npz", "--preset", plan.prior_preset, *common_train]
     sps = _calibrate(runner, "train-prior", [*prior_args, "--max-steps", str(plan.calibration_steps)], d / "calib_prior", name)
     prior_epochs = _epochs_for(plan.prior_seconds, sps, n_train, plan.prior_epochs_range)
-    rec = runner.sclatent("TRAIN_PRIOR", name, ["train-prior", *prior_args, "--epochs", prior_epochs, "--outdir", prior], child=True)
+    rec = runner.sclatent("TRAIN_PRIOR", name, ["train-prior", *prior_args, "--epochs", prior_epochs, "--min-steps", 0, "--outdir", prior], child=True)
     ps = training_summary(prior)
     rec.extra.update(preset=plan.prior_preset, epochs=prior_epochs, samples_per_s=ps["items_per_s"], train_s=ps["train_s"])
     ours_train_s = vs["train_s"] + ps["train_s"]

@@ -366,3 +366,41 @@ def test_atomic_helpers_roundtrip(tmp_path: Path) -> None:
     loaded = load_checkpoint(tmp_path / "b.pt")
     assert torch.equal(loaded["w"], torch.arange(3)) and loaded["step"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.pt"]
+
+
+def test_training_steps_epochs_floor_and_override() -> None:
+    from sclatent.train import training_steps
+
+    assert training_steps(2.0, 7) == 14  # epochs x batches
+    assert training_steps(0.5, 7) == 4  # rounded up
+    assert training_steps(2.0, 7, min_steps=100) == 100  # a small dataset is raised to the floor
+    assert training_steps(50.0, 7, min_steps=100) == 350  # a large one is not capped by it
+    assert training_steps(2.0, 7, min_steps=100, max_steps=9) == 9  # --max-steps wins over both
+
+
+def test_min_steps_raises_a_short_epoch_budget_end_to_end(tmp_path: Path) -> None:
+    """train-vae / train-prior through the CLI: 1 epoch of 40 cells at batch 20 is 2 steps; --min-steps 5 trains 5."""
+    from click.testing import CliRunner
+
+    from sclatent.cli import main
+    from sclatent.synthetic import synthetic_counts
+    from sclatent.tokens import tokenize
+
+    adata = synthetic_counts(n_cells=40, n_genes=24, seed=3)
+    adata.var["highly_variable"] = True
+    adata.write_h5ad(tmp_path / "train.h5ad")
+    tokenize(tmp_path / "train.h5ad", tmp_path / "tok", condition_keys=["cell_type"], progress=False)
+    common = ["--epochs", "1", "--batch-size", "20", "--device", "cpu", "--no-progress", "--preset", "tiny"]
+    runner = CliRunner()
+    res = runner.invoke(main, ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--outdir", str(tmp_path / "v"),
+                               "--min-steps", "5", "--decode-genes", "8", *common])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "v" / "config.json").read_text())["train_config"]["max_steps"] == 5
+    res = runner.invoke(main, ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--outdir", str(tmp_path / "v0"),
+                               "--min-steps", "0", "--decode-genes", "8", *common])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "v0" / "config.json").read_text())["train_config"]["max_steps"] == 2
+    res = runner.invoke(main, ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--outdir", str(tmp_path / "bad"),
+                               "--min-steps", "-1", *common])
+    assert res.exit_code != 0 and "--min-steps must be >= 0, got -1" in res.output
+    assert not (tmp_path / "bad" / "checkpoint.pt").exists()

@@ -16,6 +16,11 @@ import click
 from . import __version__
 from .io import InputError
 
+# Floors on the training length (--min-steps), so that a small dataset is not trained for a few hundred steps
+# only because an epoch of it is a few batches; measured in BENCHMARKS.md ("Training length").
+VAE_MIN_STEPS = 5000
+PRIOR_MIN_STEPS = 2000
+
 log = logging.getLogger("sclatent")
 
 
@@ -149,13 +154,16 @@ def tokenize(train, test, outdir, genes, condition_keys, max_tokens, shard_size,
     )
 
 
-def _training_options(*, lr: float, batch_size: int, betas: str, decay_frac: float, decay_shape: str, ema: float | None):
+def _training_options(*, lr: float, batch_size: int, betas: str, decay_frac: float, decay_shape: str, ema: float | None, min_steps: int):
     """Options of the shared training loop (train.py), with per-stage defaults."""
 
     def deco(fn):
         opts = [
             click.option("--epochs", default=100.0, type=float, help="Training length in passes over the data."),
-            click.option("--max-steps", default=None, type=int, help="Training length in optimiser steps (overrides --epochs)."),
+            click.option("--min-steps", default=min_steps, type=int, show_default=True,
+                         help="At least this many optimiser steps, however few epochs that is (small datasets need more "
+                              "passes; 0 = --epochs alone). Ignored with --max-steps."),
+            click.option("--max-steps", default=None, type=int, help="Training length in optimiser steps (overrides --epochs and --min-steps)."),
             click.option("--batch-size", default=batch_size, type=int, help="Cells per batch."),
             click.option("--lr", default=lr, type=float, help="Peak learning rate (AdamW)."),
             click.option("--weight-decay", default=0.0, type=float, help="AdamW weight decay."),
@@ -237,14 +245,14 @@ def _run_training(fn, *args, **kwargs):
 @click.option("--decode-genes", default=512, type=int, help="Genes per cell in the loss (a random subset each step; 0 = all).")
 @click.option("--subset", type=click.Choice(["cell", "batch"]), default="cell", help="Draw the decoded subset per cell or once per batch.")
 @click.option("--max-tokens", default=None, type=int, help="Encoder input cap [default: the manifest's].")
-@_training_options(lr=1e-3, batch_size=128, betas="0.9,0.95", decay_frac=0.1, decay_shape="sqrt", ema=None)
+@_training_options(lr=1e-3, batch_size=128, betas="0.9,0.95", decay_frac=0.1, decay_shape="sqrt", ema=None, min_steps=VAE_MIN_STEPS)
 @_user_errors
 def train_vae_cmd(tokens, outdir, preset, embedding, likelihood, variational, beta, decode_genes, subset, max_tokens, **kw) -> None:
     """TRAIN_VAE: train the exchangeable Transformer VAE (MCAB encoder/decoder)."""
     from .train_vae import VAERunConfig, train_vae
 
     overrides = {k: v for k, v in dict(embedding=embedding, likelihood=likelihood, variational=variational, beta=beta).items() if v is not None}
-    run = VAERunConfig(preset=preset, model_overrides=overrides, epochs=kw["epochs"], max_steps=kw["max_steps"], decode_genes=decode_genes, subset=subset, max_tokens=max_tokens)
+    run = VAERunConfig(preset=preset, model_overrides=overrides, epochs=kw["epochs"], min_steps=kw["min_steps"], max_steps=kw["max_steps"], decode_genes=decode_genes, subset=subset, max_tokens=max_tokens)
     tcfg = _train_config(kw)
     _run_training(train_vae, tokens, outdir, run, tcfg, resume=kw["resume"], progress=kw["progress"])
 
@@ -277,13 +285,13 @@ def encode(vae, tokens, outdir, batch_size, max_cells, seed, device, weights, th
 @click.option("--preset", type=click.Choice(["default", "tiny"]), default="default", help="DiT sizes: default (256 wide, 8 blocks, 8 heads) or tiny.")
 @click.option("--rho", default=0.2, type=float, help="Label dropout: each attribute is replaced by its null token with this probability, independently.")
 @click.option("--standardize/--no-standardize", default=True, help="Standardise latents with train statistics (stored in the run).")
-@_training_options(lr=5e-4, batch_size=256, betas="0.9,0.999", decay_frac=1.0, decay_shape="cosine", ema=0.999)
+@_training_options(lr=5e-4, batch_size=256, betas="0.9,0.999", decay_frac=1.0, decay_shape="cosine", ema=0.999, min_steps=PRIOR_MIN_STEPS)
 @_user_errors
 def train_prior_cmd(latents, outdir, preset, rho, standardize, **kw) -> None:
     """TRAIN_PRIOR: train the DiT flow-matching prior with per-attribute label dropout."""
     from .train_prior import PriorRunConfig, train_prior
 
-    run = PriorRunConfig(preset=preset, epochs=kw["epochs"], max_steps=kw["max_steps"], rho=rho, standardize=standardize)
+    run = PriorRunConfig(preset=preset, epochs=kw["epochs"], min_steps=kw["min_steps"], max_steps=kw["max_steps"], rho=rho, standardize=standardize)
     tcfg = _train_config(kw)
     _run_training(train_prior, latents, outdir, run, tcfg, resume=kw["resume"], progress=kw["progress"])
 

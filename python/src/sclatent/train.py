@@ -269,6 +269,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def training_steps(epochs: float, batches_per_epoch: int, min_steps: int = 0, max_steps: int | None = None) -> int:
+    """Optimiser steps of a run: `max_steps` when given, else ceil(epochs x batches), raised to `min_steps`.
+
+    The floor exists because an epoch budget alone gives a small dataset very few steps (800 cells at batch
+    128 are 7 steps an epoch), far too few for a Transformer to learn more than the mean profile.
+    """
+    if max_steps is not None:
+        return max_steps
+    return max(1, math.ceil(epochs * batches_per_epoch), min_steps)
+
+
 def load_run(
     run_dir: str | os.PathLike,
     stage: str,

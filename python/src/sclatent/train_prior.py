@@ -9,7 +9,6 @@ loop of `train.py`.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -20,7 +19,7 @@ import torch
 from .flow import flow_matching_loss
 from .io import InputError, read_json
 from .nn.dit import DiT, DiTConfig
-from .train import TrainConfig, TrainResult, load_run, train
+from .train import TrainConfig, TrainResult, load_run, train, training_steps
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +30,7 @@ class PriorRunConfig:
 
     preset: str = "default"
     epochs: float = 100.0
+    min_steps: int = 0  # at least this many steps whatever the epochs give (ignored with max_steps)
     max_steps: int | None = None
     rho: float = 0.2  # probability of dropping each label to its null token (independently per attribute)
     standardize: bool = True
@@ -38,6 +38,8 @@ class PriorRunConfig:
     def validate(self) -> None:
         if not 0.0 <= self.rho <= 1.0:
             raise InputError(f"--rho must be in [0, 1], got {self.rho}")
+        if self.min_steps < 0:
+            raise InputError(f"--min-steps must be >= 0, got {self.min_steps}")
         if self.max_steps is None and not self.epochs > 0:
             raise InputError(f"--epochs must be > 0, got {self.epochs}")
 
@@ -124,7 +126,7 @@ def train_prior(
     except ValueError as exc:
         raise InputError(f"DiT configuration: {exc}") from None
     data = LatentBatches(z, labels, tcfg.batch_size, tcfg.seed)
-    tcfg.max_steps = run.max_steps if run.max_steps is not None else max(1, math.ceil(run.epochs * data.n_batches()))
+    tcfg.max_steps = training_steps(run.epochs, data.n_batches(), run.min_steps, run.max_steps)
     torch.manual_seed(tcfg.seed)
     model = DiT(model_cfg)
     n_params = sum(p.numel() for p in model.parameters())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 from .io import InputError
 from .nn.vae import TransformerVAE, VAEConfig
 from .tokens import MANIFEST, TokenBatch, TokenLoader, read_manifest
-from .train import TrainConfig, TrainResult, load_run, train
+from .train import TrainConfig, TrainResult, load_run, train, training_steps
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +39,7 @@ class VAERunConfig:
     preset: str = "default"
     model_overrides: dict[str, Any] = field(default_factory=dict)  # VAEConfig fields (embedding, beta, ...)
     epochs: float = 100.0
+    min_steps: int = 0  # at least this many steps whatever the epochs give (ignored with max_steps)
     max_steps: int | None = None  # overrides epochs when set
     decode_genes: int = 512  # genes per cell in the loss; 0 = all genes
     subset: str = "cell"  # "cell": a subset per cell; "batch": one subset shared by the batch
@@ -50,6 +50,8 @@ class VAERunConfig:
             raise InputError(f"--subset must be 'cell' or 'batch', got '{self.subset}'")
         if self.decode_genes < 0:
             raise InputError(f"--decode-genes must be >= 0 (0 = all genes), got {self.decode_genes}")
+        if self.min_steps < 0:
+            raise InputError(f"--min-steps must be >= 0, got {self.min_steps}")
         if self.max_steps is None and not self.epochs > 0:
             raise InputError(f"--epochs must be > 0, got {self.epochs}")
 
@@ -127,10 +129,7 @@ def train_vae(
     loader = TokenLoader(
         tokens_dir, "train", batch_size=tcfg.batch_size, shuffle=True, seed=tcfg.seed, max_tokens=run.max_tokens
     )
-    if run.max_steps is None:
-        tcfg.max_steps = max(1, math.ceil(run.epochs * loader.n_batches()))
-    else:
-        tcfg.max_steps = run.max_steps
+    tcfg.max_steps = training_steps(run.epochs, loader.n_batches(), run.min_steps, run.max_steps)
     model = TransformerVAE(model_cfg, seed=tcfg.seed)
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
