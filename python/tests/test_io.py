@@ -93,3 +93,49 @@ def test_atomic_outputs_leave_nothing_on_failure(tmp_path):
         open(tb, "w").write("2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
     assert oct((tmp_path / "a.json").stat().st_mode & 0o777) != oct(0o600)
+
+
+def test_version_command_reports_installed_packages() -> None:
+    """`sclatent version [PACKAGE]` (the modules' versions lines): this Python's versions, a clear error otherwise."""
+    from importlib.metadata import version
+
+    from click.testing import CliRunner
+
+    from sclatent import __version__
+    from sclatent.cli import main
+
+    runner = CliRunner()
+    assert runner.invoke(main, ["version"]).output.strip() == __version__
+    res = runner.invoke(main, ["version", "torch"])
+    assert res.exit_code == 0 and res.output.strip() == version("torch")
+    res = runner.invoke(main, ["version", "no-such-package-xyz"])
+    assert res.exit_code == 2 and "package 'no-such-package-xyz' is not installed" in res.output
+
+
+def _shard(start: int, stop: int, replicate: int):
+    import anndata as ad
+    import pandas as pd
+
+    n = stop - start
+    obs = pd.DataFrame({"cell_index": np.arange(start, stop), "replicate": replicate},
+                       index=[f"r{replicate}_c{i}" for i in range(start, stop)])
+    return ad.AnnData(X=sp.csr_matrix(np.full((n, 3), replicate + 1.0, np.float32)), obs=obs,
+                      var=pd.DataFrame(index=["g1", "g2", "g3"]))
+
+
+def test_gather_orders_shards_and_rejects_non_shards(tmp_path) -> None:
+    from sclatent.generate import gather
+
+    for name, (a, b, r) in {"s1": (4, 8, 0), "s0": (0, 4, 0), "t": (0, 4, 1)}.items():
+        _shard(a, b, r).write_h5ad(tmp_path / f"{name}.h5ad")
+    out = gather([tmp_path / "t.h5ad", tmp_path / "s1.h5ad", tmp_path / "s0.h5ad"], tmp_path / "all.h5ad")
+    assert list(out.obs["replicate"]) == [0] * 8 + [1] * 4
+    assert list(out.obs["cell_index"]) == list(range(8)) + list(range(4))
+    with pytest.raises(InputError, match="the shards overlap"):
+        gather([tmp_path / "s0.h5ad", tmp_path / "s0.h5ad"], tmp_path / "dup.h5ad")
+    plain = _shard(0, 4, 0)
+    del plain.obs["cell_index"]
+    plain.write_h5ad(tmp_path / "plain.h5ad")
+    with pytest.raises(InputError, match=r"plain.h5ad is not a SAMPLE shard \(no obs column 'cell_index'\)"):
+        gather([tmp_path / "s0.h5ad", tmp_path / "plain.h5ad"], tmp_path / "bad.h5ad")
+    assert not (tmp_path / "dup.h5ad").exists() and not (tmp_path / "bad.h5ad").exists()

@@ -12,7 +12,7 @@ process TRAIN_VAE {
     tuple val(meta), path('vae')                 , emit: vae
     tuple val(meta), path('vae/history.csv')     , emit: history
     tuple val("${task.process}"), val('sclatent'), eval('sclatent --version | sed "s/.* //"'), topic: versions
-    tuple val("${task.process}"), val('torch'), eval('python3 -c "import torch; print(torch.__version__)" 2>/dev/null || echo unknown'), topic: versions
+    tuple val("${task.process}"), val('torch'), eval('sclatent version torch'), topic: versions
 
     when:
     task.ext.when == null || task.ext.when

@@ -64,6 +64,19 @@ def main(verbose: int, quiet: bool) -> None:
     _setup_logging(verbose, quiet)
 
 
+@main.command("version")
+@click.argument("package", default="sclatent")
+@_user_errors
+def version_cmd(package: str) -> None:
+    """Print the installed version of PACKAGE (default sclatent) of this Python, e.g. for a task's versions.yml."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        click.echo(version(package))
+    except PackageNotFoundError:
+        raise InputError(f"package '{package}' is not installed in {sys.executable}") from None
+
+
 @main.command("check-samplesheet")
 @click.argument("samplesheet", type=click.Path(dir_okay=False))
 @click.option("--base-dir", default=None, help="Folder (or URI prefix) relative h5ad paths are resolved against [default: the samplesheet's folder].")

@@ -382,6 +382,9 @@ def gather(paths: Sequence[str | Path], out: str | Path) -> ad.AnnData:
     parts = [read_h5ad(p) for p in paths]
     genes = list(parts[0].var_names)
     for p, a in zip(paths, parts):
+        missing = [c for c in ("cell_index", "replicate") if c not in a.obs.columns]
+        if missing:
+            raise InputError(f"gather: {p} is not a SAMPLE shard (no obs column {', '.join(repr(c) for c in missing)})")
         if list(a.var_names) != genes:
             raise InputError(f"gather: {p} has different genes than {paths[0]}")
     adata = ad.concat(parts, join="outer", merge="first", uns_merge="first")
