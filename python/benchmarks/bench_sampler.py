@@ -67,3 +67,36 @@ def run_sampler_study(
              "none" if best is None else f"{best['method']} {best['n_steps']} (NFE {best['nfe']:.0f})")
     return {"dataset": dataset, "n_cells": int(len(pick)), "n_real": int(real.n_obs), "rows": rows, "best": best,
             "tolerance": TOLERANCE, "seed": seed}
+
+
+def main() -> None:
+    """Stand-alone study on one trained model:
+
+    python python/benchmarks/bench_sampler.py --vae RUN/vae --prior RUN/prior --real test.h5ad --outdir /tmp/sampler
+    """
+    import argparse
+    import json
+    import sys
+
+    ap = argparse.ArgumentParser(description="Euler / Heun step counts against dopri5 (W2, NFE) on one trained model")
+    ap.add_argument("--vae", type=Path, required=True, help="TRAIN_VAE run folder")
+    ap.add_argument("--prior", type=Path, required=True, help="TRAIN_PRIOR run folder")
+    ap.add_argument("--real", type=Path, required=True, help="real test cells (PREPARE's test.h5ad)")
+    ap.add_argument("--outdir", type=Path, required=True)
+    ap.add_argument("--n-cells", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    grid = [("euler", 4), ("euler", 8), ("euler", 16), ("heun", 2), ("heun", 4), ("heun", 8), ("heun", 16)]
+    runner = Runner(args.outdir / "logs", args.threads, children=False)
+    res = run_sampler_study(runner, args.vae.name, args.vae, args.prior, args.real, args.outdir, n_cells=args.n_cells,
+                            grid=grid, seed=args.seed, threads=args.threads)
+    (args.outdir / "sampler.json").write_text(json.dumps(res, indent=1, default=str))
+    print("| method | steps | NFE | W2 | vs dopri5 |\n|---|---|---|---|---|")
+    for r in res["rows"]:
+        print(f"| {r['method']} | {r['n_steps'] or 'adaptive'} | {r['nfe']:.0f} | {r['w2']:.3f} | {100 * r['w2_rel_diff']:+.2f}% |")
+
+
+if __name__ == "__main__":
+    main()

@@ -59,7 +59,7 @@ def one_dataset(data: Path, work: Path, preset: str, vae_steps: list[int], prior
         prior = work / f"prior_{steps}"
         wall = _run(["train-prior", "--latents", vae / "encode" / "latents.npz", "--outdir", prior, "--preset", preset,
                      "--max-steps", steps, "--threads", 1, "--no-progress", "--seed", 0], log)
-        _run(["sample", "--vae", vae, "--prior", prior, "--like", data / "test.h5ad", "--out", prior / "generated.h5ad",
+        _run(["sample", "--vae", vae, "--prior", prior, "--like", data / "test.h5ad", "--out", prior / "generated.h5ad", "--method", "heun", "--n-steps", 16,
               "--threads", 1, "--seed", 0], log)
         _run(["evaluate", "--real", data / "test.h5ad", "--generated", prior / "generated.h5ad", "--outdir", prior / "eval",
               "--min-cells-per-class", 10], log)

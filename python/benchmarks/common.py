@@ -356,14 +356,19 @@ def _write_sheet(path: Path, dataset: str, rows: Sequence[tuple[Path, str]]) -> 
     return path
 
 
-def _split_held_out(adata: Any, held: dict[str, str]) -> Any:
-    """Boolean mask of the cells of the held-out combination."""
+def _held_out_sheet(adata: Any, held: dict[str, str], out: Path, name: str) -> tuple[Path, int]:
+    """Write the seen cells (split all) and the held-out combination's cells (split test) and their samplesheet.
+
+    Returns (samplesheet path, number of held-out cells)."""
     import numpy as np
 
     mask = np.ones(adata.n_obs, dtype=bool)
     for key, value in held.items():
         mask &= adata.obs[key].astype(str).to_numpy() == value
-    return mask
+    seen, held_path = out / f"{name}_seen.h5ad", out / f"{name}_heldout.h5ad"
+    adata[~mask].copy().write_h5ad(seen)
+    adata[mask].copy().write_h5ad(held_path)
+    return _write_sheet(out / f"{name}.csv", name, [(seen, "all"), (held_path, "test")]), int(mask.sum())
 
 
 def make_dataset_inputs(which: str, workdir: Path, shared: Path = SHARED_DATASETS) -> DatasetSpec:
@@ -391,25 +396,17 @@ def make_dataset_inputs(which: str, workdir: Path, shared: Path = SHARED_DATASET
         adata = ad.read_h5ad(src)
         adata = adata[adata.obs["demuxlet_call"].astype(str).to_numpy() == "SNG"].copy()
         adata.obs = adata.obs[["cell_line", "protocol"]].astype(str).astype("category")
-        mask = _split_held_out(adata, held)
-        seen, held_path = out / "sc_mixology_seen.h5ad", out / "sc_mixology_heldout.h5ad"
-        adata[~mask].copy().write_h5ad(seen)
-        adata[mask].copy().write_h5ad(held_path)
-        sheet = _write_sheet(out / "sc_mixology.csv", "sc_mixology", [(seen, "all"), (held_path, "test")])
+        sheet, n_held = _held_out_sheet(adata, held, out, "sc_mixology")
         return DatasetSpec(
             "sc_mixology", ["cell_line", "protocol"], sheet, 2000, held_out=held, nearest=nearest,
-            note=f"{adata.n_obs} singlets (demuxlet SNG); HCC827 x Drop-seq ({int(mask.sum())} cells) held out of training",
+            note=f"{adata.n_obs} singlets (demuxlet SNG); HCC827 x Drop-seq ({n_held} cells) held out of training",
         )
     if which == "synthetic":
         from sclatent.synthetic import synthetic_counts
 
         adata = synthetic_counts(n_cells=240, n_genes=120, n_types=3, n_batches=2, seed=0, n_markers=8)
         held = {"cell_type": "type_0", "batch": "batch_1"}
-        mask = _split_held_out(adata, held)
-        seen, held_path = out / "synthetic_seen.h5ad", out / "synthetic_heldout.h5ad"
-        adata[~mask].copy().write_h5ad(seen)
-        adata[mask].copy().write_h5ad(held_path)
-        sheet = _write_sheet(out / "synthetic.csv", "synthetic", [(seen, "all"), (held_path, "test")])
+        sheet, _ = _held_out_sheet(adata, held, out, "synthetic")
         return DatasetSpec(
             "synthetic", ["cell_type", "batch"], sheet, 60, held_out=held,
             nearest=[{"cell_type": "type_0", "batch": "batch_0"}, {"cell_type": "type_1", "batch": "batch_1"}],
