@@ -1325,26 +1325,15 @@ def build_report(inputs: ReportInputs, *, max_cells: int = DEFAULT_MAX_CELLS, se
 def make_report(
     out: str | Path,
     *,
-    dataset: str | None = None,
-    prepare: str | Path | None = None,
-    manifest: str | Path | None = None,
-    vae_history: str | Path | None = None,
-    prior_history: str | Path | None = None,
-    reconstruction: str | Path | None = None,
-    metrics: str | Path | None = None,
-    real: str | Path | None = None,
-    generated: str | Path | None = None,
-    baselines: Mapping[str, str | Path] | None = None,
-    trace: str | Path | None = None,
     max_cells: int = DEFAULT_MAX_CELLS,
     seed: int = 0,
     marker_key: str | None = None,
     n_markers: int = N_MARKERS,
+    **sources: Any,
 ) -> dict[str, Any]:
-    """`sclatent report`: read the inputs, build the page and write it atomically to `out`; returns the summary."""
-    inputs = load_inputs(dataset=dataset, prepare=prepare, manifest=manifest, vae_history=vae_history,
-                         prior_history=prior_history, reconstruction=reconstruction, metrics=metrics, real=real,
-                         generated=generated, baselines=baselines, trace=trace)
+    """`sclatent report`: read the inputs (`sources`: the keyword arguments of `load_inputs`), build the page and
+    write it atomically to `out`; returns the summary."""
+    inputs = load_inputs(**sources)
     page, summary = build_report(inputs, max_cells=max_cells, seed=seed, marker_key=marker_key, n_markers=n_markers)
     with atomic_path(out) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
