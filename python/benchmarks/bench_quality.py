@@ -58,7 +58,7 @@ VARIANTS: dict[str, tuple[str, bool]] = {
 def _calibrate(runner: Runner, stage: str, args: list[str], outdir: Path, dataset: str) -> float:
     """Throughput (items/s) of a short in-process training run of `stage` ('train-vae' or 'train-prior')."""
     runner.sclatent(f"CALIBRATE_{'VAE' if stage == 'train-vae' else 'PRIOR'}", dataset, [stage, *args, "--outdir", outdir], child=False)
-    return training_summary(outdir)["items_per_s"]
+    return training_summary(outdir, steady=True)["items_per_s"]
 
 
 def _epochs_for(seconds: float, items_per_s: float, n_items: int, bounds: tuple[float, float]) -> float:

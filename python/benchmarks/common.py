@@ -182,20 +182,27 @@ def read_history(run_dir: Path) -> list[dict[str, float]]:
         return [{k: float(v) if v not in ("", "nan") else float("nan") for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
-def training_summary(run_dir: Path) -> dict[str, float]:
+def training_summary(run_dir: Path, steady: bool = False) -> dict[str, float]:
     """Steps, training-loop seconds and throughput of a finished run, from its history.csv.
 
     Throughput = items (cells or latent samples) processed / seconds, where each history row contributes
     cells_per_s x the seconds of its window, so the first window (warm-up) counts with its true weight.
+    With `steady`, the first window is left out of the throughput when there are later ones: a calibration
+    run wants the rate a long run settles at, and its first steps carry one-off costs (allocator, first
+    batches) that a few-step run would otherwise spread over the whole budget.
     """
     rows = read_history(run_dir)
-    items, previous = 0.0, 0.0
-    for row in rows:
+    items, previous, start = 0.0, 0.0, 0.0
+    for i, row in enumerate(rows):
+        if steady and i == 0 and len(rows) > 1:
+            previous = start = row["elapsed_s"]
+            continue
         items += row["cells_per_s"] * (row["elapsed_s"] - previous)
         previous = row["elapsed_s"]
     last = rows[-1]
     secs = float(last["elapsed_s"])
-    return {"steps": int(last["step"]), "train_s": secs, "items_per_s": items / secs if secs > 0 else float("nan"),
+    span = secs - start
+    return {"steps": int(last["step"]), "train_s": secs, "items_per_s": items / span if span > 0 else float("nan"),
             "final_loss": float(last["loss"])}
 
 
@@ -220,7 +227,7 @@ class Plan:
     prior_seconds: float = 120.0
     vae_epochs_range: tuple[float, float] = (1.0, 200.0)
     prior_epochs_range: tuple[float, float] = (1.0, 500.0)
-    calibration_steps: int = 6
+    calibration_steps: int = 30  # three history windows of 10 steps; the first is left out (steady rate)
     replicates: int = 2
     uncond_replicates: int = 1
     scvi: bool = True

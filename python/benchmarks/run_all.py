@@ -52,7 +52,7 @@ def make_plan(mode: str, threads: int, budget_minutes: float | None, datasets: l
         plan = Plan(
             mode="quick", budget_s=300.0, datasets=["pbmc3k", "sc_mixology"], threads=threads,
             vae_preset="tiny", prior_preset="tiny", vae_seconds=6.0, prior_seconds=4.0, vae_epochs_range=(1.0, 20.0),
-            prior_epochs_range=(1.0, 30.0), calibration_steps=4, replicates=1, uncond_replicates=1, sampler_cells=64,
+            prior_epochs_range=(1.0, 30.0), calibration_steps=20, replicates=1, uncond_replicates=1, sampler_cells=64,
             sampler_grid=[("euler", 4), ("heun", 2)], speed_steps=6, threads_comparison=False, children_datasets=1,
             default_size_sample_cells=16, tokenize_cells=[5_000], tokenize_genes=5_000, tokenize_nnz=300,
             scaling_genes=[1_000, 5_000], scaling_tokens=[128, 512], scaling_steps=1, scaling_batch=16, scaling_fixed_tokens=128,

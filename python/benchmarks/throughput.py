@@ -99,7 +99,7 @@ def bench_prior(preset: str, B: int, device, bf16: bool, repeats: int, m: int = 
 def bench_sample(vae_preset: str, prior_preset: str, G: int, B: int, device, method: str, n_steps: int, w: float, repeats: int) -> dict:
     from sclatent.flow import guided_velocity, sample
     from sclatent.nn.dit import DiT, DiTConfig
-    from sclatent.nn.vae import TransformerVAE, VAEConfig
+    from sclatent.nn.vae import TransformerVAE, VAEConfig, decode_chunks
 
     vae = TransformerVAE(VAEConfig.preset(vae_preset, G)).to(device).eval()
     c = vae.config
@@ -116,7 +116,8 @@ def bench_sample(vae_preset: str, prior_preset: str, G: int, B: int, device, met
         z, nfe = sample(v, x0, method=method, n_steps=n_steps)
         info["nfe"] = nfe
         lib = torch.full((B,), 2000.0, device=device)
-        vae.decode(z, genes, lib).sample(gen)
+        for rows in decode_chunks(B, device):  # as SAMPLE does
+            vae.decode(z[rows], genes, lib[rows]).sample(gen)
 
     sec = _time(run, device, repeats, warmup=1)
     return {"bench": "sample", "vae": vae_preset, "prior": prior_preset, "genes": G, "batch": B, "method": method,

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sclatent.nn import attention
 from sclatent.nn.attention import MCAB, MLP, SelfAttentionBlock, swiglu_hidden_size
 
 D = 16
@@ -122,3 +123,37 @@ def test_attention_input_errors() -> None:
         block(torch.randn(2, 3, D), queries=torch.randn(3, 4, D))
     with pytest.raises(ValueError, match="key_padding_mask"):
         MCAB(D, 2, n_queries=2)(torch.randn(2, 3, D), key_padding_mask=torch.ones(2, 3))
+
+
+def test_few_key_attention_matches_sdpa() -> None:
+    """The explicit CPU path used for few keys (the decoder's m latent tokens) is SDPA's function, and gradients agree."""
+    g = _gen(7)
+    q = torch.randn(3, 4, 50, 8, generator=g, requires_grad=True)  # (B, h, Q, dh)
+    k = torch.randn(3, 4, 16, 8, generator=g, requires_grad=True)  # (B, h, S, dh), S <= _FEW_KEYS
+    v = torch.randn(3, 4, 16, 8, generator=g, requires_grad=True)
+    assert k.shape[-2] <= attention._FEW_KEYS
+    out = attention._attention(q, k, v, None)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_mcab_query_table_with_index_equals_gathered_queries() -> None:
+    """queries=table, query_index=idx gives the output of queries=table[idx], and the same gradients."""
+    g = _gen(8)
+    block = MCAB(D, 4)
+    x = torch.randn(5, 16, D, generator=g)  # (B, S, d)
+    table = torch.randn(40, D, generator=g, requires_grad=True)  # (N, d)
+    idx = torch.randint(0, 40, (5, 30), generator=g)  # (B, Q)
+    out = block(x, queries=table, query_index=idx)  # (B, Q, d)
+    ref = block(x, queries=table[idx])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    (gt,) = torch.autograd.grad(out.square().sum(), table)
+    (gr,) = torch.autograd.grad(ref.square().sum(), table)
+    torch.testing.assert_close(gt, gr, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="query_index must be"):
+        block(x, queries=table, query_index=idx[:2])

@@ -117,3 +117,20 @@ def test_scvi_baseline_trains_reconstructs_and_generates(tmp_path):
 def test_run_all_rejects_two_modes():
     proc = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--quick", "--full"], capture_output=True, text=True)
     assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
+
+
+def test_training_summary_steady_rate_leaves_out_the_first_window(tmp_path):
+    """A slow first window (start-up) counts in the run's average but not in the steady (calibration) rate."""
+    from common import training_summary
+
+    (tmp_path / "history.csv").write_text(
+        "step,epoch,loss,lr,grad_norm,cells_per_s,elapsed_s\n"
+        "10,0,5.0,0.001,1.0,100.0,10.0\n"  # 1,000 cells in 10 s (warm-up)
+        "20,0,4.0,0.001,1.0,500.0,12.0\n"  # 1,000 cells in 2 s
+        "30,0,3.0,0.001,1.0,500.0,14.0\n"  # 1,000 cells in 2 s
+    )
+    overall = training_summary(tmp_path)
+    steady = training_summary(tmp_path, steady=True)
+    assert overall["steps"] == 30 and overall["train_s"] == 14.0
+    assert abs(overall["items_per_s"] - 3000 / 14) < 1e-9
+    assert abs(steady["items_per_s"] - 500.0) < 1e-9

@@ -137,6 +137,12 @@ def test_subset_decode_equals_subset_of_full_decode(likelihood: str) -> None:
     per_cell = model.decode_parameters(z, subset.expand(3, -1))
     for key, value in per_cell.items():
         torch.testing.assert_close(value, part[key].expand_as(value), atol=1e-6, rtol=1e-6)
+    # per-cell lists longer in total than the gene table (B * Q > G + 1) take the project-then-gather path
+    many = torch.randint(1, G + 1, (3, 30), generator=torch.Generator().manual_seed(1))  # (B, Q), 90 > 41
+    gathered = model.decode_parameters(z, many)
+    for key, value in gathered.items():
+        ref = full[key].expand(3, -1).gather(1, many - 1) if full[key].dim() == 2 else full[key][many - 1]
+        torch.testing.assert_close(value, ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("likelihood", ["nb", "nb_cell", "zinb", "poisson"])
@@ -314,3 +320,37 @@ def test_bad_model_inputs_raise_value_errors() -> None:
         model.decode(z, torch.tensor([1, 2]), torch.ones(3))
     with pytest.raises(ValueError, match="target_counts"):
         model.loss(b["genes"], b["counts"], b["mask"], b["library_size"], torch.tensor([1, 2]), torch.ones(2, 3))
+
+
+def test_gene_bias_init_is_the_data_mean_profile_and_keeps_subset_decoding(tmp_path) -> None:
+    """TRAIN_VAE's initial per-gene offsets are log mean fractions (gaussian: mean log1p CP10k) of the train
+    cells, across shards; with them set, a subset decode is still the subset of the full decode."""
+    import numpy as np
+
+    from sclatent.synthetic import synthetic_counts
+    from sclatent.tokens import TokenLoader, tokenize
+    from sclatent.train_vae import gene_bias_init
+
+    adata = synthetic_counts(n_cells=50, n_genes=G, seed=4)
+    adata.var["highly_variable"] = True
+    adata.write_h5ad(tmp_path / "train.h5ad")
+    tokenize(tmp_path / "train.h5ad", tmp_path / "tok", condition_keys=["cell_type"], shard_size=20, progress=False)
+    loader = TokenLoader(tmp_path / "tok", "train", batch_size=8, shuffle=False)
+    assert len(loader.shards) == 3
+    X = np.asarray(adata.X.todense(), dtype=np.float64)  # (50, G)
+    frac = X / X.sum(axis=1, keepdims=True)
+    expected = np.log(np.maximum(frac.mean(axis=0), 1e-9))
+    np.testing.assert_allclose(gene_bias_init(loader, "nb").numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gene_bias_init(loader, "gaussian").numpy(), np.log1p(1e4 * frac).mean(axis=0), rtol=1e-5)
+
+    model = _tiny(gene_bias=True)
+    model.init_gene_bias(gene_bias_init(loader, "nb"))
+    assert model.gene_bias.weight[0, 0] == 0.0
+    z = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    full = model.decode_parameters(z, torch.arange(1, G + 1))["logits"]  # (3, G)
+    subset = torch.tensor([5, 33, 2])
+    torch.testing.assert_close(model.decode_parameters(z, subset)["logits"], full[:, subset - 1], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="finite"):
+        model.init_gene_bias(torch.full((G,), float("nan")))
+    with pytest.raises(ValueError, match="no per-gene bias"):
+        _tiny(gene_bias=False).init_gene_bias(torch.zeros(G))

@@ -255,16 +255,17 @@ def _run_training(fn, *args, **kwargs):
 @click.option("--likelihood", type=click.Choice(["nb", "nb_cell", "zinb", "poisson", "gaussian"]), default=None, help="Count likelihood [default: nb].")
 @click.option("--variational/--deterministic", default=None, help="Gaussian posterior with KL (beta-VAE) or the official deterministic encoder [default: the preset's].")
 @click.option("--beta", default=None, type=float, help="KL weight (variational only).")
+@click.option("--gene-bias/--no-gene-bias", default=None, help="Per-gene offset on the decoder's logits, initialised from the data's mean profile [default: the preset's].")
 @click.option("--decode-genes", default=512, type=int, help="Genes per cell in the loss (a random subset each step; 0 = all).")
 @click.option("--subset", type=click.Choice(["cell", "batch"]), default="cell", help="Draw the decoded subset per cell or once per batch.")
 @click.option("--max-tokens", default=None, type=int, help="Encoder input cap [default: the manifest's].")
 @_training_options(lr=1e-3, batch_size=128, betas="0.9,0.95", decay_frac=0.1, decay_shape="sqrt", ema=None, min_steps=VAE_MIN_STEPS)
 @_user_errors
-def train_vae_cmd(tokens, outdir, preset, embedding, likelihood, variational, beta, decode_genes, subset, max_tokens, **kw) -> None:
+def train_vae_cmd(tokens, outdir, preset, embedding, likelihood, variational, beta, gene_bias, decode_genes, subset, max_tokens, **kw) -> None:
     """TRAIN_VAE: train the exchangeable Transformer VAE (MCAB encoder/decoder)."""
     from .train_vae import VAERunConfig, train_vae
 
-    overrides = {k: v for k, v in dict(embedding=embedding, likelihood=likelihood, variational=variational, beta=beta).items() if v is not None}
+    overrides = {k: v for k, v in dict(embedding=embedding, likelihood=likelihood, variational=variational, beta=beta, gene_bias=gene_bias).items() if v is not None}
     run = VAERunConfig(preset=preset, model_overrides=overrides, epochs=kw["epochs"], min_steps=kw["min_steps"], max_steps=kw["max_steps"], decode_genes=decode_genes, subset=subset, max_tokens=max_tokens)
     tcfg = _train_config(kw)
     _run_training(train_vae, tokens, outdir, run, tcfg, resume=kw["resume"], progress=kw["progress"])

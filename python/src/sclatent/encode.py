@@ -24,6 +24,7 @@ import torch
 
 from .io import atomic_outputs, dump_json, provenance
 from .metrics import reconstruction_metrics
+from .nn.vae import decode_chunks
 from .tokens import TokenLoader, read_manifest
 from .train_vae import check_vocabulary, load_vae, vocabulary_digest
 
@@ -70,12 +71,13 @@ def reconstruct_split(
         sel = torch.from_numpy(rows).to(device)
         lib = t["library_size"][sel]  # (b,)
         mu, _ = model.encode(t["genes"][sel], t["counts"][sel], t["mask"][sel])  # (b, m, dl)
-        lik = model.decode(mu, genes, lib)  # over (b, G)
         target = t["target"][sel]  # (b, G)
-        nll.append((-lik.log_prob(target)).sum(dim=1).double().cpu().numpy())
-        sampled.append(sp.csr_matrix(lik.sample(gen).float().cpu().numpy()))
-        means.append(lik.mean.float().cpu().numpy())
-        truth.append(sp.csr_matrix(target.cpu().numpy()))
+        for c in decode_chunks(len(mu), device):
+            lik = model.decode(mu[c], genes, lib[c])  # over (c, G)
+            nll.append((-lik.log_prob(target[c])).sum(dim=1).double().cpu().numpy())
+            sampled.append(sp.csr_matrix(lik.sample(gen).float().cpu().numpy()))
+            means.append(lik.mean.float().cpu().numpy())
+            truth.append(sp.csr_matrix(target[c].cpu().numpy()))
         index.append(batch.cell_index[rows])
     order = np.argsort(np.concatenate(index), kind="stable")  # file order
     metrics = reconstruction_metrics(

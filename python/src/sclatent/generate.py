@@ -36,6 +36,7 @@ import torch
 from .flow import guided_velocity, sample as ode_sample
 from .io import InputError, atomic_path, provenance, read_h5ad
 from .train_prior import load_prior
+from .nn.vae import decode_chunks
 from .train_vae import load_vae
 
 log = logging.getLogger(__name__)
@@ -237,9 +238,11 @@ class Generator:
                 L = torch.exp(mu_l + sd_l * eps)  # (b,)
             else:
                 L = torch.as_tensor(library[a - start : b - start], device=self.device, dtype=torch.float32)
-            lik = self.vae.decode(z, gene_ids, L.clamp_min(1.0))  # over (b, Q)
-            x = lik.sample(gen) if cfg.counts == "sample" else lik.mean  # (b, Q)
-            rows.append(sp.csr_matrix(x.float().cpu().numpy()))
+            L = L.clamp_min(1.0)
+            for c in decode_chunks(len(z), self.device):
+                lik = self.vae.decode(z[c], gene_ids, L[c])  # over (c, Q)
+                x = lik.sample(gen) if cfg.counts == "sample" else lik.mean  # (c, Q)
+                rows.append(sp.csr_matrix(x.float().cpu().numpy()))
             if cfg.keep_latents:
                 lat.append(z.reshape(len(z), -1).float().cpu().numpy())
         X = sp.vstack(rows).tocsr() if rows else sp.csr_matrix((0, len(gene_ids)), dtype=np.float32)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .io import InputError
@@ -109,6 +110,30 @@ def token_batch_rows(batch: TokenBatch, rows: slice) -> TokenBatch:
     )
 
 
+def gene_bias_init(loader: TokenLoader, likelihood: str) -> torch.Tensor:
+    """Initial per-gene offsets (G,) from the training cells, one pass over the shards.
+
+    Count likelihoods: log of the gene's mean expression fraction, mean over cells of x_g / L, so that at step 0
+    the decoder's softmax already gives the average profile (floored at 1e-9 for genes never seen). Gaussian:
+    the mean over cells of log1p(1e4 x_g / L), its target's average.
+    """
+    G = loader.n_genes
+    total = np.zeros(G + 1)
+    n = 0
+    for i in range(len(loader.shards)):
+        shard = loader.load_shard(i)
+        lib = shard["library_size"].astype(np.float64)  # (n,)
+        rows = np.repeat(np.arange(len(lib)), np.diff(shard["indptr"]))  # (nnz,)
+        frac = shard["counts"].astype(np.float64) / np.maximum(lib[rows], 1.0)  # (nnz,)
+        values = np.log1p(1e4 * frac) if likelihood == "gaussian" else frac
+        total += np.bincount(shard["genes"], weights=values, minlength=G + 1)
+        n += len(lib)
+    mean = total[1:] / max(n, 1)  # (G,)
+    if likelihood != "gaussian":
+        mean = np.log(np.maximum(mean, 1e-9))
+    return torch.from_numpy(mean).float()
+
+
 def train_vae(
     tokens_dir: str | Path,
     out_dir: str | Path,
@@ -131,6 +156,8 @@ def train_vae(
     )
     tcfg.max_steps = training_steps(run.epochs, loader.n_batches(), run.min_steps, run.max_steps)
     model = TransformerVAE(model_cfg, seed=tcfg.seed)
+    if model_cfg.gene_bias:
+        model.init_gene_bias(gene_bias_init(loader, model_cfg.likelihood))
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "VAE %s: %d genes, %d parameters, %d steps (%d cells, %d batches/epoch), decoding %s genes per %s",

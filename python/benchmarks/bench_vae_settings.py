@@ -1,0 +1,134 @@
+"""VAE training settings: reconstruction quality (ENCODE's test-set metrics) over a grid of train-vae options.
+
+The evidence behind train-vae's learning-rate and decoded-genes defaults. For each dataset (PREPARE output:
+a folder with train.h5ad and test.h5ad) it tokenizes once, then trains one VAE per (grid point, seed) for a
+fixed number of optimiser steps and encodes the test cells. Prints a table (one row per dataset x grid point,
+mean over seeds) and writes results.json into --workdir.
+
+    python python/benchmarks/bench_vae_settings.py --data .gpudata/data --datasets pbmc,mixology \\
+        --grid "lr=1e-3,3e-3;decode-genes=512,256" --steps 500 --preset default --seeds 0 --workdir /tmp/vs
+
+`--grid` is a ';'-separated list of `option=v1,v2,...` (train-vae option names without the dashes; the values
+`on` / `off` give a flag's `--option` / `--no-option` form); the grid is their product. Runs go to a pool of `--workers` processes with one torch thread each; the training
+seconds in the table are the run's own (comparable between rows only when the machine is equally busy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+SCLATENT = [sys.executable, "-m", "sclatent.cli"]
+
+
+def _run(args: list[Any], log: Path) -> float:
+    """Run one `sclatent` step (output appended to `log`); returns its wall time. Raises on failure."""
+    start = time.perf_counter()
+    with open(log, "a") as fh:
+        proc = subprocess.run([*SCLATENT, *map(str, args)], stdout=fh, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"sclatent {args[0]} failed (exit {proc.returncode}); see {log}")
+    return time.perf_counter() - start
+
+
+def parse_grid(text: str) -> list[dict[str, str]]:
+    """'a=1,2;b=x' -> [{'a': '1', 'b': 'x'}, {'a': '2', 'b': 'x'}]; an empty text is one empty point."""
+    axes: list[tuple[str, list[str]]] = []
+    for part in (p.strip() for p in text.split(";")):
+        if not part:
+            continue
+        if "=" not in part:
+            raise ValueError(f"grid axis {part!r} is not 'option=v1,v2'")
+        name, values = part.split("=", 1)
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not vals:
+            raise ValueError(f"grid axis {name!r} has no values")
+        axes.append((name.strip().lstrip("-"), vals))
+    return [dict(zip([a for a, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]
+
+
+def _option(name: str, value: str) -> list[str]:
+    """Command-line words of one grid value: 'on' / 'off' are the --name / --no-name flag forms."""
+    if value == "on":
+        return [f"--{name}"]
+    if value == "off":
+        return [f"--no-{name}"]
+    return [f"--{name}", value]
+
+
+def one_run(data: Path, tokens: Path, work: Path, preset: str, steps: int, point: dict[str, str], seed: int) -> dict[str, Any]:
+    """Train one VAE and encode the test cells; one result row."""
+    name = "_".join(f"{k}-{v}" for k, v in point.items()) or "defaults"
+    vae = work / f"{name}_s{seed}"
+    log = work / f"{name}_s{seed}.log"
+    extra = [x for k, v in point.items() for x in _option(k, v)]
+    wall = _run(["train-vae", "--tokens", tokens, "--outdir", vae, "--preset", preset, "--max-steps", steps,
+                 "--threads", 1, "--no-progress", "--seed", seed, *extra], log)
+    _run(["encode", "--vae", vae, "--tokens", tokens, "--outdir", vae / "encode", "--threads", 1, "--seed", 0], log)
+    m = json.loads((vae / "encode" / "reconstruction.json").read_text())["metrics"]
+    return {"dataset": data.name, "point": name, "seed": seed, "steps": steps, "train_s": round(wall, 1),
+            "re": m["re_nll_gene_sum_cell_mean"], "pcc": m["pcc_gene_batch256_sample"],
+            "pcc_mean": m["pcc_gene_batch256_mean"], "mse": m["mse_sample"]}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table: mean over seeds per (dataset, grid point), with the seed count."""
+    out = ["| dataset | setting | steps | seeds | training s | RE ↓ | PCC ↑ | PCC (NB mean) ↑ | MSE ↓ |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["point"]), []).append(r)
+    for (ds, point), rs in groups.items():
+        mean = {k: statistics.fmean(r[k] for r in rs) for k in ("train_s", "re", "pcc", "pcc_mean", "mse")}
+        out.append(f"| {ds} | {point} | {rs[0]['steps']:,} | {len(rs)} | {mean['train_s']:.0f} | {mean['re']:,.0f} "
+                   f"| {mean['pcc']:.3f} | {mean['pcc_mean']:.3f} | {mean['mse']:.3f} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, required=True, help="folder holding one PREPARE output folder per dataset")
+    ap.add_argument("--datasets", required=True, help="comma list of sub-folders of --data (each with train.h5ad, test.h5ad)")
+    ap.add_argument("--grid", default="", help="';'-separated 'option=v1,v2' axes of train-vae options")
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--seeds", default="0", help="comma list of training seeds")
+    ap.add_argument("--preset", default="default", choices=["tiny", "default"])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workdir", type=Path, required=True)
+    args = ap.parse_args()
+    names = [d for d in args.datasets.split(",") if d]
+    points = parse_grid(args.grid)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for n in names:
+        for f in ("train.h5ad", "test.h5ad"):
+            if not (args.data / n / f).exists():
+                sys.exit(f"bench_vae_settings: {args.data / n / f} not found")
+    jobs = []
+    for n in names:
+        work = args.workdir / n
+        work.mkdir(parents=True, exist_ok=True)
+        tokens = work / "tokens"
+        if not (tokens / "manifest.json").exists():
+            _run(["tokenize", "--train", args.data / n / "train.h5ad", "--test", args.data / n / "test.h5ad",
+                  "--outdir", tokens, "--no-progress"], work / "tokenize.log")
+        jobs += [(args.data / n, tokens, work, args.preset, args.steps, p, s) for p in points for s in seeds]
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        futures = [pool.submit(one_run, *job) for job in jobs]
+        rows = []
+        for fut in futures:
+            rows.append(fut.result())
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    (args.workdir / "results.json").write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
