@@ -86,9 +86,16 @@ def main() -> None:
     ap.add_argument("--n-cells", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--grid", default="euler:4,euler:8,euler:16,heun:2,heun:4,heun:8,heun:16",
+                    help="comma list of method:steps (euler or heun) compared with dopri5")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    grid = [("euler", 4), ("euler", 8), ("euler", 16), ("heun", 2), ("heun", 4), ("heun", 8), ("heun", 16)]
+    grid = []
+    for item in (x.strip() for x in args.grid.split(",") if x.strip()):
+        method, _, steps = item.partition(":")
+        if method not in ("euler", "heun") or not steps.isdigit() or int(steps) < 1:
+            sys.exit(f"bench_sampler: --grid item '{item}' is not euler:N or heun:N with N >= 1")
+        grid.append((method, int(steps)))
     runner = Runner(args.outdir / "logs", args.threads, children=False)
     res = run_sampler_study(runner, args.vae.name, args.vae, args.prior, args.real, args.outdir, n_cells=args.n_cells,
                             grid=grid, seed=args.seed, threads=args.threads)
