@@ -16,25 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-SCLATENT = [sys.executable, "-m", "sclatent.cli"]
-
-
-def _run(args: list[Any], log: Path) -> float:
-    """Run one `sclatent` step (output appended to `log`); returns its wall time. Raises on failure."""
-    start = time.perf_counter()
-    with open(log, "a") as fh:
-        proc = subprocess.run([*SCLATENT, *map(str, args)], stdout=fh, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"sclatent {args[0]} failed (exit {proc.returncode}); see {log}")
-    return time.perf_counter() - start
-
+from common import run_logged
 
 def one_dataset(data: Path, work: Path, preset: str, vae_steps: list[int], prior_steps: list[int]) -> list[dict[str, Any]]:
     """All runs of one dataset; rows of the table."""
@@ -42,14 +29,14 @@ def one_dataset(data: Path, work: Path, preset: str, vae_steps: list[int], prior
     log = work / "steps.log"
     tokens = work / "tokens"
     if not (tokens / "manifest.json").exists():
-        _run(["tokenize", "--train", data / "train.h5ad", "--test", data / "test.h5ad", "--outdir", tokens, "--no-progress"], log)
+        run_logged(["tokenize", "--train", data / "train.h5ad", "--test", data / "test.h5ad", "--outdir", tokens, "--no-progress"], log)
     rows: list[dict[str, Any]] = []
     vae = None
     for steps in vae_steps:
         vae = work / f"vae_{steps}"
-        wall = _run(["train-vae", "--tokens", tokens, "--outdir", vae, "--preset", preset, "--max-steps", steps,
+        wall = run_logged(["train-vae", "--tokens", tokens, "--outdir", vae, "--preset", preset, "--max-steps", steps,
                      "--threads", 1, "--no-progress", "--seed", 0], log)
-        _run(["encode", "--vae", vae, "--tokens", tokens, "--outdir", vae / "encode", "--threads", 1], log)
+        run_logged(["encode", "--vae", vae, "--tokens", tokens, "--outdir", vae / "encode", "--threads", 1], log)
         m = json.loads((vae / "encode" / "reconstruction.json").read_text())["metrics"]
         rows.append({"dataset": data.name if data.name != "prepare" else data.parent.name, "stage": "VAE", "steps": steps,
                      "train_s": round(wall, 1), "re": m["re_nll_gene_sum_cell_mean"], "pcc": m["pcc_gene_batch256_sample"],
@@ -57,11 +44,11 @@ def one_dataset(data: Path, work: Path, preset: str, vae_steps: list[int], prior
     assert vae is not None
     for steps in prior_steps:
         prior = work / f"prior_{steps}"
-        wall = _run(["train-prior", "--latents", vae / "encode" / "latents.npz", "--outdir", prior, "--preset", preset,
+        wall = run_logged(["train-prior", "--latents", vae / "encode" / "latents.npz", "--outdir", prior, "--preset", preset,
                      "--max-steps", steps, "--threads", 1, "--no-progress", "--seed", 0], log)
-        _run(["sample", "--vae", vae, "--prior", prior, "--like", data / "test.h5ad", "--out", prior / "generated.h5ad", "--method", "heun", "--n-steps", 16,
+        run_logged(["sample", "--vae", vae, "--prior", prior, "--like", data / "test.h5ad", "--out", prior / "generated.h5ad", "--method", "heun", "--n-steps", 16,
               "--threads", 1, "--seed", 0], log)
-        _run(["evaluate", "--real", data / "test.h5ad", "--generated", prior / "generated.h5ad", "--outdir", prior / "eval",
+        run_logged(["evaluate", "--real", data / "test.h5ad", "--generated", prior / "generated.h5ad", "--outdir", prior / "eval",
               "--min-cells-per-class", 10], log)
         m = json.loads((prior / "eval" / "metrics.json").read_text())
         ov = m["generation"]["overall"]

@@ -19,25 +19,12 @@ import argparse
 import itertools
 import json
 import statistics
-import subprocess
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-SCLATENT = [sys.executable, "-m", "sclatent.cli"]
-
-
-def _run(args: list[Any], log: Path) -> float:
-    """Run one `sclatent` step (output appended to `log`); returns its wall time. Raises on failure."""
-    start = time.perf_counter()
-    with open(log, "a") as fh:
-        proc = subprocess.run([*SCLATENT, *map(str, args)], stdout=fh, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"sclatent {args[0]} failed (exit {proc.returncode}); see {log}")
-    return time.perf_counter() - start
-
+from common import run_logged
 
 def parse_grid(text: str) -> list[dict[str, str]]:
     """'a=1,2;b=x' -> [{'a': '1', 'b': 'x'}, {'a': '2', 'b': 'x'}]; an empty text is one empty point."""
@@ -70,9 +57,9 @@ def one_run(data: Path, tokens: Path, work: Path, preset: str, steps: int, point
     vae = work / f"{name}_s{seed}"
     log = work / f"{name}_s{seed}.log"
     extra = [x for k, v in point.items() for x in _option(k, v)]
-    wall = _run(["train-vae", "--tokens", tokens, "--outdir", vae, "--preset", preset, "--max-steps", steps,
+    wall = run_logged(["train-vae", "--tokens", tokens, "--outdir", vae, "--preset", preset, "--max-steps", steps,
                  "--threads", 1, "--no-progress", "--seed", seed, *extra], log)
-    _run(["encode", "--vae", vae, "--tokens", tokens, "--outdir", vae / "encode", "--threads", 1, "--seed", 0], log)
+    run_logged(["encode", "--vae", vae, "--tokens", tokens, "--outdir", vae / "encode", "--threads", 1, "--seed", 0], log)
     m = json.loads((vae / "encode" / "reconstruction.json").read_text())["metrics"]
     return {"dataset": data.name, "point": name, "seed": seed, "steps": steps, "train_s": round(wall, 1),
             "re": m["re_nll_gene_sum_cell_mean"], "pcc": m["pcc_gene_batch256_sample"],
@@ -117,7 +104,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         tokens = work / "tokens"
         if not (tokens / "manifest.json").exists():
-            _run(["tokenize", "--train", args.data / n / "train.h5ad", "--test", args.data / n / "test.h5ad",
+            run_logged(["tokenize", "--train", args.data / n / "train.h5ad", "--test", args.data / n / "test.h5ad",
                   "--outdir", tokens, "--no-progress"], work / "tokenize.log")
         jobs += [(args.data / n, tokens, work, args.preset, args.steps, p, s) for p in points for s in seeds]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:

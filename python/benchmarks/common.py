@@ -114,6 +114,19 @@ def run_child(
     return wall, rss_mb, code
 
 
+SCLATENT = [sys.executable, "-m", "sclatent.cli"]
+
+
+def run_logged(args: Sequence[Any], log: Path) -> float:
+    """Run one `sclatent` step with its output appended to `log`; returns its wall time. Raises on failure."""
+    start = time.perf_counter()
+    with open(log, "a") as fh:
+        proc = subprocess.run([*SCLATENT, *map(str, args)], stdout=fh, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"sclatent {args[0]} failed (exit {proc.returncode}); see {log}")
+    return time.perf_counter() - start
+
+
 def child_env(threads: int) -> dict[str, str]:
     """Environment of every child: the chosen thread count for OpenMP/MKL/torch, no progress bars."""
     env = dict(os.environ)

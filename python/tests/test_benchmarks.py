@@ -134,3 +134,17 @@ def test_training_summary_steady_rate_leaves_out_the_first_window(tmp_path):
     assert overall["steps"] == 30 and overall["train_s"] == 14.0
     assert abs(overall["items_per_s"] - 3000 / 14) < 1e-9
     assert abs(steady["items_per_s"] - 500.0) < 1e-9
+
+
+def test_vae_settings_grid_parsing():
+    """bench_vae_settings: the grid is the product of its axes; on/off are flag forms; a malformed axis is an error."""
+    import bench_vae_settings
+
+    points = bench_vae_settings.parse_grid("lr=1e-3,3e-3; gene-bias=on,off")
+    assert points == [{"lr": "1e-3", "gene-bias": "on"}, {"lr": "1e-3", "gene-bias": "off"},
+                      {"lr": "3e-3", "gene-bias": "on"}, {"lr": "3e-3", "gene-bias": "off"}]
+    assert bench_vae_settings.parse_grid("") == [{}]
+    assert bench_vae_settings._option("gene-bias", "off") == ["--no-gene-bias"]
+    assert bench_vae_settings._option("lr", "1e-3") == ["--lr", "1e-3"]
+    with pytest.raises(ValueError, match="not 'option=v1,v2'"):
+        bench_vae_settings.parse_grid("lr")
