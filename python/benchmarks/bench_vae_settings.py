@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from common import run_logged
+from common import markdown_table, run_logged
 
 def parse_grid(text: str) -> list[dict[str, str]]:
     """'a=1,2;b=x' -> [{'a': '1', 'b': 'x'}, {'a': '2', 'b': 'x'}]; an empty text is one empty point."""
@@ -68,16 +68,16 @@ def one_run(data: Path, tokens: Path, work: Path, preset: str, steps: int, point
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table: mean over seeds per (dataset, grid point), with the seed count."""
-    out = ["| dataset | setting | steps | seeds | training s | RE ↓ | PCC ↑ | PCC (NB mean) ↑ | MSE ↓ |",
-           "|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["point"]), []).append(r)
+    body = []
     for (ds, point), rs in groups.items():
         mean = {k: statistics.fmean(r[k] for r in rs) for k in ("train_s", "re", "pcc", "pcc_mean", "mse")}
-        out.append(f"| {ds} | {point} | {rs[0]['steps']:,} | {len(rs)} | {mean['train_s']:.0f} | {mean['re']:,.0f} "
-                   f"| {mean['pcc']:.3f} | {mean['pcc_mean']:.3f} | {mean['mse']:.3f} |")
-    return "\n".join(out)
+        body.append([ds, point, f"{rs[0]['steps']:,}", len(rs), f"{mean['train_s']:.0f}", f"{mean['re']:,.0f}",
+                     f"{mean['pcc']:.3f}", f"{mean['pcc_mean']:.3f}", f"{mean['mse']:.3f}"])
+    headers = ["dataset", "setting", "steps", "seeds", "training s", "RE ↓", "PCC ↑", "PCC (NB mean) ↑", "MSE ↓"]
+    return markdown_table(headers, body)
 
 
 def main() -> None:

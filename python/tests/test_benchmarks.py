@@ -148,3 +148,7 @@ def test_vae_settings_grid_parsing():
     assert bench_vae_settings._option("lr", "1e-3") == ["--lr", "1e-3"]
     with pytest.raises(ValueError, match="not 'option=v1,v2'"):
         bench_vae_settings.parse_grid("lr")
+    rows = [dict(dataset="pbmc", point="lr-1e-3", seed=s, steps=400, train_s=100.0 + 2 * s, re=700.0 + 2 * s,
+                 pcc=0.01, pcc_mean=0.02, mse=1.3) for s in (0, 1)]
+    table = bench_vae_settings.table(rows).splitlines()
+    assert len(table) == 3 and table[2] == "| pbmc | lr-1e-3 | 400 | 2 | 101 | 701 | 0.010 | 0.020 | 1.300 |"
