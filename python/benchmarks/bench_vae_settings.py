@@ -9,8 +9,9 @@ mean over seeds) and writes results.json into --workdir.
         --grid "lr=1e-3,3e-3;decode-genes=512,256" --steps 500 --preset default --seeds 0 --workdir /tmp/vs
 
 `--grid` is a ';'-separated list of `option=v1,v2,...` (train-vae option names without the dashes; the values
-`on` / `off` give a flag's `--option` / `--no-option` form); the grid is their product. Runs go to a pool of `--workers` processes with one torch thread each; the training
-seconds in the table are the run's own (comparable between rows only when the machine is equally busy).
+`on` / `off` give a flag's `--option` / `--no-option` form); the grid is their product. A `max-steps` axis
+overrides `--steps` per point (e.g. `batch-size=64;max-steps=1600` for the same epochs as batch 128 at 800).
+Runs go to a pool of `--workers` processes with one torch thread each; the training seconds in the table are the run's own (comparable between rows only when the machine is equally busy).
 """
 
 from __future__ import annotations
@@ -51,9 +52,16 @@ def _option(name: str, value: str) -> list[str]:
     return [f"--{name}", value]
 
 
+def point_steps(point: dict[str, str], steps: int) -> int:
+    """Optimiser steps of a grid point: its own `max-steps` value if the grid has that axis (the grid's options
+    come after `--max-steps` on the train-vae command line, so they win), else `--steps`."""
+    return int(point.get("max-steps", steps))
+
+
 def one_run(data: Path, tokens: Path, work: Path, preset: str, steps: int, point: dict[str, str], seed: int) -> dict[str, Any]:
     """Train one VAE and encode the test cells; one result row."""
     name = "_".join(f"{k}-{v}" for k, v in point.items()) or "defaults"
+    steps = point_steps(point, steps)
     vae = work / f"{name}_s{seed}"
     log = work / f"{name}_s{seed}.log"
     extra = [x for k, v in point.items() for x in _option(k, v)]

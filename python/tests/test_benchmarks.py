@@ -146,6 +146,8 @@ def test_vae_settings_grid_parsing():
     assert bench_vae_settings.parse_grid("") == [{}]
     assert bench_vae_settings._option("gene-bias", "off") == ["--no-gene-bias"]
     assert bench_vae_settings._option("lr", "1e-3") == ["--lr", "1e-3"]
+    assert bench_vae_settings.point_steps({"lr": "1e-3"}, 400) == 400
+    assert bench_vae_settings.point_steps({"batch-size": "64", "max-steps": "1600"}, 400) == 1600
     with pytest.raises(ValueError, match="not 'option=v1,v2'"):
         bench_vae_settings.parse_grid("lr")
     rows = [dict(dataset="pbmc", point="lr-1e-3", seed=s, steps=400, train_s=100.0 + 2 * s, re=700.0 + 2 * s,
