@@ -11,7 +11,8 @@ mean over seeds) and writes results.json into --workdir.
 `--grid` is a ';'-separated list of `option=v1,v2,...` (train-vae option names without the dashes; the values
 `on` / `off` give a flag's `--option` / `--no-option` form); the grid is their product. A `max-steps` axis
 overrides `--steps` per point (e.g. `batch-size=64;max-steps=1600` for the same epochs as batch 128 at 800).
-Runs go to a pool of `--workers` processes with one torch thread each; the training seconds in the table are the run's own (comparable between rows only when the machine is equally busy).
+Runs go to a pool of `--workers` processes with one torch thread each; the training seconds in the table are the
+run's own (comparable between rows only when the machine is equally busy).
 """
 
 from __future__ import annotations
