@@ -54,8 +54,7 @@ def _option(name: str, value: str) -> list[str]:
 
 
 def point_steps(point: dict[str, str], steps: int) -> int:
-    """Optimiser steps of a grid point: its own `max-steps` value if the grid has that axis (the grid's options
-    come after `--max-steps` on the train-vae command line, so they win), else `--steps`."""
+    """Optimiser steps of a grid point: its own `max-steps` value if the grid has that axis, else `--steps`."""
     return int(point.get("max-steps", steps))
 
 
@@ -65,7 +64,7 @@ def one_run(data: Path, tokens: Path, work: Path, preset: str, steps: int, point
     steps = point_steps(point, steps)
     vae = work / f"{name}_s{seed}"
     log = work / f"{name}_s{seed}.log"
-    extra = [x for k, v in point.items() for x in _option(k, v)]
+    extra = [x for k, v in point.items() if k != "max-steps" for x in _option(k, v)]  # steps: --max-steps above
     wall = run_logged(["train-vae", "--tokens", tokens, "--outdir", vae, "--preset", preset, "--max-steps", steps,
                  "--threads", 1, "--no-progress", "--seed", seed, *extra], log)
     run_logged(["encode", "--vae", vae, "--tokens", tokens, "--outdir", vae / "encode", "--threads", 1, "--seed", 0], log)
