@@ -38,9 +38,11 @@ def measure_point(n_genes: int, n_tokens: int, *, preset: str, batch: int, steps
     """One point, in this process (the child side): see the module docstring."""
     import torch
 
+    from sclatent.allocator import tune_malloc
     from sclatent.nn.vae import TransformerVAE, VAEConfig
     from sclatent.train_vae import VAELoss
 
+    tune_malloc()  # as the `sclatent` command does
     rss_imports = _rss_mb()
     if n_tokens > n_genes:
         raise ValueError(f"tokens per cell ({n_tokens}) cannot exceed the number of genes ({n_genes})")

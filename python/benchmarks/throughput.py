@@ -133,6 +133,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a few rows only")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    from sclatent.allocator import tune_malloc
+
+    tune_malloc()  # as the `sclatent` command does, so these rows time what the pipeline runs
     device = torch.device(args.device)
     G, S = args.genes, args.tokens
     bf16s = [False, True] if device.type == "cuda" else [False]

@@ -62,6 +62,9 @@ def _keys(value: str | None) -> list[str]:
 def main(verbose: int, quiet: bool) -> None:
     """sclatent: scalable latent diffusion (scLDM) for single-cell gene expression."""
     _setup_logging(verbose, quiet)
+    from .allocator import tune_malloc
+
+    tune_malloc()  # reuse freed CPU tensor buffers between training steps (see allocator.py)
 
 
 @main.command("version")
