@@ -404,3 +404,31 @@ def test_min_steps_raises_a_short_epoch_budget_end_to_end(tmp_path: Path) -> Non
                                "--min-steps", "-1", *common])
     assert res.exit_code != 0 and "--min-steps must be >= 0, got -1" in res.output
     assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+
+
+def test_train_vae_default_batch_depends_on_the_device(tmp_path: Path) -> None:
+    """Without --batch-size, train-vae trains with 64 cells per batch on a CPU (128 on a GPU), recorded in config.json."""
+    from click.testing import CliRunner
+
+    from sclatent.cli import VAE_BATCH_SIZE_CPU, VAE_BATCH_SIZE_GPU, default_vae_batch_size, main
+    from sclatent.io import InputError
+    from sclatent.synthetic import synthetic_counts
+    from sclatent.tokens import tokenize
+
+    assert (VAE_BATCH_SIZE_CPU, VAE_BATCH_SIZE_GPU) == (64, 128)
+    assert default_vae_batch_size("cpu") == 64
+    assert default_vae_batch_size("cuda:0") == 128  # resolved without touching a GPU
+    with pytest.raises(InputError, match="unknown device 'tpu9'"):
+        default_vae_batch_size("tpu9")
+    adata = synthetic_counts(n_cells=80, n_genes=24, seed=3)
+    adata.var["highly_variable"] = True
+    adata.write_h5ad(tmp_path / "train.h5ad")
+    tokenize(tmp_path / "train.h5ad", tmp_path / "tok", progress=False)
+    common = ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--max-steps", "2", "--device", "cpu", "--no-progress",
+              "--preset", "tiny", "--decode-genes", "8"]
+    res = CliRunner().invoke(main, [*common, "--outdir", str(tmp_path / "auto")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["train_config"]["batch_size"] == 64
+    res = CliRunner().invoke(main, [*common, "--outdir", str(tmp_path / "given"), "--batch-size", "32"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "given" / "config.json").read_text())["train_config"]["batch_size"] == 32

@@ -20,6 +20,10 @@ from .io import InputError
 # only because an epoch of it is a few batches; measured in BENCHMARKS.md ("Training length").
 VAE_MIN_STEPS = 5000
 PRIOR_MIN_STEPS = 2000
+# TRAIN_VAE's batch when --batch-size is not given: the authors' 128 on a GPU; 64 on a CPU, where it learnt more
+# per epoch on both benchmark datasets and both seeds for ~6% more time (BENCHMARKS.md, "VAE settings").
+VAE_BATCH_SIZE_GPU = 128
+VAE_BATCH_SIZE_CPU = 64
 
 log = logging.getLogger("sclatent")
 
@@ -170,7 +174,7 @@ def tokenize(train, test, outdir, genes, condition_keys, max_tokens, shard_size,
     )
 
 
-def _training_options(*, lr: float, batch_size: int, betas: str, decay_frac: float, decay_shape: str, ema: float | None, min_steps: int):
+def _training_options(*, lr: float, batch_size: int | None, betas: str, decay_frac: float, decay_shape: str, ema: float | None, min_steps: int):
     """Options of the shared training loop (train.py), with per-stage defaults."""
 
     def deco(fn):
@@ -180,7 +184,9 @@ def _training_options(*, lr: float, batch_size: int, betas: str, decay_frac: flo
                          help="At least this many optimiser steps, however few epochs that is (small datasets need more "
                               "passes; 0 = --epochs alone). Ignored with --max-steps."),
             click.option("--max-steps", default=None, type=int, help="Training length in optimiser steps (overrides --epochs and --min-steps)."),
-            click.option("--batch-size", default=batch_size, type=int, help="Cells per batch."),
+            click.option("--batch-size", default=batch_size, type=int,
+                         help="Cells per batch." if batch_size is not None else
+                         f"Cells per batch [default: {VAE_BATCH_SIZE_GPU} on a GPU, {VAE_BATCH_SIZE_CPU} on a CPU]."),
             click.option("--lr", default=lr, type=float, help="Peak learning rate (AdamW)."),
             click.option("--weight-decay", default=0.0, type=float, help="AdamW weight decay."),
             click.option("--betas", default=betas, help="AdamW betas, 'b1,b2'."),
@@ -236,6 +242,17 @@ def _train_config(kw: dict):
         raise InputError(str(exc)) from None
 
 
+def default_vae_batch_size(device: str) -> int:
+    """TRAIN_VAE's batch for `--device` when --batch-size is not given (see VAE_BATCH_SIZE_CPU)."""
+    from .train import resolve_device
+
+    try:
+        kind = resolve_device(device).type
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    return VAE_BATCH_SIZE_CPU if kind == "cpu" else VAE_BATCH_SIZE_GPU
+
+
 def _run_training(fn, *args, **kwargs):
     """Run a training stage, turning its refusals into one-line errors."""
     from .train import NonFiniteLossError
@@ -262,7 +279,7 @@ def _run_training(fn, *args, **kwargs):
 @click.option("--decode-genes", default=512, type=int, help="Genes per cell in the loss (a random subset each step; 0 = all).")
 @click.option("--subset", type=click.Choice(["cell", "batch"]), default="cell", help="Draw the decoded subset per cell or once per batch.")
 @click.option("--max-tokens", default=None, type=int, help="Encoder input cap [default: the manifest's].")
-@_training_options(lr=1e-3, batch_size=128, betas="0.9,0.95", decay_frac=0.1, decay_shape="sqrt", ema=None, min_steps=VAE_MIN_STEPS)
+@_training_options(lr=1e-3, batch_size=None, betas="0.9,0.95", decay_frac=0.1, decay_shape="sqrt", ema=None, min_steps=VAE_MIN_STEPS)
 @_user_errors
 def train_vae_cmd(tokens, outdir, preset, embedding, likelihood, variational, beta, gene_bias, decode_genes, subset, max_tokens, **kw) -> None:
     """TRAIN_VAE: train the exchangeable Transformer VAE (MCAB encoder/decoder)."""
@@ -270,6 +287,8 @@ def train_vae_cmd(tokens, outdir, preset, embedding, likelihood, variational, be
 
     overrides = {k: v for k, v in dict(embedding=embedding, likelihood=likelihood, variational=variational, beta=beta, gene_bias=gene_bias).items() if v is not None}
     run = VAERunConfig(preset=preset, model_overrides=overrides, epochs=kw["epochs"], min_steps=kw["min_steps"], max_steps=kw["max_steps"], decode_genes=decode_genes, subset=subset, max_tokens=max_tokens)
+    if kw["batch_size"] is None:
+        kw["batch_size"] = default_vae_batch_size(kw["device"])
     tcfg = _train_config(kw)
     _run_training(train_vae, tokens, outdir, run, tcfg, resume=kw["resume"], progress=kw["progress"])
 
