@@ -5,8 +5,8 @@ A CPU training step of the default VAE allocates and frees tens of (cell, gene) 
 threshold with mmap and gives them back with munmap, and trims the top of the heap when more than the trim
 threshold is free: either way the next step gets fresh pages, and the kernel zero-fills every one of them on
 first touch (~15k page faults per step here). Raising both thresholds lets freed blocks be reused. Measured on
-the 2-core CPU of BENCHMARKS.md (`sclatent train-vae --preset default --threads 2 --max-steps 100` on pbmc3k's
-tokens, three runs each, steady throughput): 592 -> 623 cells/s (+5%), peak RSS 1.33 -> 1.45 GB.
+the 2-core CPU of BENCHMARKS.md (`sclatent train-vae --preset default --threads 2 --max-steps 100
+--batch-size 128` on pbmc3k's tokens, three runs each, steady throughput): 592 -> 623 cells/s (+5%), peak RSS 1.33 -> 1.45 GB.
 
 PyTorch's CPU allocator is plain malloc, so this is a process-wide malloc setting (`mallopt`, glibc only; a
 no-op elsewhere and on CUDA tensors, which have their own caching allocator). Set SCLATENT_MALLOC_TUNING=0 to
