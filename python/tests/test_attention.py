@@ -132,7 +132,7 @@ def test_few_key_attention_matches_sdpa() -> None:
     k = torch.randn(3, 4, 16, 8, generator=g, requires_grad=True)  # (B, h, S, dh), S <= _FEW_KEYS
     v = torch.randn(3, 4, 16, 8, generator=g, requires_grad=True)
     assert k.shape[-2] <= attention._FEW_KEYS
-    out = attention._attention(q, k, v, None)
+    out = attention.scaled_attention(q, k, v, None)
     ref = F.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     w = torch.randn(out.shape, generator=g)

@@ -94,7 +94,8 @@ def test_rows_are_independent_and_labels_matter() -> None:
     with torch.no_grad():
         batched = model(x, t, labels)
         one_by_one = torch.cat([model(x[i : i + 1], t[i : i + 1], labels[i : i + 1]) for i in range(6)])
-        torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-5)
+        # float rounding differs between batch sizes (matmul blocking, thread count): ~1e-5 on entries near 0
+        torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=5e-5)
         nulls = null_labels(labels, cfg)
         assert nulls.tolist() == [[3, 4]] * 6
         assert not torch.allclose(model(x, t, nulls), batched)

@@ -118,7 +118,7 @@ def _attention_mask(
 _FEW_KEYS = 32
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
     """softmax(q k^T / sqrt(dh) + mask) v for q (B, h, Q, dh), k and v (B, h, S, dh) -> (B, h, Q, dh).
 
     SDPA, except on CPU with few keys and no mask (see _FEW_KEYS), where the explicit form is faster.
@@ -211,7 +211,7 @@ class MCAB(nn.Module):
         k = _split_heads(self.w_k(self.ln_k(x)), h)  # (B, h, S, dh)
         v = _split_heads(self.w_v(self.ln_v(x)), h)  # (B, h, S, dh)
         attn_mask, has_keys = _attention_mask(key_padding_mask)  # (B, 1, 1, S), (B, 1, 1, 1)
-        att = _attention(q, k, v, attn_mask)  # (B, h, Q, dh)
+        att = scaled_attention(q, k, v, attn_mask)  # (B, h, Q, dh)
         if has_keys is not None:
             att = att * has_keys.to(att.dtype)  # empty cells attend to nothing
         f = queries + self.w_o(_merge_heads(att))  # (B, Q, d), eq. 4

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sclatent.nn.attention import MLP, swiglu_hidden_size
+from sclatent.nn.attention import MLP, scaled_attention, swiglu_hidden_size
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class SelfAttention(nn.Module):
         b, m, d = x.shape  # (B, m, d)
         qkv = self.qkv(x).view(b, m, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, m, d/H)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, m, d/H)
+        out = scaled_attention(q, k, v, None)  # (B, H, m, d/H); explicit matmuls on CPU for m <= 32 keys
         return self.proj(out.transpose(1, 2).reshape(b, m, d))  # (B, m, d)
 
 
