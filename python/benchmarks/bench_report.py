@@ -177,9 +177,9 @@ def render_sampler(s: dict[str, Any]) -> str:
     rows = []
     for r in s["rows"]:
         steps = "adaptive (atol = rtol = 1e-5)" if r["method"] == "dopri5" else r["n_steps"]
-        rows.append([r["method"], steps, f"{r['nfe']:.0f}", fmt(r["w2"], digits=4), f"{100 * r['w2_rel_diff']:+.2f}%",
-                     fmt(r["cells_per_s"]), r["load"]])
-    return markdown_table(["method", "steps", "NFE per batch", "W2 ↓", "vs dopri5", "cells/s (in step)", "load"], rows)
+        rows.append([r["method"], steps, r.get("precision", "fp32"), f"{r['nfe']:.0f}", fmt(r["w2"], digits=4),
+                     f"{100 * r['w2_rel_diff']:+.2f}%", fmt(r["cells_per_s"]), r["load"]])
+    return markdown_table(["method", "steps", "DiT precision", "NFE per batch", "W2 ↓", "vs dopri5", "cells/s (in step)", "load"], rows)
 
 
 def _throughput(rec: dict[str, Any]) -> str:
@@ -301,7 +301,8 @@ def render(res: dict[str, Any]) -> str:
     if s:
         best = s["best"]
         verdict = ("none of the fixed-step settings is within 2%" if best is None else
-                   f"**{best['method']} with {best['n_steps']} steps (NFE {best['nfe']:.0f})** is the fewest-NFE setting within 2% of dopri5")
+                   f"**{best['method']} with {best['n_steps']} steps (NFE {best['nfe']:.0f}, DiT in {best.get('precision', 'fp32')})** is the "
+                   "fewest-NFE setting within 2% of dopri5 (fp32)")
         out += [f"### Sampler study ({s['dataset']}, {s['n_cells']} generated cells vs {s['n_real']} real, same seed for every setting)", "",
                 f"W2 in the 30-PC space of the real cells; every setting uses the same noise, library sizes and NB random "
                 f"stream, so the differences are the ODE error. Result: {verdict}.", "", render_sampler(s), ""]
@@ -317,7 +318,7 @@ def render(res: dict[str, Any]) -> str:
         out += [f"**At the default DiT size** ({speed['presets_dataset']}): TRAIN_PRIOR {fmt(dsz['prior']['samples_per_s'])} samples/s "
                 f"(peak RSS {_mb(dsz['prior']['peak_rss_mb'])} MB, load {dsz['prior']['load']}); SAMPLE {dsz['sample']['cells']} cells: "
                 f"{fmt(dsz['sample']['cells_per_s'])} cells/s end to end, {fmt(dsz['sample']['in_step_cells_per_s'])} cells/s in step, "
-                f"NFE {dsz['sample']['nfe_per_batch']:.0f} per batch ({dsz['sample']['method']}), peak RSS "
+                f"NFE {dsz['sample']['nfe_per_batch']:.0f} per batch ({dsz['sample']['method']}, DiT in {dsz['sample'].get('precision', 'fp32')}), peak RSS "
                 f"{_mb(dsz['sample']['peak_rss_mb'])} MB, load {dsz['sample']['load']}.", ""]
     if speed.get("tokenize"):
         out += ["**TOKENIZE on synthetic sparse data** (bench_tokenize.py's data: `synthetic_sparse_counts`, `--genes all`):", "",

@@ -37,22 +37,23 @@ def run_sampler_study(
     pick = np.sort(np.random.default_rng(seed).choice(real.n_obs, size=min(n_cells, real.n_obs), replace=False))
     subset = outdir / "like_subset.h5ad"
     real[pick].copy().write_h5ad(subset)
-    settings = [("dopri5", 0), *grid]
-    gens: dict[tuple[str, int], Any] = {}
+    # the reference is dopri5 in fp32; each grid item is (method, steps) or (method, steps, precision)
+    settings = [("dopri5", 0, "fp32"), *((*item, "auto")[:3] for item in grid)]
+    gens: dict[tuple[str, int, str], Any] = {}
     rows = []
-    for method, steps in settings:
-        out = outdir / f"{method}{steps or ''}.h5ad"
+    for method, steps, precision in settings:
+        out = outdir / f"{method}{steps or ''}_{precision}.h5ad"
         args = ["sample", "--vae", vae, "--prior", prior, "--like", subset, "--out", out, "--method", method,
-                "--seed", seed, "--threads", threads]
+                "--seed", seed, "--threads", threads, "--precision", precision]
         args += ["--atol", "1e-5", "--rtol", "1e-5"] if method == "dopri5" else ["--n-steps", steps]
         rec = runner.sclatent("SAMPLER", dataset, args, child=False, method=method, n_steps=steps)
         gen = ad.read_h5ad(out)
-        gens[(method, steps)] = gen
+        gens[(method, steps, precision)] = gen
         uns = gen.uns["sclatent"]
-        rows.append({"method": method, "n_steps": steps or None, "nfe": float(uns["nfe_per_batch"]),
-                     "seconds": float(uns["seconds"]), "wall_s": rec.wall_s, "load": rec.load_text(),
-                     "cells_per_s": gen.n_obs / max(float(uns["seconds"]), 1e-9)})
-    genes = list(gens[("dopri5", 0)].var_names)
+        rows.append({"method": method, "n_steps": steps or None, "precision": str(uns.get("precision", "fp32")),
+                     "nfe": float(uns["nfe_per_batch"]), "seconds": float(uns["seconds"]), "wall_s": rec.wall_s,
+                     "load": rec.load_text(), "cells_per_s": gen.n_obs / max(float(uns["seconds"]), 1e-9)})
+    genes = list(gens[settings[0]].var_names)
     real_g = real[:, genes]
     hvg = real_g.var["highly_variable"].to_numpy()
     for row, key in zip(rows, settings):
@@ -62,9 +63,9 @@ def run_sampler_study(
     for row in rows:
         row["w2_rel_diff"] = (row["w2"] - ref) / ref
     within = [r for r in rows[1:] if abs(r["w2_rel_diff"]) <= TOLERANCE]
-    best = min(within, key=lambda r: (r["nfe"], r["method"] != "heun")) if within else None
+    best = min(within, key=lambda r: (r["nfe"], r["method"] != "heun", r["precision"] != "bf16")) if within else None
     log.info("sampler study: dopri5 W2 %.4f at NFE %.0f; fewest NFE within 2%%: %s", ref, rows[0]["nfe"],
-             "none" if best is None else f"{best['method']} {best['n_steps']} (NFE {best['nfe']:.0f})")
+             "none" if best is None else f"{best['method']} {best['n_steps']} {best['precision']} (NFE {best['nfe']:.0f})")
     return {"dataset": dataset, "n_cells": int(len(pick)), "n_real": int(real.n_obs), "rows": rows, "best": best,
             "tolerance": TOLERANCE, "seed": seed}
 
@@ -87,22 +88,27 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--grid", default="euler:4,euler:8,euler:16,heun:2,heun:4,heun:8,heun:16",
-                    help="comma list of method:steps (euler or heun) compared with dopri5")
+                    help="comma list of method:steps[:precision] (euler or heun; precision auto, fp32 or bf16, "
+                         "default auto) compared with dopri5 in fp32")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     grid = []
     for item in (x.strip() for x in args.grid.split(",") if x.strip()):
-        method, _, steps = item.partition(":")
-        if method not in ("euler", "heun") or not steps.isdigit() or int(steps) < 1:
-            sys.exit(f"bench_sampler: --grid item '{item}' is not euler:N or heun:N with N >= 1")
-        grid.append((method, int(steps)))
+        method, steps, *rest = item.split(":") + [""]
+        precision = rest[0] or "auto"
+        if method not in ("euler", "heun") or not steps.isdigit() or int(steps) < 1 or len(rest) > 2 or \
+                precision not in ("auto", "fp32", "bf16"):
+            sys.exit(f"bench_sampler: --grid item '{item}' is not euler:N or heun:N (N >= 1), "
+                     "optionally followed by :auto, :fp32 or :bf16")
+        grid.append((method, int(steps), precision))
     runner = Runner(args.outdir / "logs", args.threads, children=False)
     res = run_sampler_study(runner, args.vae.name, args.vae, args.prior, args.real, args.outdir, n_cells=args.n_cells,
                             grid=grid, seed=args.seed, threads=args.threads)
     (args.outdir / "sampler.json").write_text(json.dumps(res, indent=1, default=str))
-    print("| method | steps | NFE | W2 | vs dopri5 |\n|---|---|---|---|---|")
+    print("| method | steps | precision | NFE | W2 | vs dopri5 | cells/s |\n|---|---|---|---|---|---|---|")
     for r in res["rows"]:
-        print(f"| {r['method']} | {r['n_steps'] or 'adaptive'} | {r['nfe']:.0f} | {r['w2']:.3f} | {100 * r['w2_rel_diff']:+.2f}% |")
+        print(f"| {r['method']} | {r['n_steps'] or 'adaptive'} | {r['precision']} | {r['nfe']:.0f} | {r['w2']:.3f} | "
+              f"{100 * r['w2_rel_diff']:+.2f}% | {r['cells_per_s']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ def default_size_prior_and_sample(runner: Runner, plan: Plan, dataset: str, vae:
                       nfe_per_batch=uns["nfe_per_batch"], method=uns["method"], speed_run=True, prior_preset="default")
     return {
         "prior": {"steps": summary["steps"], "samples_per_s": summary["items_per_s"], "peak_rss_mb": rec.peak_rss_mb, "load": rec.load_text()},
-        "sample": {"cells": n, "nfe_per_batch": uns["nfe_per_batch"], "method": uns["method"], "wall_s": srec.wall_s,
+        "sample": {"cells": n, "nfe_per_batch": uns["nfe_per_batch"], "method": uns["method"],
+                   "precision": str(uns.get("precision", "fp32")), "wall_s": srec.wall_s,
                    "cells_per_s": n / srec.wall_s, "in_step_cells_per_s": n / max(float(uns["seconds"]), 1e-9),
                    "peak_rss_mb": srec.peak_rss_mb, "load": srec.load_text()},
     }

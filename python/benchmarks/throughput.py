@@ -96,7 +96,8 @@ def bench_prior(preset: str, B: int, device, bf16: bool, repeats: int, m: int = 
 
 
 @torch.no_grad()
-def bench_sample(vae_preset: str, prior_preset: str, G: int, B: int, device, method: str, n_steps: int, w: float, repeats: int) -> dict:
+def bench_sample(vae_preset: str, prior_preset: str, G: int, B: int, device, method: str, n_steps: int, w: float, repeats: int,
+                 bf16: bool = False) -> dict:
     from sclatent.flow import guided_velocity, sample
     from sclatent.nn.dit import DiT, DiTConfig
     from sclatent.nn.vae import TransformerVAE, VAEConfig, decode_chunks
@@ -112,16 +113,16 @@ def bench_sample(vae_preset: str, prior_preset: str, G: int, B: int, device, met
 
     def run():
         x0 = torch.randn((B, c.n_latent_tokens, c.d_latent), generator=gen, device=device)
-        v = guided_velocity(prior, labels, guidance="joint", w=w)
+        v = guided_velocity(prior, labels, guidance="joint", w=w, autocast=bf16)
         z, nfe = sample(v, x0, method=method, n_steps=n_steps)
         info["nfe"] = nfe
         lib = torch.full((B,), 2000.0, device=device)
-        for rows in decode_chunks(B, device):  # as SAMPLE does
-            vae.decode(z[rows], genes, lib[rows]).sample(gen)
+        for rows in decode_chunks(B, device):  # as SAMPLE (generate.Generator.generate) does
+            vae.decode(z[rows], genes, lib[rows]).sample(gen)  # fp32, as SAMPLE
 
     sec = _time(run, device, repeats, warmup=1)
     return {"bench": "sample", "vae": vae_preset, "prior": prior_preset, "genes": G, "batch": B, "method": method,
-            "n_steps": n_steps, "cfg_scale": w, "nfe": info["nfe"], "batch_s": round(sec, 4), "cells_per_s": round(B / sec, 1)}
+            "n_steps": n_steps, "cfg_scale": w, "bf16": bf16, "nfe": info["nfe"], "batch_s": round(sec, 4), "cells_per_s": round(B / sec, 1)}
 
 
 def main() -> None:

@@ -355,3 +355,43 @@ def test_toy_dopri5_nfe_grows_with_precision(toy_prior: DiT) -> None:
     assert nfe_tight > nfe_loose
     gap = (x_loose - x_tight).norm(dim=-1)  # (N, 1) distance between the two solutions per sample
     assert gap.mean() < 0.05 and gap.max() < 0.5  # the loose solve is already close to the accurate one
+
+
+# ---------------------------------------------------------------------------------------------- bf16 autocast
+@torch.no_grad()
+def test_bf16_guidance_keeps_fp32_state_and_is_close() -> None:
+    """Under autocast the DiT runs in bf16, but its output comes back in x's dtype (fp32) within bf16 rounding of
+    the fp32 network, the guidance combination is done in fp32, and the w = 0 / w = 1 plans are unchanged."""
+    model, x, t, labels = _requests()
+    null = null_labels(labels, model.config)
+
+    def bf16_model(y: Tensor) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x, t, y).float()
+
+    for w, expected in ((0.0, bf16_model(null)), (1.0, bf16_model(labels))):
+        v = guided_velocity(model, labels, "joint", w, autocast=True)
+        approx = v(x, t)
+        assert approx.dtype == torch.float32 and v.model_rows == 6
+        assert torch.equal(approx, expected)
+        exact = guided_velocity(model, labels, "joint", w)(x, t)
+        assert not torch.equal(approx, exact)  # bf16 really ran
+        assert float((approx - exact).norm() / exact.norm()) < 0.02
+    v_null, v_y = bf16_model(null), bf16_model(labels)
+    out = guided_velocity(model, labels, "joint", 2.5, autocast=True)(x, t)
+    # rows of the batched forward are computed independently, so this is the same fp32 combination
+    torch.testing.assert_close(out, v_null + 2.5 * (v_y - v_null), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_toy_prior_reproduces_mixture(toy_prior: DiT) -> None:
+    """Sampling the trained toy prior with the DiT in bf16 lands within 2% (W2) of the fp32 solution's fit."""
+    g = torch.Generator().manual_seed(1)
+    data, _ = _mixture(N_EVAL, g)
+    x0 = torch.randn(N_EVAL, 1, 2, generator=g)
+    labels = torch.full((N_EVAL, 1), 4)
+    fp32, _ = sample(guided_velocity(toy_prior, labels, "joint", 0.0), x0, "heun", n_steps=10)
+    bf16, _ = sample(guided_velocity(toy_prior, labels, "joint", 0.0, autocast=True), x0, "heun", n_steps=10)
+    assert bf16.dtype == torch.float32
+    w_fp32, w_bf16 = _w2(fp32, data), _w2(bf16, data)
+    assert w_bf16 < W2_MIXTURE_MAX and abs(w_bf16 - w_fp32) / w_fp32 < 0.02
+    assert float((bf16 - fp32).norm(dim=-1).mean()) < 0.05  # the two solutions are close sample by sample

@@ -22,6 +22,8 @@ from sclatent.train import (
     atomic_write_json,
     load_checkpoint,
     lr_factor,
+    native_bf16,
+    resolve_bf16,
     train,
 )
 
@@ -144,10 +146,22 @@ def test_config_roundtrip_and_validation() -> None:
         TrainConfig(max_steps=5, batch_size=2, ema_decay=1.5)
 
 
-def test_bf16_on_cpu_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="bf16"):
-        train(make_model(), toy_loss, ToyData(), cfg_for(precision="bf16"), tmp_path,
-              model_config=MODEL_CONFIG, progress=False)
+def test_bf16_autocast_trains_on_cpu_and_auto_follows_the_hardware(tmp_path: Path) -> None:
+    """--precision bf16 is honoured on a CPU (native AVX512-BF16/AMX or emulated); "auto" is bf16 on CUDA, and on a
+    CPU only for a model that asks for it (the prior) and only where the CPU computes bf16 natively."""
+    cpu = torch.device("cpu")
+    assert resolve_bf16("bf16", cpu) and not resolve_bf16("fp32", cpu)
+    assert not resolve_bf16("auto", cpu)  # the VAE's setting
+    assert resolve_bf16("auto", cpu, cpu_auto_bf16=True) == native_bf16(cpu)
+    assert resolve_bf16("auto", torch.device("cuda")) and not resolve_bf16("fp32", torch.device("cuda"))
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_bf16("fp16", torch.device("cpu"))
+    assert isinstance(native_bf16(torch.device("cpu")), bool) and native_bf16(torch.device("meta")) is False
+    result = train(make_model(), toy_loss, ToyData(), cfg_for(precision="bf16"), tmp_path,
+                   model_config=MODEL_CONFIG, progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "history.csv")))
+    assert result.step == cfg_for().max_steps and all(math.isfinite(float(r["loss"])) for r in rows)
+    assert json.loads((tmp_path / "config.json").read_text())["precision_used"] == "bf16"
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -198,7 +198,7 @@ def _training_options(*, lr: float, batch_size: int | None, betas: str, decay_fr
             click.option("--checkpoint-every", default=1000, type=int, help="Checkpoint every N steps (and at the end)."),
             click.option("--seed", default=0, type=int, help="Seed of initialisation, data order and every random draw."),
             click.option("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ..."),
-            click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", help="auto = bf16 autocast on CUDA, fp32 on CPU."),
+            click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", help="auto = bf16 autocast on CUDA; on a CPU, bf16 for the DiT prior where the CPU computes bf16 natively (AVX512-BF16 or AMX) and fp32 for the VAE (measured faster); bf16 = autocast on any device."),
             click.option("--threads", default=None, type=int, help="CPU threads for torch [default: torch's choice]."),
             click.option("--resume", is_flag=True, help="Continue from the checkpoint in --outdir."),
             click.option("--progress/--no-progress", default=True, help="Show a progress bar."),
@@ -361,7 +361,7 @@ def _parse_scales(values: tuple[str, ...]) -> tuple[float, dict[str, float] | No
 @click.option("--guidance", type=click.Choice(["joint", "additive"]), default="joint", help="Classifier-free guidance: joint (paper eq. 11) or additive (CFGen).")
 @click.option("--cfg-scale", "cfg_scale", multiple=True, default=("1.0",), help="Guidance weight w, or key=w per attribute (additive); repeatable.")
 @click.option("--method", type=click.Choice(["euler", "heun", "dopri5"]), default="heun", help="ODE sampler.")
-@click.option("--n-steps", default=4, type=int, help="Steps of the fixed-step samplers (Heun 4 = 8 network evaluations: within 0.4% of dopri5's W2 in BENCHMARKS.md).")
+@click.option("--n-steps", default=2, type=int, help="Steps of the fixed-step samplers (Heun 2 = 4 network evaluations: within 1.4% of dopri5's W2 on every model in BENCHMARKS.md).")
 @click.option("--atol", default=1e-5, type=float, help="dopri5 absolute tolerance.")
 @click.option("--rtol", default=1e-5, type=float, help="dopri5 relative tolerance.")
 @click.option("--counts", type=click.Choice(["sample", "mean"]), default="sample", help="NB draws or the NB mean.")
@@ -375,9 +375,10 @@ def _parse_scales(values: tuple[str, ...]) -> tuple[float, dict[str, float] | No
 @click.option("--seed", default=0, type=int, help="Seed.")
 @click.option("--keep-latents", is_flag=True, help="Store the latents in obsm['X_latent'].")
 @click.option("--device", default="auto", help="auto, cpu, cuda, ...")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", help="Network arithmetic: auto = bf16 autocast where the device has native bf16 (CUDA, CPUs with AVX512-BF16 or AMX), else fp32.")
 @click.option("--threads", default=None, type=int, help="CPU threads for torch.")
 @_user_errors
-def sample(vae, prior_dir, out, n_cells, conditions, requests, like, guidance, cfg_scale, method, n_steps, atol, rtol, counts, library, prior_kind, weights, genes, shard, replicate, batch_size, seed, keep_latents, device, threads) -> None:
+def sample(vae, prior_dir, out, n_cells, conditions, requests, like, guidance, cfg_scale, method, n_steps, atol, rtol, counts, library, prior_kind, weights, genes, shard, replicate, batch_size, seed, keep_latents, device, precision, threads) -> None:
     """SAMPLE: generate cells (integer counts) conditioned on any subset of the labels."""
     from .generate import SampleConfig, parse_conditions, run_sample
 
@@ -389,7 +390,7 @@ def sample(vae, prior_dir, out, n_cells, conditions, requests, like, guidance, c
     cfg = SampleConfig(
         guidance=guidance, cfg_scale=scale, cfg_scales=per, method=method, n_steps=n_steps, atol=atol, rtol=rtol,
         batch_size=batch_size, seed=seed, replicate=replicate, counts=counts, library=library, prior=prior_kind,
-        weights=weights, keep_latents=keep_latents,
+        weights=weights, keep_latents=keep_latents, precision=precision,
     )
     gene_list = None
     if genes:

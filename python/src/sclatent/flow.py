@@ -89,16 +89,18 @@ class GuidedVelocity:
     cannot change the result are skipped, which makes the identities exact: w = 0 is the unconditional model,
     joint w = 1 is the conditional model ``v(x, t, labels)``, and additive with all w_j = 1 is the conditional model
     when every sample requests exactly one attribute (CFGen's setting). Samples that request nothing get v_null.
-    ``model_calls`` / ``model_rows`` count forwards and the rows passed through the network.
+    ``model_calls`` / ``model_rows`` count forwards and the rows passed through the network. With ``autocast``
+    the network runs under bf16 autocast (its matrix products in bf16) and its output is cast back to x's dtype.
     """
 
-    def __init__(self, model: DiT, labels: Tensor, guidance: str, w: float | Sequence[float]) -> None:
+    def __init__(self, model: DiT, labels: Tensor, guidance: str, w: float | Sequence[float], autocast: bool = False) -> None:
         if guidance not in GUIDANCE_MODES:
             raise ValueError(f"unknown guidance {guidance!r}; choose one of {GUIDANCE_MODES}")
         if labels.ndim != 2:
             raise ValueError(f"labels must have shape (B, K), got {tuple(labels.shape)}")
         model.check_labels(labels, labels.shape[0])
         self.model = model
+        self.autocast = autocast
         self.guidance = guidance
         self.batch_size = labels.shape[0]
         self.model_calls = 0
@@ -154,7 +156,9 @@ class GuidedVelocity:
             raise ValueError(f"x has batch size {x.shape[0]} but the guidance request has {b}")
         xs = torch.cat([x] * self.n_terms) if self.n_terms > 1 else x  # (T B, m, dl)
         ts = torch.cat([t] * self.n_terms) if self.n_terms > 1 else t  # (T B,)
-        out = self.model(xs, ts, self.requests)  # (T B, m, dl)
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.model(xs, ts, self.requests)  # (T B, m, dl)
+        out = out.to(x.dtype)  # the guidance combination and the ODE state stay in x's precision
         self.model_calls += 1
         self.model_rows += xs.shape[0]
         if self._plan == "single":
@@ -173,10 +177,11 @@ class GuidedVelocity:
 
 
 def guided_velocity(
-    model: DiT, labels: Tensor, guidance: Literal["joint", "additive"] = "joint", w: float | Sequence[float] = 1.0
+    model: DiT, labels: Tensor, guidance: Literal["joint", "additive"] = "joint", w: float | Sequence[float] = 1.0,
+    autocast: bool = False,
 ) -> GuidedVelocity:
     """Velocity function of the guided field for request labels (B, K); see :class:`GuidedVelocity`."""
-    return GuidedVelocity(model, labels, guidance, w)
+    return GuidedVelocity(model, labels, guidance, w, autocast=autocast)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import torch
 
 from .flow import guided_velocity, sample as ode_sample
 from .io import InputError, atomic_path, provenance, read_h5ad
+from .train import native_bf16
 from .train_prior import load_prior
 from .nn.vae import decode_chunks
 from .train_vae import load_vae
@@ -50,7 +51,7 @@ class SampleConfig:
     cfg_scale: float = 1.0
     cfg_scales: dict[str, float] | None = None  # per-attribute weights (additive); default cfg_scale for all
     method: str = "heun"  # "euler" | "heun" | "dopri5"
-    n_steps: int = 4  # fixed-step samplers (Heun 4 = NFE 8: within 0.4% of dopri5 W2, BENCHMARKS.md)
+    n_steps: int = 2  # fixed-step samplers (Heun 2 = NFE 4: within 1.4% of dopri5 W2 on six models, BENCHMARKS.md)
     atol: float = 1e-5
     rtol: float = 1e-5
     batch_size: int = 512
@@ -61,6 +62,7 @@ class SampleConfig:
     prior: str = "ldm"  # "ldm" (the DiT prior) | "gaussian" (N(0, I), the paper's ablation)
     weights: str = "auto"  # prior weights: "auto" | "ema" | "model"
     keep_latents: bool = False
+    precision: str = "auto"  # "auto" (bf16 where the device has native bf16, else fp32) | "fp32" | "bf16"
 
     def validate(self) -> None:
         if self.guidance not in ("joint", "additive"):
@@ -77,6 +79,8 @@ class SampleConfig:
             raise InputError(f"--prior must be 'ldm' or 'gaussian', got '{self.prior}'")
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise InputError(f"--precision must be auto, fp32 or bf16, got '{self.precision}'")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -176,6 +180,10 @@ class Generator:
             self.library_stats = meta["library_size"]
         vc = self.vae.config
         self.latent_shape = (vc.n_latent_tokens, vc.d_latent)
+        # bf16 autocast for the DiT's matrix products only; the ODE state, the guidance combination and the whole
+        # VAE decoder stay fp32. On a CPU with AVX512-BF16 the DiT forward ran 2.0x faster (BENCHMARKS.md, "CPU
+        # speed"); the decoder, whose products have only 32 inputs, measured no faster in bf16.
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(self.device))
 
     def gene_ids(self, genes: Sequence[str] | None) -> torch.Tensor:
         """Token ids (Q,) of the requested output genes (default: all model genes, in vocabulary order)."""
@@ -203,9 +211,9 @@ class Generator:
         x0 = torch.randn((B, *self.latent_shape), generator=gen, device=self.device)  # (B, m, dl)
         if self.prior is None:
             return x0, 0
-        v = guided_velocity(self.prior, codes, guidance=self.cfg.guidance, w=self._weights())
+        guided = guided_velocity(self.prior, codes, guidance=self.cfg.guidance, w=self._weights(), autocast=self.bf16)
         kw = {"atol": self.cfg.atol, "rtol": self.cfg.rtol} if self.cfg.method == "dopri5" else {"n_steps": self.cfg.n_steps}
-        z, nfe = ode_sample(v, x0, method=self.cfg.method, **kw)
+        z, nfe = ode_sample(guided, x0, method=self.cfg.method, **kw)
         return z * self.std + self.mean, nfe
 
     @torch.no_grad()
@@ -240,13 +248,14 @@ class Generator:
                 L = torch.as_tensor(library[a - start : b - start], device=self.device, dtype=torch.float32)
             L = L.clamp_min(1.0)
             for c in decode_chunks(len(z), self.device):
-                lik = self.vae.decode(z[c], gene_ids, L[c])  # over (c, Q)
+                lik = self.vae.decode(z[c], gene_ids, L[c])  # over (c, Q), fp32
                 x = lik.sample(gen) if cfg.counts == "sample" else lik.mean  # (c, Q)
                 rows.append(sp.csr_matrix(x.float().cpu().numpy()))
             if cfg.keep_latents:
                 lat.append(z.reshape(len(z), -1).float().cpu().numpy())
         X = sp.vstack(rows).tocsr() if rows else sp.csr_matrix((0, len(gene_ids)), dtype=np.float32)
-        info = {"nfe_per_batch": float(np.mean(nfes)) if nfes else 0.0, "n_batches": len(nfes)}
+        info = {"nfe_per_batch": float(np.mean(nfes)) if nfes else 0.0, "n_batches": len(nfes),
+                "precision": "bf16" if self.bf16 else "fp32"}
         return X.astype(np.float32), (np.concatenate(lat) if lat else None), info
 
 
@@ -279,7 +288,8 @@ def requests_like(path: str, keys: Sequence[str], labels: dict[str, list[str]], 
         if unknown:
             raise InputError(f"{path}: {key}={unknown[0]} was never seen in training; known values of '{key}': {', '.join(cats)}")
         codes[:, j] = [lookup[v] for v in values]
-    shared = [g for g in model_genes if g in set(ref.var_names)]
+    reference_genes = set(ref.var_names)  # once: rebuilding it per gene cost ~3 s for 2,000 x 16,634 genes
+    shared = [g for g in model_genes if g in reference_genes]
     lib = np.asarray(ref[:, shared].X.sum(axis=1)).ravel() if shared else np.zeros(ref.n_obs)
     return codes, lib.astype(np.float64), ref.obs_names
 
@@ -316,6 +326,7 @@ def write_generated(
         "condition_keys": list(gen.keys),
         "method": gen.cfg.method,
         "nfe_per_batch": float(info["nfe_per_batch"]),
+        "precision": str(info.get("precision", "fp32")),
         "seconds": float(info.get("seconds", 0.0)),
         "provenance_json": json.dumps({**provenance("sample", config), "sampler": info}),
     }

@@ -5,7 +5,7 @@ The loop knows nothing about either model. It trains any ``nn.Module`` through a
 batches of an epoch in a deterministic order (``data.iter_epoch(epoch, start_batch)``).
 
 It owns: AdamW, the warmup-stable-decay learning-rate schedule (:func:`lr_factor`), gradient-norm clipping,
-an optional EMA of the weights, bf16 autocast on CUDA, checkpoint/resume and the history CSV.
+an optional EMA of the weights, bf16 autocast (:func:`resolve_bf16`), checkpoint/resume and the history CSV.
 
 Files written to ``out_dir``:
 
@@ -113,7 +113,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # auto -> cuda if available else cpu
-    precision: str = "auto"  # auto -> bf16 autocast on CUDA, fp32 on CPU; "fp32" | "bf16"
+    precision: str = "auto"  # auto -> bf16 autocast on CUDA (and for the prior on bf16-native CPUs, resolve_bf16); "fp32" | "bf16"
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "checkpoint_every", "log_every"):
@@ -662,11 +662,36 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError(f"unknown device {device!r} ({exc})") from None
 
 
-def resolve_bf16(precision: str, device: torch.device) -> bool:
-    """Whether to run the forward pass under bf16 autocast (CUDA only)."""
-    if precision == "bf16" and device.type != "cuda":
-        raise ValueError(f"precision 'bf16' needs a CUDA device, got {device}")
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matrix products natively: a bf16-capable CUDA GPU, or a CPU with
+    AVX512-BF16 or AMX (oneDNN's bf16 kernels). Elsewhere bf16 works but is emulated, and slower than fp32."""
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            return bool(torch.cuda.is_bf16_supported())
+        if device.type == "cpu":
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # private helpers that a future torch may move
+        return False
+    return False
+
+
+def resolve_bf16(precision: str, device: torch.device, *, cpu_auto_bf16: bool = False) -> bool:
+    """Whether to train under bf16 autocast: "bf16" always, "fp32" never; "auto" on CUDA, and on a CPU only for a
+    model that gains from it (`cpu_auto_bf16`) and only where the CPU computes bf16 natively (`native_bf16`).
+
+    Measured on a CPU with AVX512-BF16 (BENCHMARKS.md, "Precision"): the default DiT (width 256) trains 2.1x
+    faster under bf16 autocast to the same generation metrics, so TRAIN_PRIOR sets `cpu_auto_bf16`; the default
+    VAE (width 32: small products, many element-wise ops) trains to the same test metrics but 12-25% *slower*,
+    so TRAIN_VAE keeps fp32 on a CPU. Where bf16 is only emulated it is slower than fp32 for both.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return True
+    return cpu_auto_bf16 and device.type == "cpu" and native_bf16(device)
 
 
 class _LogWindow:
@@ -728,6 +753,7 @@ def train(
     cells_in_batch: Callable[[Any], int] = default_cells_in_batch,
     move_batch: Callable[[Any, torch.device], Any] = default_move_batch,
     split_batch: Callable[[Any, slice], Any] = default_split_batch,
+    cpu_auto_bf16: bool = False,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.max_steps`` optimiser steps; see the module docstring for the files.
 
@@ -740,6 +766,9 @@ def train(
     batch (before ``move_batch``); the loss and the terms must then be means over the cells of the batch, and
     a random draw with the cells as first dimension one row per cell (:class:`GlobalBatchDraws`).
 
+    ``cpu_auto_bf16``: whether ``precision="auto"`` means bf16 autocast on a bf16-native CPU (see
+    :func:`resolve_bf16`; on CUDA "auto" is always bf16).
+
     ``resume=True`` continues from ``out_dir/checkpoint.pt`` exactly where it stopped; a different
     ``model_config`` is refused. Without ``resume`` an existing checkpoint in ``out_dir`` is refused.
     Raises :class:`NonFiniteLossError` on a NaN/inf loss or gradient norm.
@@ -748,7 +777,8 @@ def train(
     device = resolve_device(cfg.device)
     args = (model, loss_fn, data, cfg, Path(out_dir))
     kwargs = dict(resume=resume, model_config=model_config, metadata=metadata, progress=progress,
-                  cells_in_batch=cells_in_batch, move_batch=move_batch, split_batch=split_batch)
+                  cells_in_batch=cells_in_batch, move_batch=move_batch, split_batch=split_batch,
+                  cpu_auto_bf16=cpu_auto_bf16)
     if job is None:
         return _train(*args, device=device, job=None, **kwargs)
     device = _rank_device(device, job)
@@ -776,13 +806,14 @@ def _train(
     cells_in_batch: Callable[[Any], int],
     move_batch: Callable[[Any, torch.device], Any],
     split_batch: Callable[[Any, slice], Any],
+    cpu_auto_bf16: bool,
 ) -> TrainResult:
     """The loop of :func:`train` on ``device``; ``job`` is None for one process, else this rank's place."""
     is_main = job is None or job.rank == 0  # the process that writes files
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT_NAME
     config_path = out_dir / CONFIG_NAME
-    use_bf16 = resolve_bf16(cfg.precision, device)
+    use_bf16 = resolve_bf16(cfg.precision, device, cpu_auto_bf16=cpu_auto_bf16)
     model_config = _json_roundtrip(dict(model_config))
     metadata = _json_roundtrip(dict(metadata or {}))
     info = logger.info if is_main else logger.debug
@@ -855,7 +886,8 @@ def _train(
     if is_main:
         write_json({"sclatent_version": __version__, "model_config": model_config,
                     "train_config": cfg.to_dict(), "metadata": metadata,
-                    "world_size": 1 if job is None else job.world_size}, config_path)
+                    "world_size": 1 if job is None else job.world_size,
+                    "precision_used": "bf16" if use_bf16 else "fp32"}, config_path)
     info("training %d parameters on %s (%s)%s for %d steps -> %s", sum(p.numel() for p in params), device,
          "bf16 autocast" if use_bf16 else "fp32", "" if job is None else f", {job.world_size} processes",
          cfg.max_steps, out_dir)

@@ -148,6 +148,7 @@ def train_prior(
     return train(
         model, PriorLoss(run.rho), data, tcfg, Path(out_dir), resume=resume, model_config=model_cfg.to_dict(),
         metadata=metadata, progress=progress, cells_in_batch=lambda b: len(b[0]),
+        cpu_auto_bf16=True,  # the DiT trains ~2x faster under bf16 on a bf16-native CPU (see train.resolve_bf16)
     )
 
 
