@@ -139,7 +139,9 @@ def main() -> None:
     tune_malloc()  # as the `sclatent` command does, so these rows time what the pipeline runs
     device = torch.device(args.device)
     G, S = args.genes, args.tokens
-    bf16s = [False, True] if device.type == "cuda" else [False]
+    from sclatent.train import native_bf16
+
+    bf16s = [False, True] if native_bf16(device) else [False]  # bf16 rows where the device computes it natively
     rows = []
     vae_cases = [("tiny", 512), ("default", 512), ("default", 0)] if args.quick else [
         ("tiny", 512), ("tiny", 0), ("default", 128), ("default", 256), ("default", 512), ("default", 0)]
@@ -150,10 +152,11 @@ def main() -> None:
     for preset, bf16 in ((p, b) for p in ("tiny", "default") for b in bf16s):
         rows.append(bench_prior(preset, 256, device, bf16, args.repeats))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    sample_cases = [("heun", 8), ("heun", 16)] if args.quick else [("euler", 16), ("heun", 8), ("heun", 16), ("heun", 32)]
-    for method, n in sample_cases:
+    sample_cases = [("heun", 2), ("heun", 4)] if args.quick else [("euler", 4), ("heun", 2), ("heun", 4), ("heun", 8)]
+    for (method, n), bf16 in ((c, b) for c in sample_cases for b in bf16s):
         for w in (1.0, 2.0):
-            rows.append(bench_sample("default", "default", G, 512 if device.type == "cpu" else 4096, device, method, n, w, max(2, args.repeats // 2)))
+            rows.append(bench_sample("default", "default", G, 512 if device.type == "cpu" else 4096, device, method, n, w,
+                                     max(2, args.repeats // 2), bf16=bf16))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     meta = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu x{os.cpu_count()}",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "loadavg": os.getloadavg()}
