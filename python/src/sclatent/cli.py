@@ -361,7 +361,7 @@ def _parse_scales(values: tuple[str, ...]) -> tuple[float, dict[str, float] | No
 @click.option("--guidance", type=click.Choice(["joint", "additive"]), default="joint", help="Classifier-free guidance: joint (paper eq. 11) or additive (CFGen).")
 @click.option("--cfg-scale", "cfg_scale", multiple=True, default=("1.0",), help="Guidance weight w, or key=w per attribute (additive); repeatable.")
 @click.option("--method", type=click.Choice(["euler", "heun", "dopri5"]), default="heun", help="ODE sampler.")
-@click.option("--n-steps", default=2, type=int, help="Steps of the fixed-step samplers (Heun 2 = 4 network evaluations: within 1.4% of dopri5's W2 on every model in BENCHMARKS.md).")
+@click.option("--n-steps", default=2, type=int, help="Steps of the fixed-step samplers (Heun 2 = 4 network evaluations: within 1.4% of dopri5's W2 on all eight models in BENCHMARKS.md).")
 @click.option("--atol", default=1e-5, type=float, help="dopri5 absolute tolerance.")
 @click.option("--rtol", default=1e-5, type=float, help="dopri5 relative tolerance.")
 @click.option("--counts", type=click.Choice(["sample", "mean"]), default="sample", help="NB draws or the NB mean.")

@@ -51,7 +51,7 @@ class SampleConfig:
     cfg_scale: float = 1.0
     cfg_scales: dict[str, float] | None = None  # per-attribute weights (additive); default cfg_scale for all
     method: str = "heun"  # "euler" | "heun" | "dopri5"
-    n_steps: int = 2  # fixed-step samplers (Heun 2 = NFE 4: within 1.4% of dopri5 W2 on six models, BENCHMARKS.md)
+    n_steps: int = 2  # fixed-step samplers (Heun 2 = NFE 4: within 1.4% of dopri5 W2 on eight models, BENCHMARKS.md)
     atol: float = 1e-5
     rtol: float = 1e-5
     batch_size: int = 512
