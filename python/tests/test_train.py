@@ -184,14 +184,40 @@ def test_ema_update_formula() -> None:
     model = nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(0.0)
-    ema = EMA(model, decay=0.5)
-    for value in (1.0, 3.0):
+    ema = EMA(model, decay=0.5, warmup=False)
+    for n, value in enumerate((1.0, 3.0)):
         with torch.no_grad():
             model.weight.fill_(value)
-        ema.update(model)
+        ema.update(model, n)
     # 0 -> 0.5*0 + 0.5*1 = 0.5 -> 0.5*0.5 + 0.5*3 = 1.75
     assert ema.state_dict()["weight"].item() == 1.75
     assert model.weight.item() == 3.0  # the model itself is untouched
+
+
+def test_ema_warmup_decay_and_forgetting_the_initial_weights() -> None:
+    model = nn.Linear(1, 1, bias=False)
+    ema = EMA(model, decay=0.999)
+    assert [ema.decay_at(n) for n in (0, 1, 8990, 8991, 10**6)] == [0.1, 2 / 11, 8991 / 9000, 0.999, 0.999]
+    assert EMA(model, decay=0.999, warmup=False).decay_at(0) == 0.999
+    # weight 0 at initialisation, then 1 for 1,500 steps: the warmed-up EMA is (almost) 1, the plain one keeps
+    # 0.999^1500 = 22% of the initial 0.
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    warm, plain = EMA(model, decay=0.999), EMA(model, decay=0.999, warmup=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for n in range(1500):
+        warm.update(model, n)
+        plain.update(model, n)
+    assert warm.state_dict()["weight"].item() > 1.0 - 1e-6
+    assert abs(plain.state_dict()["weight"].item() - (1.0 - 0.999**1500)) < 1e-4
+
+
+def test_configs_without_ema_warmup_load_as_before_it() -> None:
+    d = TrainConfig(max_steps=5, batch_size=2, ema_decay=0.999).to_dict()
+    assert d["ema_warmup"] is True and TrainConfig.from_dict(d).ema_warmup is True
+    del d["ema_warmup"]
+    assert TrainConfig.from_dict(d).ema_warmup is False
 
 
 def test_ema_in_training_follows_the_formula(tmp_path: Path) -> None:
@@ -207,8 +233,9 @@ def test_ema_in_training_follows_the_formula(tmp_path: Path) -> None:
     result = train(model, recording_loss, ToyData(), cfg, tmp_path, model_config=MODEL_CONFIG, progress=False)
     trajectory = seen + [model.net[0].weight.detach().clone()]  # weights before step 1 .. after step 12
     expected = trajectory[0].clone()
-    for w in trajectory[1:]:
-        expected = 0.9 * expected + 0.1 * w
+    for n, w in enumerate(trajectory[1:]):
+        d = min(0.9, (1 + n) / (10 + n))  # the warm-up (on by default)
+        expected = d * expected + (1 - d) * w
     torch.testing.assert_close(result.model_state("ema")["net.0.weight"], expected)
     assert not torch.equal(result.model_state("ema")["net.0.weight"], result.model_state("model")["net.0.weight"])
 

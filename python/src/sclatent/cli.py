@@ -195,6 +195,9 @@ def _training_options(*, lr: float, batch_size: int | None, betas: str, decay_fr
             click.option("--decay-shape", type=click.Choice(["sqrt", "cosine", "linear"]), default=decay_shape, help="Shape of the decay."),
             click.option("--grad-clip", default=10.0, type=float, help="Gradient-norm clipping (0 = off)."),
             click.option("--ema-decay", default=ema, type=float, help="EMA decay of the weights (0 = no EMA)."),
+            click.option("--ema-warmup/--no-ema-warmup", default=True, show_default=True,
+                         help="EMA decay min(--ema-decay, (1+n)/(10+n)) at step n, so the average forgets the random "
+                              "initial weights on short runs."),
             click.option("--checkpoint-every", default=1000, type=int, help="Checkpoint every N steps (and at the end)."),
             click.option("--seed", default=0, type=int, help="Seed of initialisation, data order and every random draw."),
             click.option("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ..."),
@@ -233,6 +236,7 @@ def _train_config(kw: dict):
             decay_shape=kw["decay_shape"],
             grad_clip=kw["grad_clip"] or None,
             ema_decay=kw["ema_decay"] or None,
+            ema_warmup=kw["ema_warmup"],
             checkpoint_every=kw["checkpoint_every"],
             seed=kw["seed"],
             device=kw["device"],
