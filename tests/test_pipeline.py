@@ -52,6 +52,8 @@ def test_models_and_metrics(test_profile_run, dataset):
         assert cfg["metadata"]["stage"] == stage and (out / folder / "checkpoint.pt").exists()
         history = (out / folder / "history.csv").read_text().splitlines()
         assert history[0].startswith("step,epoch,loss") and len(history) > 2
+        if stage == "prior":  # the sampled weights are the warmed-up EMA (BENCHMARKS.md, "EMA")
+            assert cfg["train_config"]["ema_decay"] == 0.999 and cfg["train_config"]["ema_warmup"] is True
     recon = json.loads((out / "encode" / "reconstruction.json").read_text())["metrics"]
     assert recon["re_nll_gene_sum_cell_mean"] > 0 and recon["n_cells"] > 0
     with np.load(out / "encode" / "latents.npz") as z:
