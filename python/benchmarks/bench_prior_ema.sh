@@ -20,12 +20,7 @@ for ds in sc_mixology pbmc3k; do
         for r in 0 1; do
           $S sample --vae $B/$ds/vae --prior $P --like $real --out $o/rep$r.h5ad --seed $seed --replicate $r --threads 2 --weights $w 2>>$OUT/stderr.log
         done
-        $PY - <<PY
-import anndata as ad
-a=[ad.read_h5ad(f"$o/rep{r}.h5ad") for r in (0,1)]
-for r,x in enumerate(a): x.obs["replicate"]=r
-ad.concat(a, merge="same", uns_merge="first").write_h5ad("$o/gen.h5ad")
-PY
+        $S gather --out $o/gen.h5ad $o/rep0.h5ad $o/rep1.h5ad 2>>$OUT/stderr.log
         $S evaluate --real $real --generated $o/gen.h5ad --outdir $o/ev --no-floor 2>>$OUT/stderr.log >/dev/null
         $PY -c "
 import json;m=json.load(open('$o/ev/metrics.json'));o=m['generation']['overall']
