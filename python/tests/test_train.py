@@ -473,3 +473,31 @@ def test_train_vae_default_batch_depends_on_the_device(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, [*common, "--outdir", str(tmp_path / "given"), "--batch-size", "32"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "given" / "config.json").read_text())["train_config"]["batch_size"] == 32
+
+
+def test_train_vae_default_decode_genes_depend_on_the_device(tmp_path: Path) -> None:
+    """Without --decode-genes, train-vae decodes 256 genes per cell on a CPU (512 on a GPU), recorded in config.json."""
+    from click.testing import CliRunner
+
+    from sclatent.cli import VAE_DECODE_GENES_CPU, VAE_DECODE_GENES_GPU, default_vae_decode_genes, main
+    from sclatent.io import InputError
+    from sclatent.synthetic import synthetic_counts
+    from sclatent.tokens import tokenize
+
+    assert (VAE_DECODE_GENES_CPU, VAE_DECODE_GENES_GPU) == (256, 512)
+    assert default_vae_decode_genes("cpu") == 256
+    assert default_vae_decode_genes("cuda:0") == 512  # resolved without touching a GPU
+    with pytest.raises(InputError, match="unknown device 'tpu9'"):
+        default_vae_decode_genes("tpu9")
+    adata = synthetic_counts(n_cells=40, n_genes=300, seed=3)
+    adata.var["highly_variable"] = True
+    adata.write_h5ad(tmp_path / "train.h5ad")
+    tokenize(tmp_path / "train.h5ad", tmp_path / "tok", progress=False)
+    common = ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--max-steps", "1", "--device", "cpu", "--no-progress",
+              "--preset", "tiny", "--batch-size", "8"]
+    res = CliRunner().invoke(main, [*common, "--outdir", str(tmp_path / "auto")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["metadata"]["run"]["decode_genes"] == 256
+    res = CliRunner().invoke(main, [*common, "--outdir", str(tmp_path / "all"), "--decode-genes", "0"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "all" / "config.json").read_text())["metadata"]["run"]["decode_genes"] == 0

@@ -42,7 +42,7 @@ class VAERunConfig:
     epochs: float = 100.0
     min_steps: int = 0  # at least this many steps whatever the epochs give (ignored with max_steps)
     max_steps: int | None = None  # overrides epochs when set
-    decode_genes: int = 512  # genes per cell in the loss; 0 = all genes
+    decode_genes: int = 512  # genes per cell in the loss; 0 = all genes (the CLI's default depends on the device)
     subset: str = "cell"  # "cell": a subset per cell; "batch": one subset shared by the batch
     max_tokens: int | None = None  # encoder input cap (default: the manifest's)
 
