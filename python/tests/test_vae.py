@@ -403,3 +403,34 @@ def test_gene_head_starts_as_the_shared_head_and_keeps_subset_decoding(likelihoo
     per_gene.decode_parameters(z, subset)[first].sum().backward()
     grad = per_gene.gene_head_weight.weight.grad
     assert grad is not None and bool((grad[subset].abs().sum(dim=1) > 0).all()) and float(grad[1].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "gaussian"])
+def test_pooled_head_starts_as_the_model_without_it_and_keeps_subset_decoding(likelihood: str) -> None:
+    """The pooled per-gene readout has W = 0 at initialisation and its own generator, so the model starts as the
+    one without it (every other weight identical); with random W each gene still depends only on z and its id
+    (subsets, orders and per-cell lists decode as slices of the full decode), the output is invariant to the
+    order of the latent tokens' pooling queries' inputs only through the MCAB (checked: permuting z's tokens
+    leaves a full decode unchanged), and W reaches the gradient of the genes decoded only."""
+    base, pooled = _tiny(likelihood=likelihood), _tiny(likelihood=likelihood, pooled_head=2)
+    z = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    all_genes = torch.arange(1, G + 1)
+    first = "m" if likelihood == "gaussian" else "logits"
+    torch.testing.assert_close(pooled.decode_parameters(z, all_genes)[first],
+                               base.decode_parameters(z, all_genes)[first], atol=0, rtol=0)
+    with torch.no_grad():
+        pooled.pooled_head_weight.weight.normal_(generator=torch.Generator().manual_seed(3))
+    full = pooled.decode_parameters(z, all_genes)[first]  # (3, G)
+    assert not torch.allclose(full, base.decode_parameters(z, all_genes)[first])
+    subset = torch.tensor([17, 3, 40, 8, 22])
+    torch.testing.assert_close(pooled.decode_parameters(z, subset)[first], full[:, subset - 1], atol=1e-5, rtol=1e-5)
+    many = torch.randint(1, G + 1, (3, 30), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(pooled.decode_parameters(z, many)[first], full.gather(1, many - 1), atol=1e-5, rtol=1e-5)
+    perm = torch.tensor([2, 0, 3, 1])
+    torch.testing.assert_close(pooled.decode_parameters(z[:, perm], all_genes)[first], full, atol=1e-5, rtol=1e-5)
+    pooled.train()
+    pooled.decode_parameters(z, subset)[first].sum().backward()
+    grad = pooled.pooled_head_weight.weight.grad
+    assert grad is not None and bool((grad[subset].abs().sum(dim=1) > 0).all()) and float(grad[1].abs().sum()) == 0.0
+    with pytest.raises(ValueError, match="pooled_head"):
+        VAEConfig(n_genes=G, pooled_head=-1)

@@ -293,6 +293,7 @@ def _run_training(fn, *args, **kwargs):
 @click.option("--preset", type=click.Choice(["default", "tiny"]), default="default", help="Model sizes: the official ones, or tiny (tests).")
 @click.option("--embedding", type=click.Choice(["concat", "multiplicative", "gene_count"]), default=None, help="Token embedding: paper eq. 9 (concat), official E_g*log1p(x), or concat plus a per-gene count direction (gene_count) [default: the preset's].")
 @click.option("--gene-head/--no-gene-head", default=None, help="Per-gene readout vector added to the decoder's shared head [default: the preset's].")
+@click.option("--pooled-head", type=click.IntRange(min=0), default=None, help="k > 0: per-gene linear readout of the cell pooled by k learned queries over the decoder's latent tokens (measured: not better, BENCHMARKS.md) [default: 0, off].")
 @click.option("--likelihood", type=click.Choice(["nb", "nb_cell", "zinb", "poisson", "gaussian"]), default=None, help="Count likelihood [default: nb].")
 @click.option("--variational/--deterministic", default=None, help="Gaussian posterior with KL (beta-VAE) or the official deterministic encoder [default: the preset's].")
 @click.option("--beta", default=None, type=float, help="KL weight (variational only).")
@@ -302,13 +303,13 @@ def _run_training(fn, *args, **kwargs):
 @click.option("--max-tokens", default=None, type=int, help="Encoder input cap [default: the manifest's].")
 @_training_options(lr=1e-3, batch_size=None, betas="0.9,0.95", decay_frac=0.1, decay_shape="sqrt", ema=None, min_steps=VAE_MIN_STEPS)
 @_user_errors
-def train_vae_cmd(tokens, outdir, preset, embedding, gene_head, likelihood, variational, beta, gene_bias, decode_genes, subset, max_tokens, **kw) -> None:
+def train_vae_cmd(tokens, outdir, preset, embedding, gene_head, pooled_head, likelihood, variational, beta, gene_bias, decode_genes, subset, max_tokens, **kw) -> None:
     """TRAIN_VAE: train the exchangeable Transformer VAE (MCAB encoder/decoder)."""
     from .train_vae import VAERunConfig, train_vae
 
     if decode_genes is None:
         decode_genes = default_vae_decode_genes(kw["device"])
-    overrides = {k: v for k, v in dict(embedding=embedding, gene_head=gene_head, likelihood=likelihood, variational=variational, beta=beta, gene_bias=gene_bias).items() if v is not None}
+    overrides = {k: v for k, v in dict(embedding=embedding, gene_head=gene_head, pooled_head=pooled_head, likelihood=likelihood, variational=variational, beta=beta, gene_bias=gene_bias).items() if v is not None}
     run = VAERunConfig(preset=preset, model_overrides=overrides, epochs=kw["epochs"], min_steps=kw["min_steps"], max_steps=kw["max_steps"], decode_genes=decode_genes, subset=subset, max_tokens=max_tokens)
     if kw["batch_size"] is None:
         kw["batch_size"] = default_vae_batch_size(kw["device"])

@@ -69,6 +69,13 @@ class VAEConfig:
         query), w = 0 at initialisation. The paper's head is one Linear shared by all genes, so how a gene's
         mean moves with Z is learnt only through its query embedding; scVI's decoder has a weight vector per
         gene. Subset decoding is unchanged (w_g belongs to gene g alone).
+    pooled_head: k > 0 adds a per-gene linear readout of the whole cell, W_g . LN(flatten(MCAB_k(H))), to the
+        head's first output: k learned queries pool the decoder's m latent tokens H (permutation-invariant,
+        like the decoder's own MCAB) into a (k * d_model)-vector per cell, and each gene has its own weight
+        vector W_g on it (W = 0 at initialisation), as scVI's last layer has on its hidden layer. It widens
+        what a gene can read from Z beyond the d_model-wide MCAB output that `gene_head` reads, at a cost of
+        one (B, k*d) x (k*d, Q) product. Each gene's output still depends only on Z and its own id, so subset
+        decoding and permutation equivariance are unchanged. 0 = off (the paper).
     """
 
     n_genes: int
@@ -86,6 +93,7 @@ class VAEConfig:
     latent_norm: bool = True
     gene_bias: bool = False
     gene_head: bool = False
+    pooled_head: int = 0
 
     def __post_init__(self) -> None:
         if self.likelihood not in LIKELIHOODS:
@@ -96,7 +104,7 @@ class VAEConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("n_enc_blocks", "n_dec_blocks"):
+        for name in ("n_enc_blocks", "n_dec_blocks", "pooled_head"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -182,6 +190,10 @@ class TransformerVAE(nn.Module):
         self.head = nn.Linear(d, _HEAD_OUTPUTS[c.likelihood])
         if c.gene_head:
             self.gene_head_weight = nn.Embedding(G + 1, d)  # per-gene readout of the first output
+        if c.pooled_head:
+            self.pooled_pool = MCAB(d, c.n_cross_heads, n_queries=c.pooled_head)  # (B, m, d) -> (B, k, d)
+            self.pooled_norm = nn.LayerNorm(c.pooled_head * d)
+            self.pooled_head_weight = nn.Embedding(G + 1, c.pooled_head * d)  # per-gene W_g
         if c.gene_bias:
             self.gene_bias = nn.Embedding(G + 1, 1)  # per-gene offset of the head's first output
         if c.likelihood in ("nb", "zinb"):
@@ -199,19 +211,13 @@ class TransformerVAE(nn.Module):
         log sigma: 0. Written out because PyTorch's module constructors draw from the global RNG.
         """
         g = torch.Generator().manual_seed(seed)
+        # The pooled head draws from its own generator, so adding it leaves every other initial weight as it
+        # is without it (with W = 0 the model then starts exactly as the one without).
+        pooled = set(self.pooled_pool.modules()) if hasattr(self, "pooled_pool") else set()
         with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, nn.Linear):
-                    bound = 1.0 / math.sqrt(module.in_features)
-                    nn.init.uniform_(module.weight, -bound, bound, generator=g)
-                    if module.bias is not None:
-                        nn.init.zeros_(module.bias)
-                elif isinstance(module, nn.LayerNorm):
-                    if module.weight is not None:
-                        nn.init.ones_(module.weight)
-                        nn.init.zeros_(module.bias)
-                elif isinstance(module, MCAB) and module.queries is not None:
-                    nn.init.normal_(module.queries, generator=g)
+            self._init_modules([m for m in self.modules() if m not in pooled], g)
+            if pooled:
+                self._init_modules(list(self.pooled_pool.modules()), torch.Generator().manual_seed(seed + 7919))
             nn.init.normal_(self.gene_embedding.weight, generator=g)
             if hasattr(self, "log_theta"):
                 nn.init.constant_(self.log_theta.weight, _THETA_INIT)
@@ -223,8 +229,26 @@ class TransformerVAE(nn.Module):
                 nn.init.zeros_(self.count_embedding.weight)
             if hasattr(self, "gene_head_weight"):
                 nn.init.zeros_(self.gene_head_weight.weight)
+            if hasattr(self, "pooled_head_weight"):
+                nn.init.zeros_(self.pooled_head_weight.weight)
             if self.config.likelihood == "nb_cell":
                 self.head.bias[1] = _THETA_INIT
+
+    @staticmethod
+    def _init_modules(modules: list[nn.Module], g: torch.Generator) -> None:
+        """Linear: uniform weights, zero biases; LayerNorm: 1 / 0; MCAB learned queries: N(0, 1); in order."""
+        for module in modules:
+            if isinstance(module, nn.Linear):
+                bound = 1.0 / math.sqrt(module.in_features)
+                nn.init.uniform_(module.weight, -bound, bound, generator=g)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                if module.weight is not None:
+                    nn.init.ones_(module.weight)
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, MCAB) and module.queries is not None:
+                nn.init.normal_(module.queries, generator=g)
 
     @torch.no_grad()
     def init_gene_bias(self, values: torch.Tensor) -> None:
@@ -336,6 +360,13 @@ class TransformerVAE(nn.Module):
         first = out[..., 0]  # (B, Q): logit (count models) or mean (gaussian)
         if c.gene_head:
             first = first + (o * self.gene_head_weight(query_genes)).sum(dim=-1)  # + per-gene readout (B, Q)
+        if c.pooled_head:
+            cell = self.pooled_norm(self.pooled_pool(h).flatten(1))  # (B, k*d): the whole cell, pooled
+            w = self.pooled_head_weight(query_genes)  # (Q, k*d) or (B, Q, k*d)
+            if w.dim() == 2:
+                first = first + cell @ w.T  # (B, Q)
+            else:
+                first = first + torch.einsum("bk,bqk->bq", cell, w)  # (B, Q)
         if c.gene_bias:
             first = first + self.gene_bias(query_genes)[..., 0]  # + (Q,) or (B, Q)
         if c.likelihood == "gaussian":
