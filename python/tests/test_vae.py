@@ -380,57 +380,45 @@ def test_gene_bias_init_is_the_data_mean_profile_and_keeps_subset_decoding(tmp_p
         _tiny(gene_bias=False).init_gene_bias(torch.zeros(G))
 
 
-@pytest.mark.parametrize("likelihood", ["nb", "gaussian"])
-def test_gene_head_starts_as_the_shared_head_and_keeps_subset_decoding(likelihood: str) -> None:
-    """The per-gene readout is zero at initialisation (the model is then the shared-head one, same weights);
-    once trained (here: random values) each gene still depends only on z and its id, so subsets, orders and
-    per-cell lists decode as slices of the full decode, and the readout reaches the gradient."""
-    shared, per_gene = _tiny(likelihood=likelihood), _tiny(likelihood=likelihood, gene_head=True)
+def _check_per_gene_readout(base: TransformerVAE, extended: TransformerVAE, table: torch.nn.Embedding, first: str) -> None:
+    """A zero-initialised per-gene table on top of `base`: `extended` decodes exactly as `base` at first; with
+    random values in `table` it differs, each gene still depends only on z and its id (subsets, orders and
+    per-cell lists decode as slices of the full decode), permuting z's latent tokens leaves a full decode
+    unchanged, and the table's gradient reaches the decoded genes only."""
     z = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0))
     all_genes = torch.arange(1, G + 1)
-    first = "m" if likelihood == "gaussian" else "logits"
-    torch.testing.assert_close(per_gene.decode_parameters(z, all_genes)[first],
-                               shared.decode_parameters(z, all_genes)[first], atol=0, rtol=0)
+    torch.testing.assert_close(extended.decode_parameters(z, all_genes)[first],
+                               base.decode_parameters(z, all_genes)[first], atol=0, rtol=0)
     with torch.no_grad():
-        per_gene.gene_head_weight.weight.normal_(generator=torch.Generator().manual_seed(3))
-    full = per_gene.decode_parameters(z, all_genes)[first]  # (3, G)
-    assert not torch.allclose(full, shared.decode_parameters(z, all_genes)[first])
+        table.weight.normal_(generator=torch.Generator().manual_seed(3))
+    full = extended.decode_parameters(z, all_genes)[first]  # (3, G)
+    assert not torch.allclose(full, base.decode_parameters(z, all_genes)[first])
     subset = torch.tensor([17, 3, 40, 8, 22])
-    torch.testing.assert_close(per_gene.decode_parameters(z, subset)[first], full[:, subset - 1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(extended.decode_parameters(z, subset)[first], full[:, subset - 1], atol=1e-5, rtol=1e-5)
     many = torch.randint(1, G + 1, (3, 30), generator=torch.Generator().manual_seed(1))  # gather path
-    torch.testing.assert_close(per_gene.decode_parameters(z, many)[first], full.gather(1, many - 1), atol=1e-5, rtol=1e-5)
-    per_gene.train()
-    per_gene.decode_parameters(z, subset)[first].sum().backward()
-    grad = per_gene.gene_head_weight.weight.grad
+    torch.testing.assert_close(extended.decode_parameters(z, many)[first], full.gather(1, many - 1), atol=1e-5, rtol=1e-5)
+    perm = torch.tensor([2, 0, 3, 1])
+    torch.testing.assert_close(extended.decode_parameters(z[:, perm], all_genes)[first], full, atol=1e-5, rtol=1e-5)
+    extended.train()
+    extended.decode_parameters(z, subset)[first].sum().backward()
+    grad = table.weight.grad
     assert grad is not None and bool((grad[subset].abs().sum(dim=1) > 0).all()) and float(grad[1].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "gaussian"])
+def test_gene_head_starts_as_the_shared_head_and_keeps_subset_decoding(likelihood: str) -> None:
+    """The per-gene readout w_g . o_g (see _check_per_gene_readout for what is checked)."""
+    per_gene = _tiny(likelihood=likelihood, gene_head=True)
+    _check_per_gene_readout(_tiny(likelihood=likelihood), per_gene, per_gene.gene_head_weight,
+                            "m" if likelihood == "gaussian" else "logits")
 
 
 @pytest.mark.parametrize("likelihood", ["nb", "gaussian"])
 def test_pooled_head_starts_as_the_model_without_it_and_keeps_subset_decoding(likelihood: str) -> None:
-    """The pooled per-gene readout has W = 0 at initialisation and its own generator, so the model starts as the
-    one without it (every other weight identical); with random W each gene still depends only on z and its id
-    (subsets, orders and per-cell lists decode as slices of the full decode), the output is invariant to the
-    order of the latent tokens' pooling queries' inputs only through the MCAB (checked: permuting z's tokens
-    leaves a full decode unchanged), and W reaches the gradient of the genes decoded only."""
-    base, pooled = _tiny(likelihood=likelihood), _tiny(likelihood=likelihood, pooled_head=2)
-    z = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0))
-    all_genes = torch.arange(1, G + 1)
-    first = "m" if likelihood == "gaussian" else "logits"
-    torch.testing.assert_close(pooled.decode_parameters(z, all_genes)[first],
-                               base.decode_parameters(z, all_genes)[first], atol=0, rtol=0)
-    with torch.no_grad():
-        pooled.pooled_head_weight.weight.normal_(generator=torch.Generator().manual_seed(3))
-    full = pooled.decode_parameters(z, all_genes)[first]  # (3, G)
-    assert not torch.allclose(full, base.decode_parameters(z, all_genes)[first])
-    subset = torch.tensor([17, 3, 40, 8, 22])
-    torch.testing.assert_close(pooled.decode_parameters(z, subset)[first], full[:, subset - 1], atol=1e-5, rtol=1e-5)
-    many = torch.randint(1, G + 1, (3, 30), generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(pooled.decode_parameters(z, many)[first], full.gather(1, many - 1), atol=1e-5, rtol=1e-5)
-    perm = torch.tensor([2, 0, 3, 1])
-    torch.testing.assert_close(pooled.decode_parameters(z[:, perm], all_genes)[first], full, atol=1e-5, rtol=1e-5)
-    pooled.train()
-    pooled.decode_parameters(z, subset)[first].sum().backward()
-    grad = pooled.pooled_head_weight.weight.grad
-    assert grad is not None and bool((grad[subset].abs().sum(dim=1) > 0).all()) and float(grad[1].abs().sum()) == 0.0
-    with pytest.raises(ValueError, match="pooled_head"):
+    """The pooled per-gene readout W_g . LN(MCAB_k(H)): W = 0 at initialisation and its own generator, so every
+    other weight is as without it (see _check_per_gene_readout); a negative k is refused."""
+    pooled = _tiny(likelihood=likelihood, pooled_head=2)
+    _check_per_gene_readout(_tiny(likelihood=likelihood), pooled, pooled.pooled_head_weight,
+                            "m" if likelihood == "gaussian" else "logits")
+    with pytest.raises(ValueError, match="pooled_head must be a non-negative integer"):
         VAEConfig(n_genes=G, pooled_head=-1)

@@ -293,7 +293,7 @@ def _run_training(fn, *args, **kwargs):
 @click.option("--preset", type=click.Choice(["default", "tiny"]), default="default", help="Model sizes: the official ones, or tiny (tests).")
 @click.option("--embedding", type=click.Choice(["concat", "multiplicative", "gene_count"]), default=None, help="Token embedding: paper eq. 9 (concat), official E_g*log1p(x), or concat plus a per-gene count direction (gene_count) [default: the preset's].")
 @click.option("--gene-head/--no-gene-head", default=None, help="Per-gene readout vector added to the decoder's shared head [default: the preset's].")
-@click.option("--pooled-head", type=click.IntRange(min=0), default=None, help="k > 0: per-gene linear readout of the cell pooled by k learned queries over the decoder's latent tokens (measured: not better, BENCHMARKS.md) [default: 0, off].")
+@click.option("--pooled-head", type=click.IntRange(min=0), default=None, help="k > 0: per-gene linear readout of the cell pooled by k learned queries over the decoder's latent tokens (measured mixed: better on pbmc3k, worse on sc_mixology; BENCHMARKS.md) [default: 0, off].")
 @click.option("--likelihood", type=click.Choice(["nb", "nb_cell", "zinb", "poisson", "gaussian"]), default=None, help="Count likelihood [default: nb].")
 @click.option("--variational/--deterministic", default=None, help="Gaussian posterior with KL (beta-VAE) or the official deterministic encoder [default: the preset's].")
 @click.option("--beta", default=None, type=float, help="KL weight (variational only).")
