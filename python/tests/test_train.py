@@ -501,3 +501,36 @@ def test_train_vae_default_decode_genes_depend_on_the_device(tmp_path: Path) -> 
     res = CliRunner().invoke(main, [*common, "--outdir", str(tmp_path / "all"), "--decode-genes", "0"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "all" / "config.json").read_text())["metadata"]["run"]["decode_genes"] == 0
+
+
+def test_train_vae_decodes_a_stratified_subset_by_default_and_refuses_a_bad_zero_fraction(tmp_path: Path) -> None:
+    """Without --subset, train-vae draws the stratified subset (recorded in config.json with its zero fraction);
+    the uniform per-cell subset stays available; --zero-fraction outside (0, 1) is refused with its value and
+    no run folder content."""
+    from click.testing import CliRunner
+
+    from sclatent.cli import main
+    from sclatent.synthetic import synthetic_counts
+    from sclatent.tokens import tokenize
+
+    adata = synthetic_counts(n_cells=40, n_genes=24, seed=3)
+    adata.var["highly_variable"] = True
+    adata.write_h5ad(tmp_path / "train.h5ad")
+    tokenize(tmp_path / "train.h5ad", tmp_path / "tok", progress=False)
+    common = ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--max-steps", "3", "--device", "cpu",
+              "--no-progress", "--preset", "tiny", "--decode-genes", "8", "--batch-size", "20"]
+    runner = CliRunner()
+    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    run = json.loads((tmp_path / "s" / "config.json").read_text())["metadata"]["run"]
+    assert (run["subset"], run["zero_fraction"]) == ("stratified", 0.25)
+    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "c"), "--subset", "cell"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["metadata"]["run"]["subset"] == "cell"
+    # the two draws decode different genes, so the first logged losses differ
+    h_s = (tmp_path / "s" / "history.csv").read_text().splitlines()
+    h_c = (tmp_path / "c" / "history.csv").read_text().splitlines()
+    assert h_s[0] == h_c[0] and h_s[1] != h_c[1]
+    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "bad"), "--zero-fraction", "1"])
+    assert res.exit_code != 0 and "--zero-fraction" in res.output and "1" in res.output
+    assert not (tmp_path / "bad" / "checkpoint.pt").exists()

@@ -2,9 +2,11 @@
 
 Glue between the token loader (`tokens.py`), the model (`nn/vae.py`) and the shared loop (`train.py`):
 - the model is sized from the token manifest (G = vocabulary size) and a preset;
-- each step decodes a random subset of `decode_genes` genes (the paper trains on subsets of variables; the
-  NLL is rescaled by G/Q inside the model so that it estimates the full-gene NLL), drawn per cell or shared
-  by the batch (`subset="cell" | "batch"`);
+- each step decodes a random subset of `decode_genes` genes per cell (the paper trains on subsets of
+  variables). By default (`subset="stratified"`) it holds the cell's expressed genes (all of them when they
+  fit in 75% of the slots) and a sample of its unexpressed ones, importance-weighted so that the NLL and the
+  softmax normaliser estimate the full-gene ones; `"cell"` (uniform per cell) and `"batch"` (one uniform
+  subset per batch) rescale the NLL by G/Q instead;
 - the run directory holds `checkpoint.pt`, `config.json` (model + training config, the vocabulary and label
   encoders it was trained with, input checksums) and `history.csv`.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,12 +46,15 @@ class VAERunConfig:
     min_steps: int = 0  # at least this many steps whatever the epochs give (ignored with max_steps)
     max_steps: int | None = None  # overrides epochs when set
     decode_genes: int = 512  # genes per cell in the loss; 0 = all genes (the CLI's default depends on the device)
-    subset: str = "cell"  # "cell": a subset per cell; "batch": one subset shared by the batch
+    subset: str = "stratified"  # "stratified": expressed genes first; "cell": uniform per cell; "batch": one per batch
+    zero_fraction: float = 0.25  # "stratified": at least this share of the decoded genes are unexpressed ones
     max_tokens: int | None = None  # encoder input cap (default: the manifest's)
 
     def validate(self) -> None:
-        if self.subset not in ("cell", "batch"):
-            raise InputError(f"--subset must be 'cell' or 'batch', got '{self.subset}'")
+        if self.subset not in SUBSETS:
+            raise InputError(f"--subset must be one of {', '.join(SUBSETS)}, got '{self.subset}'")
+        if not 0.0 < self.zero_fraction < 1.0:
+            raise InputError(f"--zero-fraction must be in (0, 1), got {self.zero_fraction}")
         if self.decode_genes < 0:
             raise InputError(f"--decode-genes must be >= 0 (0 = all genes), got {self.decode_genes}")
         if self.min_steps < 0:
@@ -57,24 +63,70 @@ class VAERunConfig:
             raise InputError(f"--epochs must be > 0, got {self.epochs}")
 
 
+SUBSETS = ("cell", "batch", "stratified")
+
+
+def stratified_subset(
+    target: torch.Tensor, q: int, zero_fraction: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A per-cell sample of Q gene columns in two strata, expressed (x > 0) and unexpressed, with weights.
+
+    target (B, G) counts. Each cell keeps k1 = min(n1, Q - ceil(zero_fraction * Q)) of its n1 expressed genes
+    (all of them when they fit) and fills the other k0 = Q - k1 slots with unexpressed ones (fewer expressed
+    genes are kept only when the cell has fewer than k0 zeros), both strata drawn uniformly without
+    replacement. A drawn gene's weight is its stratum's size over its sample size (n1 / k1 or n0 / k0), so
+    sum_g w_g f(x_g) is an unbiased estimate of the sum over all G genes (Horvitz-Thompson).
+    Why: a uniform subset of 256 of 2,000 genes holds ~25 of a typical pbmc3k cell's ~190 expressed genes,
+    and those carry most of the likelihood's information; this one holds all 190 at the same decoding cost.
+    Returns column indices (B, Q) int64 (gene id - 1) and weights (B, Q) float32.
+    """
+    B, G = target.shape
+    dev = target.device
+    expressed = target > 0  # (B, G)
+    n1 = expressed.sum(dim=1)  # (B,)
+    n0 = G - n1
+    room = q - math.ceil(zero_fraction * q)  # slots open to expressed genes
+    k1 = torch.maximum(torch.clamp(n1, max=room), q - n0)  # too few zeros: keep more expressed genes
+    k0 = q - k1
+    # Random keys with the expressed genes in [0, 1) and the unexpressed in [2, 3). The `room` smallest keys
+    # are min(n1, room) random expressed genes (topped up with random zeros when n1 < room), the q - room
+    # largest are random zeros (topped up with random expressed genes when n0 < q - room); the two sets are
+    # disjoint whenever q <= G, and together they are the draw described above. Two top-k's rather than
+    # one sort of all G keys: 3 vs 7 ms per 64 x 2,000 batch on this CPU.
+    keys = torch.rand((B, G), generator=generator, device=generator.device).to(dev) + 2.0 * (~expressed)
+    low = keys.topk(room, dim=1, largest=False).indices  # (B, room)
+    high = keys.topk(q - room, dim=1, largest=True).indices  # (B, q - room)
+    idx = torch.cat([low, high], dim=1)  # (B, Q)
+    drawn_expressed = expressed.gather(1, idx)  # (B, Q)
+    w1 = n1.float() / k1.clamp(min=1).float()  # (B,)
+    w0 = n0.float() / k0.clamp(min=1).float()
+    weights = torch.where(drawn_expressed, w1[:, None], w0[:, None])  # (B, Q)
+    return idx, weights
+
+
 class VAELoss:
     """loss_fn for `train.train`: decode a random gene subset of each cell and return the negative ELBO."""
 
-    def __init__(self, n_genes: int, decode_genes: int, subset: str) -> None:
+    def __init__(self, n_genes: int, decode_genes: int, subset: str, zero_fraction: float = 0.25) -> None:
         self.n_genes = n_genes
         self.q = n_genes if decode_genes <= 0 or decode_genes >= n_genes else decode_genes
         self.subset = subset
+        self.zero_fraction = zero_fraction
 
     def __call__(self, model: TransformerVAE, batch: dict[str, torch.Tensor], generator: torch.Generator):
         target = batch["target"]  # (B, G) all counts of the cells
         B, G = target.shape
         dev = target.device
+        weights = None
         if self.q == G:
             idx = torch.arange(G, device=dev)  # (G,)
             target_genes, target_counts = idx + 1, target
         elif self.subset == "batch":
             idx = torch.randperm(G, generator=generator, device=generator.device)[: self.q].to(dev)  # (Q,)
             target_genes, target_counts = idx + 1, target[:, idx]
+        elif self.subset == "stratified":
+            idx, weights = stratified_subset(target, self.q, self.zero_fraction, generator)  # (B, Q) x 2
+            target_genes, target_counts = idx + 1, target.gather(1, idx)
         else:
             # a uniform random subset per cell: the Q smallest of G uniform keys
             keys = torch.rand((B, G), generator=generator, device=generator.device).to(dev)
@@ -82,7 +134,7 @@ class VAELoss:
             target_genes, target_counts = idx + 1, target.gather(1, idx)
         out = model.loss(
             batch["genes"], batch["counts"], batch["mask"], batch["library_size"], target_genes, target_counts,
-            generator=generator,
+            generator=generator, target_weights=weights,
         )
         return out["loss"], {"nll": out["nll"].item(), "kl": out["kl"].item()}
 
@@ -178,7 +230,7 @@ def train_vae(
     }
     return train(
         model,
-        VAELoss(G, run.decode_genes, run.subset),
+        VAELoss(G, run.decode_genes, run.subset, run.zero_fraction),
         loader,
         tcfg,
         Path(out_dir),

@@ -380,11 +380,16 @@ class TransformerVAE(nn.Module):
             params["zi_logits"] = out[..., 1]  # (B, Q)
         return params
 
-    def likelihood(self, params: dict[str, torch.Tensor], library_size: torch.Tensor) -> Likelihood:
+    def likelihood(
+        self, params: dict[str, torch.Tensor], library_size: torch.Tensor, log_weights: torch.Tensor | None = None
+    ) -> Likelihood:
         """Likelihood object over (B, Q) from `decode_parameters` output and library sizes L (B,).
 
         Count models: mean = softmax(logits over the Q requested genes) * L, so the means sum to L over
-        the requested set.
+        the requested set. With `log_weights` (B, Q), the requested genes are a weighted sample standing for
+        all G genes (gene g counts w_g times; see `loss`): the softmax's normaliser is then the weighted sum
+        sum_j w_j exp(logit_j), an unbiased estimate of the full-vocabulary one, so that the means estimate
+        those of a full decode and sum_j w_j mu_j = L.
         """
         ref = params["m"] if "m" in params else params["logits"]
         if tuple(library_size.shape) != (ref.shape[0],):
@@ -393,7 +398,12 @@ class TransformerVAE(nn.Module):
         lik = self.config.likelihood
         if lik == "gaussian":
             return Gaussian.from_log(params["m"], params["log_sigma"], library_size)
-        log_mu = torch.log_softmax(params["logits"], dim=-1) + torch.log(library_size)[:, None]  # (B, Q)
+        logits = params["logits"]  # (B, Q)
+        if log_weights is None:
+            log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, 1)
+        else:
+            log_norm = torch.logsumexp(logits + log_weights, dim=-1, keepdim=True)  # (B, 1)
+        log_mu = logits - log_norm + torch.log(library_size)[:, None]  # (B, Q)
         if lik == "poisson":
             return Poisson.from_log(log_mu)
         if lik == "zinb":
@@ -426,6 +436,7 @@ class TransformerVAE(nn.Module):
         target_counts: torch.Tensor,
         generator: torch.Generator | None = None,
         sample_posterior: bool = True,
+        target_weights: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Negative ELBO (beta-weighted) of a batch: dict(loss, nll, kl), all scalars.
 
@@ -441,6 +452,12 @@ class TransformerVAE(nn.Module):
         mean by L / L_Q).
         kl = mean over cells of KL(q(Z|x) || N(0, I)) summed over the m x d_latent dimensions (0 when
         deterministic); loss = nll + beta * kl. With sample_posterior=False the posterior mean is decoded.
+
+        target_weights (B, Q), optional: a weighted (stratified) sample of genes instead of a uniform one, each
+        target gene standing for w_g genes of the cell (e.g. every expressed gene with w = 1 and a few of the
+        zeros with w = #zeros / #drawn). Then nll = mean over cells of sum_g w_g * -log p(x_g | z), the means
+        are normalised over the weighted sample (see `likelihood`) and the library is the cell's full
+        `library_size`; both are estimates of the full-gene quantities, without the G / Q factor.
         """
         if target_counts.dim() != 2 or target_counts.shape[-1] != target_genes.shape[-1]:
             raise ValueError(
@@ -451,10 +468,20 @@ class TransformerVAE(nn.Module):
         z = self.sample_latent(mu, logvar, generator) if sample_posterior else mu
         Q = target_counts.shape[-1]
         G = self.config.n_genes
-        decoded_library = library_size if Q == G else target_counts.sum(dim=-1)  # (B,)
-        lik = self.decode(z, target_genes, decoded_library)
-        log_p = lik.log_prob(target_counts.to(mu.dtype))  # (B, Q)
-        nll = -(G / Q) * log_p.sum(dim=-1).mean()
+        if target_weights is not None:
+            if target_weights.shape != target_counts.shape:
+                raise ValueError(
+                    f"target_weights must have the shape of target_counts {tuple(target_counts.shape)}, "
+                    f"got {tuple(target_weights.shape)}"
+                )
+            w = target_weights.to(mu.dtype)  # (B, Q)
+            lik = self.likelihood(self.decode_parameters(z, target_genes), library_size, log_weights=torch.log(w))
+            nll = -(w * lik.log_prob(target_counts.to(mu.dtype))).sum(dim=-1).mean()
+        else:
+            decoded_library = library_size if Q == G else target_counts.sum(dim=-1)  # (B,)
+            lik = self.decode(z, target_genes, decoded_library)
+            log_p = lik.log_prob(target_counts.to(mu.dtype))  # (B, Q)
+            nll = -(G / Q) * log_p.sum(dim=-1).mean()
         if logvar is None:
             kl = torch.zeros((), device=mu.device, dtype=mu.dtype)
         else:
