@@ -13,6 +13,10 @@ mean over seeds) and writes results.json into --workdir.
 overrides `--steps` per point (e.g. `batch-size=64;max-steps=1600` for the same epochs as batch 128 at 800).
 Runs go to a pool of `--workers` processes with one torch thread each; the training seconds in the table are the
 run's own (comparable between rows only when the machine is equally busy).
+
+`--train-cells N` also encodes N training cells (a seeded sample, tokenized with the same vocabulary as the test
+split of a second token folder) with every trained model and adds their RE and per-gene PCC to the table: the
+train-test gap says whether a setting over- or underfits (a test RE well above the train RE is overfitting).
 """
 
 from __future__ import annotations
@@ -58,8 +62,27 @@ def point_steps(point: dict[str, str], steps: int) -> int:
     return int(point.get("max-steps", steps))
 
 
-def one_run(data: Path, tokens: Path, work: Path, preset: str, steps: int, point: dict[str, str], seed: int) -> dict[str, Any]:
-    """Train one VAE and encode the test cells; one result row."""
+def write_train_sample(train: Path, n: int, out: Path, seed: int = 0) -> int:
+    """Write a seeded sample of n training cells (all of them if fewer) to out; returns the number written."""
+    import anndata as ad
+    import numpy as np
+
+    adata = ad.read_h5ad(train)
+    k = min(n, adata.n_obs)
+    idx = np.sort(np.random.default_rng(seed).choice(adata.n_obs, size=k, replace=False))
+    adata[idx].copy().write_h5ad(out)
+    return k
+
+
+def _metrics(encode_dir: Path) -> dict[str, float]:
+    m = json.loads((encode_dir / "reconstruction.json").read_text())["metrics"]
+    return {"re": m["re_nll_gene_sum_cell_mean"], "pcc": m["pcc_gene_batch256_sample"],
+            "pcc_mean": m["pcc_gene_batch256_mean"], "mse": m["mse_sample"]}
+
+
+def one_run(data: Path, tokens: Path, work: Path, preset: str, steps: int, point: dict[str, str], seed: int,
+            train_tokens: Path | None = None) -> dict[str, Any]:
+    """Train one VAE and encode the test cells (and, with train_tokens, the sampled training cells); one result row."""
     name = "_".join(f"{k}-{v}" for k, v in point.items()) or "defaults"
     steps = point_steps(point, steps)
     vae = work / f"{name}_s{seed}"
@@ -68,23 +91,34 @@ def one_run(data: Path, tokens: Path, work: Path, preset: str, steps: int, point
     wall = run_logged(["train-vae", "--tokens", tokens, "--outdir", vae, "--preset", preset, "--max-steps", steps,
                  "--threads", 1, "--no-progress", "--seed", seed, *extra], log)
     run_logged(["encode", "--vae", vae, "--tokens", tokens, "--outdir", vae / "encode", "--threads", 1, "--seed", 0], log)
-    m = json.loads((vae / "encode" / "reconstruction.json").read_text())["metrics"]
-    return {"dataset": data.name, "point": name, "seed": seed, "steps": steps, "train_s": round(wall, 1),
-            "re": m["re_nll_gene_sum_cell_mean"], "pcc": m["pcc_gene_batch256_sample"],
-            "pcc_mean": m["pcc_gene_batch256_mean"], "mse": m["mse_sample"]}
+    row = {"dataset": data.name, "point": name, "seed": seed, "steps": steps, "train_s": round(wall, 1),
+           **_metrics(vae / "encode")}
+    if train_tokens is not None:
+        run_logged(["encode", "--vae", vae, "--tokens", train_tokens, "--outdir", vae / "encode_train", "--threads", 1,
+                    "--seed", 0], log)
+        m = _metrics(vae / "encode_train")
+        row.update(re_train=m["re"], pcc_train=m["pcc"])
+    return row
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table: mean over seeds per (dataset, grid point), with the seed count."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    gap = bool(rows) and all("re_train" in r for r in rows)
     for r in rows:
         groups.setdefault((r["dataset"], r["point"]), []).append(r)
     body = []
     for (ds, point), rs in groups.items():
         mean = {k: statistics.fmean(r[k] for r in rs) for k in ("train_s", "re", "pcc", "pcc_mean", "mse")}
-        body.append([ds, point, f"{rs[0]['steps']:,}", len(rs), f"{mean['train_s']:.0f}", f"{mean['re']:,.0f}",
-                     f"{mean['pcc']:.3f}", f"{mean['pcc_mean']:.3f}", f"{mean['mse']:.3f}"])
+        line = [ds, point, f"{rs[0]['steps']:,}", len(rs), f"{mean['train_s']:.0f}", f"{mean['re']:,.1f}",
+                f"{mean['pcc']:.4f}", f"{mean['pcc_mean']:.3f}", f"{mean['mse']:.3f}"]
+        if gap:
+            line += [f"{statistics.fmean(r['re_train'] for r in rs):,.1f}",
+                     f"{statistics.fmean(r['pcc_train'] for r in rs):.4f}"]
+        body.append(line)
     headers = ["dataset", "setting", "steps", "seeds", "training s", "RE ↓", "PCC ↑", "PCC (NB mean) ↑", "MSE ↓"]
+    if gap:
+        headers += ["RE, train cells", "PCC, train cells"]
     return markdown_table(headers, body)
 
 
@@ -98,6 +132,8 @@ def main() -> None:
     ap.add_argument("--preset", default="default", choices=["tiny", "default"])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--train-cells", type=int, default=0,
+                    help="also encode this many (seeded) training cells with every model: the train-test gap")
     args = ap.parse_args()
     names = [d for d in args.datasets.split(",") if d]
     points = parse_grid(args.grid)
@@ -114,7 +150,16 @@ def main() -> None:
         if not (tokens / "manifest.json").exists():
             run_logged(["tokenize", "--train", args.data / n / "train.h5ad", "--test", args.data / n / "test.h5ad",
                   "--outdir", tokens, "--no-progress"], work / "tokenize.log")
-        jobs += [(args.data / n, tokens, work, args.preset, args.steps, p, s) for p in points for s in seeds]
+        train_tokens = None
+        if args.train_cells > 0:
+            train_tokens = work / "tokens_train_cells"
+            if not (train_tokens / "manifest.json").exists():
+                sample = work / "train_cells.h5ad"
+                write_train_sample(args.data / n / "train.h5ad", args.train_cells, sample)
+                # the same --train as `tokens`, so the same vocabulary; its test split is the sampled training cells
+                run_logged(["tokenize", "--train", args.data / n / "train.h5ad", "--test", sample,
+                            "--outdir", train_tokens, "--no-progress"], work / "tokenize.log")
+        jobs += [(args.data / n, tokens, work, args.preset, args.steps, p, s, train_tokens) for p in points for s in seeds]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         futures = [pool.submit(one_run, *job) for job in jobs]
         rows = []

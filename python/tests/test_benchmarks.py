@@ -153,4 +153,31 @@ def test_vae_settings_grid_parsing():
     rows = [dict(dataset="pbmc", point="lr-1e-3", seed=s, steps=400, train_s=100.0 + 2 * s, re=700.0 + 2 * s,
                  pcc=0.01, pcc_mean=0.02, mse=1.3) for s in (0, 1)]
     table = bench_vae_settings.table(rows).splitlines()
-    assert len(table) == 3 and table[2] == "| pbmc | lr-1e-3 | 400 | 2 | 101 | 701 | 0.010 | 0.020 | 1.300 |"
+    assert len(table) == 3 and table[2] == "| pbmc | lr-1e-3 | 400 | 2 | 101 | 701.0 | 0.0100 | 0.020 | 1.300 |"
+    # with --train-cells every row also has the training cells' RE and PCC: two more columns, means over seeds
+    for r in rows:
+        r.update(re_train=690.0 + r["seed"], pcc_train=0.02)
+    table = bench_vae_settings.table(rows).splitlines()
+    assert table[0].endswith("| RE, train cells | PCC, train cells |")
+    assert table[2].endswith("| 1.300 | 690.5 | 0.0200 |")
+
+
+def test_bench_vae_settings_train_sample_is_seeded_and_keeps_the_cells(tmp_path):
+    """--train-cells: a seeded sample of whole training cells, in file order; n above the cell count takes them all."""
+    import anndata as ad
+    import bench_vae_settings
+    import numpy as np
+    import scipy.sparse as sp
+
+    x = sp.random(30, 12, density=0.3, format="csr", random_state=0, dtype=np.float32)
+    x.data = np.ceil(x.data * 10)
+    src = tmp_path / "train.h5ad"
+    ad.AnnData(X=x, obs={"cell": [f"c{i}" for i in range(30)]}).write_h5ad(src)
+    assert bench_vae_settings.write_train_sample(src, 10, tmp_path / "a.h5ad") == 10
+    assert bench_vae_settings.write_train_sample(src, 10, tmp_path / "b.h5ad") == 10
+    a, b, full = (ad.read_h5ad(tmp_path / f) for f in ("a.h5ad", "b.h5ad", "train.h5ad"))
+    assert list(a.obs_names) == list(b.obs_names)  # same seed, same cells
+    idx = [full.obs_names.get_loc(n) for n in a.obs_names]
+    assert idx == sorted(idx)
+    assert (a.X != full.X[idx]).nnz == 0  # counts unchanged
+    assert bench_vae_settings.write_train_sample(src, 100, tmp_path / "c.h5ad") == 30
