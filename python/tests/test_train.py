@@ -534,3 +534,34 @@ def test_train_vae_decodes_a_stratified_subset_by_default_and_refuses_a_bad_zero
     res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "bad"), "--zero-fraction", "1"])
     assert res.exit_code != 0 and "--zero-fraction" in res.output and "1" in res.output
     assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+
+
+def test_train_vae_starts_its_decoder_bias_at_the_data_mean_profile(tmp_path: Path) -> None:
+    """The presets have the per-gene decoder bias: train-vae without options initialises it from the training
+    cells' mean profile (after 2 warm-up steps it has barely moved); --no-gene-bias builds the model without it."""
+    from click.testing import CliRunner
+
+    from sclatent.cli import main
+    from sclatent.synthetic import synthetic_counts
+    from sclatent.tokens import TokenLoader, tokenize
+    from sclatent.train_vae import gene_bias_init, load_vae
+
+    adata = synthetic_counts(n_cells=40, n_genes=24, seed=3)
+    adata.var["highly_variable"] = True
+    adata.write_h5ad(tmp_path / "train.h5ad")
+    tokenize(tmp_path / "train.h5ad", tmp_path / "tok", progress=False)
+    common = ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--max-steps", "2", "--device", "cpu",
+              "--no-progress", "--preset", "tiny", "--batch-size", "20"]
+    runner = CliRunner()
+    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "on")])
+    assert res.exit_code == 0, res.output
+    model, _ = load_vae(tmp_path / "on")
+    assert model.config.gene_bias
+    expected = gene_bias_init(TokenLoader(tmp_path / "tok", "train", batch_size=20), "nb")  # (G,)
+    bias = model.gene_bias.weight[1:, 0].detach()
+    assert bias.std() > 0.1  # the profile is not flat
+    torch.testing.assert_close(bias, expected, atol=5e-3, rtol=0)
+    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "off"), "--no-gene-bias"])
+    assert res.exit_code == 0, res.output
+    model, _ = load_vae(tmp_path / "off")
+    assert not model.config.gene_bias and not hasattr(model, "gene_bias")
