@@ -537,8 +537,8 @@ def test_train_vae_decodes_a_stratified_subset_by_default_and_refuses_a_bad_zero
 
 
 def test_train_vae_starts_its_decoder_bias_at_the_data_mean_profile(tmp_path: Path) -> None:
-    """The presets have the per-gene decoder bias: train-vae without options initialises it from the training
-    cells' mean profile (after 2 warm-up steps it has barely moved); --no-gene-bias builds the model without it."""
+    """train-vae --gene-bias initialises the per-gene decoder bias from the training cells' mean profile (after 2
+    warm-up steps it has barely moved); without the flag (the presets' default) the model has no bias."""
     from click.testing import CliRunner
 
     from sclatent.cli import main
@@ -553,7 +553,7 @@ def test_train_vae_starts_its_decoder_bias_at_the_data_mean_profile(tmp_path: Pa
     common = ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--max-steps", "2", "--device", "cpu",
               "--no-progress", "--preset", "tiny", "--batch-size", "20"]
     runner = CliRunner()
-    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "on")])
+    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "on"), "--gene-bias"])
     assert res.exit_code == 0, res.output
     model, _ = load_vae(tmp_path / "on")
     assert model.config.gene_bias
@@ -561,7 +561,7 @@ def test_train_vae_starts_its_decoder_bias_at_the_data_mean_profile(tmp_path: Pa
     bias = model.gene_bias.weight[1:, 0].detach()
     assert bias.std() > 0.1  # the profile is not flat
     torch.testing.assert_close(bias, expected, atol=5e-3, rtol=0)
-    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "off"), "--no-gene-bias"])
+    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "off")])
     assert res.exit_code == 0, res.output
     model, _ = load_vae(tmp_path / "off")
     assert not model.config.gene_bias and not hasattr(model, "gene_bias")
