@@ -135,6 +135,8 @@ def main() -> None:
     ap.add_argument("--train-cells", type=int, default=0,
                     help="also encode this many (seeded) training cells with every model: the train-test gap")
     args = ap.parse_args()
+    if args.train_cells < 0:
+        sys.exit(f"bench_vae_settings: --train-cells must be >= 0, got {args.train_cells}")
     names = [d for d in args.datasets.split(",") if d]
     points = parse_grid(args.grid)
     seeds = [int(s) for s in args.seeds.split(",")]

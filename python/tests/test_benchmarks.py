@@ -181,3 +181,22 @@ def test_bench_vae_settings_train_sample_is_seeded_and_keeps_the_cells(tmp_path)
     assert idx == sorted(idx)
     assert (a.X != full.X[idx]).nnz == 0  # counts unchanged
     assert bench_vae_settings.write_train_sample(src, 100, tmp_path / "c.h5ad") == 30
+
+
+def test_vae_bench_scripts_refuse_bad_arguments_naming_them(tmp_path, monkeypatch):
+    """bench_vae_settings --train-cells < 0 and bench_vae_speed's malformed --tokens: one-line exits."""
+    import bench_vae_settings
+    import bench_vae_speed
+
+    cases = [
+        (bench_vae_settings, ["--data", str(tmp_path), "--datasets", "x", "--workdir", str(tmp_path / "w"),
+                              "--train-cells", "-1"], "--train-cells must be >= 0, got -1"),
+        (bench_vae_speed, ["--tokens", f"pbmc={tmp_path}", "--workdir", str(tmp_path / "w")], "pbmc="),
+        (bench_vae_speed, ["--tokens", "pbmc", "--workdir", str(tmp_path / "w")], "'pbmc' is not name="),
+    ]
+    for module, argv, message in cases:
+        monkeypatch.setattr(sys, "argv", ["prog", *argv])
+        with pytest.raises(SystemExit) as exc:
+            module.main()
+        assert message in str(exc.value)
+    assert not (tmp_path / "w").exists()  # nothing written
