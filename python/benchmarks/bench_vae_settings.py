@@ -9,7 +9,8 @@ mean over seeds) and writes results.json into --workdir.
         --grid "lr=1e-3,3e-3;decode-genes=512,256" --steps 500 --preset default --seeds 0 --workdir /tmp/vs
 
 `--grid` is a ';'-separated list of `option=v1,v2,...` (train-vae option names without the dashes; the values
-`on` / `off` give a flag's `--option` / `--no-option` form); the grid is their product. A `max-steps` axis
+`on` / `off` give a flag's `--option` / `--no-option` form, and a ':' inside a value stands for ',', as in
+`betas=0.9:0.999`); the grid is their product. A `max-steps` axis
 overrides `--steps` per point (e.g. `batch-size=64;max-steps=1600` for the same epochs as batch 128 at 800).
 Runs go to a pool of `--workers` processes with one torch thread each; the training seconds in the table are the
 run's own (comparable between rows only when the machine is equally busy).
@@ -49,12 +50,13 @@ def parse_grid(text: str) -> list[dict[str, str]]:
 
 
 def _option(name: str, value: str) -> list[str]:
-    """Command-line words of one grid value: 'on' / 'off' are the --name / --no-name flag forms."""
+    """Command-line words of one grid value: 'on' / 'off' are the --name / --no-name flag forms; a ':' in a value
+    becomes ',' (values are ','-separated in the grid, so `betas=0.9:0.999` is `--betas 0.9,0.999`)."""
     if value == "on":
         return [f"--{name}"]
     if value == "off":
         return [f"--no-{name}"]
-    return [f"--{name}", value]
+    return [f"--{name}", value.replace(":", ",")]
 
 
 def point_steps(point: dict[str, str], steps: int) -> int:

@@ -146,6 +146,7 @@ def test_vae_settings_grid_parsing():
     assert bench_vae_settings.parse_grid("") == [{}]
     assert bench_vae_settings._option("gene-bias", "off") == ["--no-gene-bias"]
     assert bench_vae_settings._option("lr", "1e-3") == ["--lr", "1e-3"]
+    assert bench_vae_settings._option("betas", "0.9:0.999") == ["--betas", "0.9,0.999"]  # ',' separates grid values
     assert bench_vae_settings.point_steps({"lr": "1e-3"}, 400) == 400
     assert bench_vae_settings.point_steps({"batch-size": "64", "max-steps": "1600"}, 400) == 1600
     with pytest.raises(ValueError, match="not 'option=v1,v2'"):

@@ -7,13 +7,16 @@ Glue between the token loader (`tokens.py`), the model (`nn/vae.py`) and the sha
   fit in 75% of the slots) and a sample of its unexpressed ones, importance-weighted so that the NLL and the
   softmax normaliser estimate the full-gene ones; `"cell"` (uniform per cell) and `"batch"` (one uniform
   subset per batch) rescale the NLL by G/Q instead;
+- optionally, after the last step, the per-gene NB dispersions are refit by maximum likelihood on the training cells with
+  every other weight fixed (`dispersion.py`; off by default, `refit_dispersion=True`);
 - the run directory holds `checkpoint.pt`, `config.json` (model + training config, the vocabulary and label
-  encoders it was trained with, input checksums) and `history.csv`.
+  encoders it was trained with, input checksums, the refit's figures) and `history.csv`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -23,10 +26,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from .dispersion import refit_dispersion
 from .io import InputError
 from .nn.vae import TransformerVAE, VAEConfig
 from .tokens import MANIFEST, TokenBatch, TokenLoader, read_manifest
-from .train import TrainConfig, TrainResult, load_run, train, training_steps
+from .train import (
+    TrainConfig,
+    TrainResult,
+    atomic_torch_save,
+    atomic_write_json,
+    distributed_job,
+    load_checkpoint,
+    load_run,
+    train,
+    training_steps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +63,12 @@ class VAERunConfig:
     subset: str = "stratified"  # "stratified": expressed genes first; "cell": uniform per cell; "batch": one per batch
     zero_fraction: float = 0.25  # "stratified": at least this share of the decoded genes are unexpressed ones
     max_tokens: int | None = None  # encoder input cap (default: the manifest's)
+    theta_lr_scale: float = 1.0  # learning-rate multiplier of the per-gene dispersion table (nb, zinb)
+    refit_dispersion: bool = False  # after training, refit that table by maximum likelihood (dispersion.py)
 
     def validate(self) -> None:
+        if not (math.isfinite(self.theta_lr_scale) and self.theta_lr_scale > 0):
+            raise InputError(f"--theta-lr-scale must be a finite number > 0, got {self.theta_lr_scale}")
         if self.subset not in SUBSETS:
             raise InputError(f"--subset must be one of {', '.join(SUBSETS)}, got '{self.subset}'")
         if not 0.0 < self.zero_fraction < 1.0:
@@ -208,6 +226,8 @@ def train_vae(
     )
     tcfg.max_steps = training_steps(run.epochs, loader.n_batches(), run.min_steps, run.max_steps)
     model = TransformerVAE(model_cfg, seed=tcfg.seed)
+    if run.theta_lr_scale != 1.0 and hasattr(model, "log_theta"):
+        tcfg.lr_scales = {**tcfg.lr_scales, "log_theta": run.theta_lr_scale}
     if model_cfg.gene_bias:
         model.init_gene_bias(gene_bias_init(loader, model_cfg.likelihood))
     n_params = sum(p.numel() for p in model.parameters())
@@ -228,7 +248,7 @@ def train_vae(
         "tokens_manifest": str(Path(tokens_dir) / MANIFEST),
         "tokens_provenance": manifest.get("provenance", {}),
     }
-    return train(
+    result = train(
         model,
         VAELoss(G, run.decode_genes, run.subset, run.zero_fraction),
         loader,
@@ -242,6 +262,31 @@ def train_vae(
         move_batch=lambda b, device: b.to_torch(device, dense_target=G),
         split_batch=token_batch_rows,
     )
+    job = distributed_job()
+    if run.refit_dispersion and hasattr(model, "log_theta") and (job is None or job.rank == 0):
+        _refit_run_dispersion(result, tokens_dir, seed=tcfg.seed)
+    return result
+
+
+def _refit_run_dispersion(result: TrainResult, tokens_dir: str | Path, *, seed: int) -> None:
+    """Refit the per-gene dispersions of the finished run's weights (and of their EMA, when kept) by maximum
+    likelihood on the training cells, then rewrite checkpoint.pt and config.json (atomically; see dispersion.py)."""
+    model = result.model
+    device = next(model.parameters()).device
+    ckpt = load_checkpoint(result.checkpoint_path, map_location="cpu")
+    reports: dict[str, Any] = {}
+    for which in ("ema", "model"):  # "model" last: the returned module then holds the trained weights
+        if ckpt.get(which) is None:
+            continue
+        model.load_state_dict(ckpt[which])
+        reports[which] = refit_dispersion(model, str(tokens_dir), seed=seed, device=device)
+        ckpt[which]["log_theta.weight"] = model.log_theta.weight.detach().cpu().clone()
+    if result.ema is not None and "ema" in reports:
+        result.ema.load_state_dict(ckpt["ema"])
+    atomic_torch_save(result.checkpoint_path, ckpt)
+    config = json.loads(result.config_path.read_text())
+    config["metadata"]["dispersion_refit"] = {"after_step": int(ckpt["step"]), **reports}
+    atomic_write_json(result.config_path, config)
 
 
 def load_vae(run_dir: str | Path, *, weights: str = "auto", map_location: str | torch.device = "cpu") -> tuple[TransformerVAE, dict]:
