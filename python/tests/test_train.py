@@ -604,7 +604,7 @@ def test_train_vae_starts_its_decoder_bias_at_the_data_mean_profile(tmp_path: Pa
 
 
 def test_train_vae_theta_lr_scale_speeds_up_the_dispersions_only(tmp_path: Path) -> None:
-    """--theta-lr-scale puts the per-gene NB dispersion table in its own optimiser group with lr x scale (recorded
+    """--theta-lr-scale (10 unless given) puts the per-gene NB dispersion table in its own optimiser group with lr x scale (recorded
     in config.json); in the same steps its dispersions move further from their start than at scale 1; it is a
     no-op for a likelihood without that table; a non-positive value is refused with no run written."""
     from click.testing import CliRunner
@@ -637,6 +637,11 @@ def test_train_vae_theta_lr_scale_speeds_up_the_dispersions_only(tmp_path: Path)
         else:
             assert config["train_config"]["lr_scales"] == {"log_theta": 20.0} and scales == [1.0, 20.0]
     assert moved["20"] > 5 * moved["1"] > 0
+    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "default")])
+    assert res.exit_code == 0, res.output
+    config = json.loads((tmp_path / "default" / "config.json").read_text())
+    assert config["metadata"]["run"]["theta_lr_scale"] == 10.0
+    assert config["train_config"]["lr_scales"] == {"log_theta": 10.0}
     res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "pois"), "--likelihood", "poisson",
                                "--theta-lr-scale", "20"])
     assert res.exit_code == 0, res.output

@@ -7,6 +7,8 @@ Glue between the token loader (`tokens.py`), the model (`nn/vae.py`) and the sha
   fit in 75% of the slots) and a sample of its unexpressed ones, importance-weighted so that the NLL and the
   softmax normaliser estimate the full-gene ones; `"cell"` (uniform per cell) and `"batch"` (one uniform
   subset per batch) rescale the NLL by G/Q instead;
+- the per-gene NB dispersion table learns at 10x the learning rate (`theta_lr_scale`): at 1x it barely moves
+  from its initial value in a CPU-length run (BENCHMARKS.md, "Per-gene dispersions");
 - optionally, after the last step, the per-gene NB dispersions are refit by maximum likelihood on the training cells with
   every other weight fixed (`dispersion.py`; off by default, `refit_dispersion=True`);
 - the run directory holds `checkpoint.pt`, `config.json` (model + training config, the vocabulary and label
@@ -63,7 +65,7 @@ class VAERunConfig:
     subset: str = "stratified"  # "stratified": expressed genes first; "cell": uniform per cell; "batch": one per batch
     zero_fraction: float = 0.25  # "stratified": at least this share of the decoded genes are unexpressed ones
     max_tokens: int | None = None  # encoder input cap (default: the manifest's)
-    theta_lr_scale: float = 1.0  # learning-rate multiplier of the per-gene dispersion table (nb, zinb)
+    theta_lr_scale: float = 10.0  # learning-rate multiplier of the per-gene dispersion table (nb, zinb); BENCHMARKS.md
     refit_dispersion: bool = False  # after training, refit that table by maximum likelihood (dispersion.py)
 
     def validate(self) -> None:
