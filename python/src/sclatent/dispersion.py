@@ -3,14 +3,13 @@
 Why: the per-gene log theta table is one scalar per gene whose gradient is noisy from batch to batch, so AdamW
 moves it far less than its learning rate allows. After 1,200 steps of the default VAE the table still sat near its
 initial log theta = 1 (pbmc3k: median 0.84, 5-95% 0.68-0.93), while the maximum-likelihood values given the
-trained means spread over -5..0.4 (median -1.8). Learning the table faster *during* training was measured worse
-(lower per-gene PCC of the means: an over-dispersed likelihood early on lets the decoder's means learn less), so
-the table is refit once, at the end, with every other weight fixed: each gene's theta maximises
-sum_cells log NB(x_cg | mu_cg, theta_g) over (a seeded subset of) the training cells, mu_cg the trained model's
-decoded means. The objective is separable in the genes, so one L-BFGS run over a block of genes' log theta
-is that many independent one-dimensional problems, solved together by Newton's method with autograd's exact
-derivatives (a shared L-BFGS over a block of genes took 100 iterations to converge, since the genes' curvatures
-differ by orders of magnitude; per-gene Newton steps take about ten).
+trained means spread over -5..0.4 (median -1.8). train-vae therefore gives the table 10x the learning rate by
+default (`--theta-lr-scale`); this module is the other remedy, an option: the table is refit once, at the end,
+with every other weight fixed: each gene's theta maximises sum_cells log NB(x_cg | mu_cg, theta_g) over (a seeded
+subset of) the training cells, mu_cg the trained model's decoded means. The objective is separable in the genes,
+so a block of genes' log theta is that many independent one-dimensional problems, solved together by Newton's
+method with autograd's exact derivatives (a shared L-BFGS over a block of genes took about 100 iterations to
+converge, since the genes' curvatures differ by orders of magnitude; per-gene Newton steps take about ten).
 
 A gene's NLL never rises (a step is accepted only where it falls), and theta is kept inside [1e-4, 1e6], the
 range the likelihoods are tested on. A gene with only zeros in the fitted cells goes to theta = 1e-4: the NB
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from .nn.likelihoods import NegativeBinomial, ZeroInflatedNegativeBinomial
-from .nn.vae import TransformerVAE, decode_chunks
+from .nn.vae import TransformerVAE, encoded_chunks, seeded_subset
 from .tokens import TokenLoader
 
 log = logging.getLogger(__name__)
@@ -37,7 +36,7 @@ LOG_THETA_MIN, LOG_THETA_MAX = math.log(1e-4), math.log(1e6)
 # 1,000 of 20,000 (at least MIN_CELLS cells whatever the gene count).
 MAX_ENTRIES = 20_000_000
 MIN_CELLS = 256
-GENE_BLOCK = 256  # genes per L-BFGS run (bounds the float64 temporaries to cells x 256)
+GENE_BLOCK = 256  # genes per Newton block (bounds the float64 temporaries to cells x 256)
 
 
 def refit_cells(n_cells: int, n_genes: int, *, max_entries: int = MAX_ENTRIES) -> int:
@@ -50,25 +49,16 @@ def _decoded_training_cells(
     model: TransformerVAE, loader: TokenLoader, keep: np.ndarray, device: torch.device
 ) -> dict[str, torch.Tensor]:
     """(M, G) float32 on the CPU: counts, log means and (zinb) zero-inflation logits of the kept cells."""
-    G = model.config.n_genes
-    genes = torch.arange(1, G + 1, device=device)  # (G,)
+    genes = torch.arange(1, model.config.n_genes + 1, device=device)  # (G,)
     counts, log_mu, zi = [], [], []
-    for batch in loader.iter_epoch(0):
-        rows = np.flatnonzero(keep[batch.cell_index])
-        if len(rows) == 0:
-            continue
-        t = batch.to_torch(device, dense_target=G)
-        sel = torch.from_numpy(rows).to(device)
-        z, _ = model.encode(t["genes"][sel], t["counts"][sel], t["mask"][sel])  # (b, m, d_latent)
-        lib, target = t["library_size"][sel], t["target"][sel]  # (b,), (b, G)
-        for c in decode_chunks(len(z), device):
-            params = model.decode_parameters(z[c], genes)
-            lik = model.likelihood(params, lib[c])
-            nb = lik.nb if isinstance(lik, ZeroInflatedNegativeBinomial) else lik
-            log_mu.append(nb.log_mu.float().cpu())
-            counts.append(target[c].float().cpu())
-            if "zi_logits" in params:
-                zi.append(params["zi_logits"].float().cpu())
+    for _cells, z, lib, target in encoded_chunks(model, loader.iter_epoch(0), keep, device):
+        params = model.decode_parameters(z, genes)
+        lik = model.likelihood(params, lib)
+        nb = lik.nb if isinstance(lik, ZeroInflatedNegativeBinomial) else lik
+        log_mu.append(nb.log_mu.float().cpu())
+        counts.append(target.float().cpu())
+        if "zi_logits" in params:
+            zi.append(params["zi_logits"].float().cpu())
     out = {"counts": torch.cat(counts), "log_mu": torch.cat(log_mu)}  # (M, G) each
     if zi:
         out["zi_logits"] = torch.cat(zi)
@@ -85,6 +75,14 @@ def _gene_nll(data: dict[str, torch.Tensor], cols: slice, log_theta: torch.Tenso
     else:
         lik = NegativeBinomial.from_log(log_mu, lt)
     return -lik.log_prob(x).sum(dim=0)
+
+
+@torch.no_grad()
+def _total_nll(data: dict[str, torch.Tensor], log_theta: torch.Tensor) -> float:
+    """NLL summed over every cell and gene at log theta (G,), in blocks of GENE_BLOCK genes."""
+    G = data["counts"].shape[1]
+    return float(sum(_gene_nll(data, slice(a, min(a + GENE_BLOCK, G)), log_theta[a:a + GENE_BLOCK]).sum()
+                     for a in range(0, G, GENE_BLOCK)))
 
 
 def fit_log_theta(data: dict[str, torch.Tensor], start: torch.Tensor, *, max_iter: int = 25) -> torch.Tensor:
@@ -144,22 +142,16 @@ def refit_dispersion(
     loader = TokenLoader(tokens_dir, "train", batch_size=256, shuffle=False, seed=seed)
     n = loader.n_cells
     m = refit_cells(n, G, max_entries=max_entries)
-    keep = np.ones(n, dtype=bool)
-    if m < n:
-        keep[:] = False
-        keep[np.random.default_rng(seed).choice(n, size=m, replace=False)] = True
+    keep = seeded_subset(n, m, seed)
     was_training = model.training
     model.eval()
     data = _decoded_training_cells(model, loader, keep, device)
     model.train(was_training)
     old = model.log_theta.weight[1:, 0].detach().double().cpu()  # (G,)
-    with torch.no_grad():
-        nll_before = float(sum(_gene_nll(data, slice(a, min(a + GENE_BLOCK, G)), old[a:a + GENE_BLOCK]).sum()
-                               for a in range(0, G, GENE_BLOCK)))
+    nll_before = _total_nll(data, old)
     new = fit_log_theta(data, old)
+    nll_after = _total_nll(data, new)
     with torch.no_grad():
-        nll_after = float(sum(_gene_nll(data, slice(a, min(a + GENE_BLOCK, G)), new[a:a + GENE_BLOCK]).sum()
-                              for a in range(0, G, GENE_BLOCK)))
         model.log_theta.weight[1:, 0] = new.to(model.log_theta.weight)
     q = [0.05, 0.5, 0.95]
     report = {

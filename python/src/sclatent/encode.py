@@ -24,7 +24,7 @@ import torch
 
 from .io import atomic_outputs, dump_json, provenance
 from .metrics import reconstruction_metrics
-from .nn.vae import decode_chunks
+from .nn.vae import encoded_chunks, seeded_subset
 from .tokens import TokenLoader, read_manifest
 from .train_vae import check_vocabulary, load_vae, vocabulary_digest
 
@@ -56,29 +56,17 @@ def reconstruct_split(
 ) -> dict[str, Any]:
     """Reconstruct (a file-ordered seeded subset of) a split over all genes; returns the metrics dict."""
     n = loader.n_cells
-    keep = np.ones(n, dtype=bool)
-    if n > max_cells:
-        keep[:] = False
-        keep[np.random.default_rng(seed).choice(n, size=max_cells, replace=False)] = True
+    keep = seeded_subset(n, max_cells, seed)
     gen = torch.Generator(device=device).manual_seed(seed)
     genes = torch.arange(1, n_genes + 1, device=device)  # (G,)
     truth, sampled, means, nll, index = [], [], [], [], []
-    for batch in loader.iter_epoch(0):
-        rows = np.flatnonzero(keep[batch.cell_index])
-        if len(rows) == 0:
-            continue
-        t = batch.to_torch(device, dense_target=n_genes)
-        sel = torch.from_numpy(rows).to(device)
-        lib = t["library_size"][sel]  # (b,)
-        mu, _ = model.encode(t["genes"][sel], t["counts"][sel], t["mask"][sel])  # (b, m, dl)
-        target = t["target"][sel]  # (b, G)
-        for c in decode_chunks(len(mu), device):
-            lik = model.decode(mu[c], genes, lib[c])  # over (c, G)
-            nll.append((-lik.log_prob(target[c])).sum(dim=1).double().cpu().numpy())
-            sampled.append(sp.csr_matrix(lik.sample(gen).float().cpu().numpy()))
-            means.append(lik.mean.float().cpu().numpy())
-            truth.append(sp.csr_matrix(target[c].cpu().numpy()))
-        index.append(batch.cell_index[rows])
+    for cells, z, lib, target in encoded_chunks(model, loader.iter_epoch(0), keep, device):
+        lik = model.decode(z, genes, lib)  # over (c, G)
+        nll.append((-lik.log_prob(target)).sum(dim=1).double().cpu().numpy())
+        sampled.append(sp.csr_matrix(lik.sample(gen).float().cpu().numpy()))
+        means.append(lik.mean.float().cpu().numpy())
+        truth.append(sp.csr_matrix(target.cpu().numpy()))
+        index.append(cells)
     order = np.argsort(np.concatenate(index), kind="stable")  # file order
     metrics = reconstruction_metrics(
         sp.vstack(truth).tocsr()[order],

@@ -14,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -166,6 +168,38 @@ def decode_chunks(n: int, device: torch.device) -> list[slice]:
     """Row slices over a batch of `n` cells for decoding on `device` (whole batch except on CPU)."""
     step = CPU_DECODE_CHUNK if torch.device(device).type == "cpu" else max(n, 1)
     return [slice(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def seeded_subset(n: int, max_cells: int, seed: int) -> np.ndarray:
+    """(n,) bool: every cell when n <= max_cells, else a seeded sample of max_cells of them."""
+    keep = np.ones(n, dtype=bool)
+    if n > max_cells:
+        keep[:] = False
+        keep[np.random.default_rng(seed).choice(n, size=max_cells, replace=False)] = True
+    return keep
+
+
+@torch.no_grad()
+def encoded_chunks(
+    model: "TransformerVAE", batches: Iterable[Any], keep: np.ndarray, device: torch.device
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Encode the kept cells of token batches; yield them in `decode_chunks` pieces, ready to decode over all genes.
+
+    `batches`: TokenBatch objects (e.g. a TokenLoader epoch); `keep`: (n_cells,) bool by cell index. Yields
+    (cell_index (c,), z (c, m, d_latent), library_size (c,), dense target counts (c, G)) per chunk.
+    """
+    G = model.config.n_genes
+    for batch in batches:
+        rows = np.flatnonzero(keep[batch.cell_index])
+        if len(rows) == 0:
+            continue
+        t = batch.to_torch(device, dense_target=G)
+        sel = torch.from_numpy(rows).to(device)
+        z, _ = model.encode(t["genes"][sel], t["counts"][sel], t["mask"][sel])  # (b, m, d_latent)
+        lib, target = t["library_size"][sel], t["target"][sel]  # (b,), (b, G)
+        index = batch.cell_index[rows]  # (b,)
+        for c in decode_chunks(len(z), device):
+            yield index[c], z[c], lib[c], target[c]
 
 
 class TransformerVAE(nn.Module):
