@@ -382,6 +382,20 @@ def test_resume_refuses_different_model_config(tmp_path: Path) -> None:
               progress=False)
 
 
+def test_resume_refuses_different_lr_scales(tmp_path: Path) -> None:
+    """The optimiser's groups come from lr_scales: resuming with another set (or other values) is refused by name."""
+    cfg = cfg_for(max_steps=3, lr_scales={"net.0": 10.0})
+    train(make_model(), toy_loss, ToyData(), cfg, tmp_path, model_config=MODEL_CONFIG, progress=False)
+    for other in ({}, {"net.0": 3.0}, {"net.0": 10.0, "net.3": 10.0}):
+        with pytest.raises(ValueError, match=r"learning-rate scales were \{net\.0: 10\}"):
+            train(make_model(), toy_loss, ToyData(), cfg_for(max_steps=6, lr_scales=other), tmp_path, resume=True,
+                  model_config=MODEL_CONFIG, progress=False)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3  # the refused resumes wrote nothing
+    done = train(make_model(), toy_loss, ToyData(), cfg_for(max_steps=6, lr_scales={"net.0": 10.0}), tmp_path,
+                 resume=True, model_config=MODEL_CONFIG, progress=False)
+    assert done.step == 6
+
+
 def test_fresh_run_refuses_existing_checkpoint_and_resume_needs_one(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
         train(make_model(), toy_loss, ToyData(), cfg_for(max_steps=3), tmp_path, resume=True,
@@ -455,18 +469,25 @@ def test_training_steps_epochs_floor_and_override() -> None:
     assert training_steps(2.0, 7, min_steps=100, max_steps=9) == 9  # --max-steps wins over both
 
 
-def test_min_steps_raises_a_short_epoch_budget_end_to_end(tmp_path: Path) -> None:
-    """train-vae / train-prior through the CLI: 1 epoch of 40 cells at batch 20 is 2 steps; --min-steps 5 trains 5."""
-    from click.testing import CliRunner
-
-    from sclatent.cli import main
+def _synthetic_tokens(tmp_path: Path, condition_keys: list[str] | None = None) -> Path:
+    """Tokens of 40 synthetic cells x 24 genes (all HVG) in tmp_path/tok, from tmp_path/train.h5ad."""
     from sclatent.synthetic import synthetic_counts
     from sclatent.tokens import tokenize
 
     adata = synthetic_counts(n_cells=40, n_genes=24, seed=3)
     adata.var["highly_variable"] = True
     adata.write_h5ad(tmp_path / "train.h5ad")
-    tokenize(tmp_path / "train.h5ad", tmp_path / "tok", condition_keys=["cell_type"], progress=False)
+    tokenize(tmp_path / "train.h5ad", tmp_path / "tok", condition_keys=condition_keys, progress=False)
+    return tmp_path / "tok"
+
+
+def test_min_steps_raises_a_short_epoch_budget_end_to_end(tmp_path: Path) -> None:
+    """train-vae / train-prior through the CLI: 1 epoch of 40 cells at batch 20 is 2 steps; --min-steps 5 trains 5."""
+    from click.testing import CliRunner
+
+    from sclatent.cli import main
+
+    _synthetic_tokens(tmp_path, condition_keys=["cell_type"])
     common = ["--epochs", "1", "--batch-size", "20", "--device", "cpu", "--no-progress", "--preset", "tiny"]
     runner = CliRunner()
     res = runner.invoke(main, ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--outdir", str(tmp_path / "v"),
@@ -546,13 +567,8 @@ def test_train_vae_decodes_a_stratified_subset_by_default_and_refuses_a_bad_zero
     from click.testing import CliRunner
 
     from sclatent.cli import main
-    from sclatent.synthetic import synthetic_counts
-    from sclatent.tokens import tokenize
 
-    adata = synthetic_counts(n_cells=40, n_genes=24, seed=3)
-    adata.var["highly_variable"] = True
-    adata.write_h5ad(tmp_path / "train.h5ad")
-    tokenize(tmp_path / "train.h5ad", tmp_path / "tok", progress=False)
+    _synthetic_tokens(tmp_path)
     common = ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--max-steps", "3", "--device", "cpu",
               "--no-progress", "--preset", "tiny", "--decode-genes", "8", "--batch-size", "20"]
     runner = CliRunner()
@@ -578,14 +594,10 @@ def test_train_vae_starts_its_decoder_bias_at_the_data_mean_profile(tmp_path: Pa
     from click.testing import CliRunner
 
     from sclatent.cli import main
-    from sclatent.synthetic import synthetic_counts
-    from sclatent.tokens import TokenLoader, tokenize
+    from sclatent.tokens import TokenLoader
     from sclatent.train_vae import gene_bias_init, load_vae
 
-    adata = synthetic_counts(n_cells=40, n_genes=24, seed=3)
-    adata.var["highly_variable"] = True
-    adata.write_h5ad(tmp_path / "train.h5ad")
-    tokenize(tmp_path / "train.h5ad", tmp_path / "tok", progress=False)
+    _synthetic_tokens(tmp_path)
     common = ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--max-steps", "2", "--device", "cpu",
               "--no-progress", "--preset", "tiny", "--batch-size", "20"]
     runner = CliRunner()
@@ -611,13 +623,8 @@ def test_train_vae_theta_lr_scale_speeds_up_the_dispersions_only(tmp_path: Path)
 
     from sclatent.cli import main
     from sclatent.nn.vae import _THETA_INIT
-    from sclatent.synthetic import synthetic_counts
-    from sclatent.tokens import tokenize
 
-    adata = synthetic_counts(n_cells=40, n_genes=24, seed=3)
-    adata.var["highly_variable"] = True
-    adata.write_h5ad(tmp_path / "train.h5ad")
-    tokenize(tmp_path / "train.h5ad", tmp_path / "tok", progress=False)
+    _synthetic_tokens(tmp_path)
     common = ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--max-steps", "10", "--device", "cpu",
               "--no-progress", "--preset", "tiny", "--batch-size", "20", "--warmup-frac", "0"]
     runner = CliRunner()
@@ -648,4 +655,39 @@ def test_train_vae_theta_lr_scale_speeds_up_the_dispersions_only(tmp_path: Path)
     assert json.loads((tmp_path / "pois" / "config.json").read_text())["train_config"]["lr_scales"] == {}
     res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "bad"), "--theta-lr-scale", "0"])
     assert res.exit_code != 0 and "--theta-lr-scale" in res.output and "0" in res.output
+    assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+
+
+def test_train_vae_gene_lr_scale_puts_the_per_gene_tables_in_their_own_group(tmp_path: Path) -> None:
+    """--gene-lr-scale (1 unless given) gives the model's per-gene embedding tables lr x scale, recorded in
+    config.json; at scale 20 the decoder's per-gene readout moves further from its start (zero) than at 1 in the
+    same steps; a non-positive value is refused with no run written."""
+    from click.testing import CliRunner
+
+    from sclatent.cli import main
+
+    _synthetic_tokens(tmp_path)
+    common = ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--max-steps", "10", "--device", "cpu",
+              "--no-progress", "--preset", "tiny", "--batch-size", "20", "--warmup-frac", "0"]
+    runner = CliRunner()
+    moved = {}
+    for scale in ("1", "20"):
+        out = tmp_path / f"s{scale}"
+        res = runner.invoke(main, [*common, "--outdir", str(out), "--gene-lr-scale", scale])
+        assert res.exit_code == 0, res.output
+        config = json.loads((out / "config.json").read_text())
+        assert config["metadata"]["run"]["gene_lr_scale"] == float(scale)
+        ckpt = load_checkpoint(out / "checkpoint.pt")
+        scales = sorted(g["lr_scale"] for g in ckpt["optimizer"]["param_groups"])
+        moved[scale] = ckpt["model"]["gene_head_weight.weight"][1:].abs().mean().item()
+        if scale == "1":
+            assert config["train_config"]["lr_scales"] == {"log_theta": 10.0} and scales == [1.0, 10.0]
+        else:
+            # the tiny preset has the gene embedding, the count direction and the readout (no bias, no pooled head)
+            assert config["train_config"]["lr_scales"] == {
+                "log_theta": 10.0, "gene_embedding": 20.0, "count_embedding": 20.0, "gene_head_weight": 20.0}
+            assert scales == [1.0, 10.0, 20.0, 20.0, 20.0]
+    assert moved["20"] > 5 * moved["1"] > 0
+    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "bad"), "--gene-lr-scale", "-1"])
+    assert res.exit_code != 0 and "--gene-lr-scale" in res.output and "-1" in res.output
     assert not (tmp_path / "bad" / "checkpoint.pt").exists()

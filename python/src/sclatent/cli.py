@@ -303,17 +303,18 @@ def _run_training(fn, *args, **kwargs):
 @click.option("--zero-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.25, show_default=True, help="With --subset stratified: the least share of the decoded genes drawn from a cell's unexpressed genes.")
 @click.option("--max-tokens", default=None, type=int, help="Encoder input cap [default: the manifest's].")
 @click.option("--theta-lr-scale", default=10.0, type=float, show_default=True, help="Learning-rate multiplier of the per-gene NB dispersions during training (nb, zinb; no effect on the others). At 1 they barely move from their start in a CPU-length run; 10 gave a lower test RE on both benchmark datasets at 2,400 steps (BENCHMARKS.md).")
+@click.option("--gene-lr-scale", default=1.0, type=float, show_default=True, help="Learning-rate multiplier of the per-gene embedding tables (gene embedding, count direction, decoder readout, bias).")
 @click.option("--refit-dispersion/--no-refit-dispersion", default=False, show_default=True, help="After training, refit the per-gene NB dispersions by maximum likelihood on the training cells, every other weight fixed (nb, zinb). Lowers test RE where the VAE underfits, raises it where the decoder has begun to fit its training cells (BENCHMARKS.md).")
 @_training_options(lr=1e-3, batch_size=None, betas="0.9,0.95", decay_frac=0.1, decay_shape="sqrt", ema=None, min_steps=VAE_MIN_STEPS)
 @_user_errors
-def train_vae_cmd(tokens, outdir, preset, embedding, gene_head, pooled_head, likelihood, variational, beta, gene_bias, decode_genes, subset, zero_fraction, max_tokens, theta_lr_scale, refit_dispersion, **kw) -> None:
+def train_vae_cmd(tokens, outdir, preset, embedding, gene_head, pooled_head, likelihood, variational, beta, gene_bias, decode_genes, subset, zero_fraction, max_tokens, theta_lr_scale, gene_lr_scale, refit_dispersion, **kw) -> None:
     """TRAIN_VAE: train the exchangeable Transformer VAE (MCAB encoder/decoder)."""
     from .train_vae import VAERunConfig, train_vae
 
     if decode_genes is None:
         decode_genes = default_vae_decode_genes(kw["device"])
     overrides = {k: v for k, v in dict(embedding=embedding, gene_head=gene_head, pooled_head=pooled_head, likelihood=likelihood, variational=variational, beta=beta, gene_bias=gene_bias).items() if v is not None}
-    run = VAERunConfig(preset=preset, model_overrides=overrides, epochs=kw["epochs"], min_steps=kw["min_steps"], max_steps=kw["max_steps"], decode_genes=decode_genes, subset=subset, zero_fraction=zero_fraction, max_tokens=max_tokens, theta_lr_scale=theta_lr_scale, refit_dispersion=refit_dispersion)
+    run = VAERunConfig(preset=preset, model_overrides=overrides, epochs=kw["epochs"], min_steps=kw["min_steps"], max_steps=kw["max_steps"], decode_genes=decode_genes, subset=subset, zero_fraction=zero_fraction, max_tokens=max_tokens, theta_lr_scale=theta_lr_scale, gene_lr_scale=gene_lr_scale, refit_dispersion=refit_dispersion)
     if kw["batch_size"] is None:
         kw["batch_size"] = default_vae_batch_size(kw["device"])
     tcfg = _train_config(kw)

@@ -294,6 +294,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def _scales_text(scales: Mapping[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {float(v):g}" for k, v in sorted(scales.items())) + "}" if scales else "none"
+
+
 def param_groups(model: nn.Module, lr_scales: Mapping[str, float]) -> list[dict[str, Any]]:
     """AdamW parameter groups: one per learning-rate multiplier, each with its "lr_scale".
 
@@ -891,6 +895,13 @@ def _train(
         differing = _differing_keys(old_config.get("model_config", {}), model_config)
         if differing:
             raise ValueError(f"cannot resume {ckpt_path}: model_config differs in {', '.join(differing)}")
+        old_scales = old_config.get("train_config", {}).get("lr_scales", {})
+        if old_scales != cfg.lr_scales:
+            # The checkpoint's optimiser holds one parameter group per scale, with the scale stored in it: a
+            # different set would fail to load, and different values would be silently overwritten by the old.
+            raise ValueError(f"cannot resume {ckpt_path}: its per-parameter learning-rate scales were "
+                             f"{_scales_text(old_scales)}, now {_scales_text(cfg.lr_scales)}; resume with the "
+                             f"options it was started with (e.g. --theta-lr-scale, --gene-lr-scale)")
         changed_train = _differing_keys(old_config.get("train_config", {}), _json_roundtrip(cfg.to_dict()))
         if changed_train and is_main:
             logger.warning("resuming with a different train config (%s); the run is no longer the same as "

@@ -52,6 +52,11 @@ def vocabulary_digest(genes: list[str]) -> str:
     return hashlib.sha256("\n".join(genes).encode()).hexdigest()[:16]
 
 
+# The VAE's per-gene embedding tables (besides the dispersions): each row is one gene's parameters, and its
+# gradient comes only from the cells of a batch that hold or decode that gene.
+GENE_TABLES = ("gene_embedding", "count_embedding", "gene_head_weight", "gene_bias", "pooled_head_weight")
+
+
 @dataclass
 class VAERunConfig:
     """Everything `sclatent train-vae` can set besides the training-loop settings."""
@@ -67,10 +72,13 @@ class VAERunConfig:
     max_tokens: int | None = None  # encoder input cap (default: the manifest's)
     theta_lr_scale: float = 10.0  # learning-rate multiplier of the per-gene dispersion table (nb, zinb); BENCHMARKS.md
     refit_dispersion: bool = False  # after training, refit that table by maximum likelihood (dispersion.py)
+    gene_lr_scale: float = 1.0  # learning-rate multiplier of the per-gene tables (GENE_TABLES); BENCHMARKS.md
 
     def validate(self) -> None:
         if not (math.isfinite(self.theta_lr_scale) and self.theta_lr_scale > 0):
             raise InputError(f"--theta-lr-scale must be a finite number > 0, got {self.theta_lr_scale}")
+        if not (math.isfinite(self.gene_lr_scale) and self.gene_lr_scale > 0):
+            raise InputError(f"--gene-lr-scale must be a finite number > 0, got {self.gene_lr_scale}")
         if self.subset not in SUBSETS:
             raise InputError(f"--subset must be one of {', '.join(SUBSETS)}, got '{self.subset}'")
         if not 0.0 < self.zero_fraction < 1.0:
@@ -230,6 +238,9 @@ def train_vae(
     model = TransformerVAE(model_cfg, seed=tcfg.seed)
     if run.theta_lr_scale != 1.0 and hasattr(model, "log_theta"):
         tcfg.lr_scales = {**tcfg.lr_scales, "log_theta": run.theta_lr_scale}
+    if run.gene_lr_scale != 1.0:
+        tables = {name: run.gene_lr_scale for name in GENE_TABLES if hasattr(model, name)}
+        tcfg.lr_scales = {**tcfg.lr_scales, **tables}
     if model_cfg.gene_bias:
         model.init_gene_bias(gene_bias_init(loader, model_cfg.likelihood))
     n_params = sum(p.numel() for p in model.parameters())
