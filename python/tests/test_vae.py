@@ -68,6 +68,9 @@ def _pad(batch: dict[str, torch.Tensor], extra: int) -> dict[str, torch.Tensor]:
         {"embedding": "gene_count"},
         {"variational": True},
         {"latent_norm": False},
+        {"count_encoding": "fourier"},
+        {"embedding": "concat", "count_encoding": "fourier"},
+        {"depth_features": True},
     ],
 )
 def test_encoder_invariant_to_token_order_and_padding(overrides: dict) -> None:
@@ -481,3 +484,105 @@ def test_pooled_head_starts_as_the_model_without_it_and_keeps_subset_decoding(li
                             "m" if likelihood == "gaussian" else "logits")
     with pytest.raises(ValueError, match="pooled_head must be a non-negative integer"):
         VAEConfig(n_genes=G, pooled_head=-1)
+
+
+def test_depth_features_start_at_zero_stay_invariant_and_see_the_cell_depth() -> None:
+    """depth_features adds W f(depth) to every pooled latent token, W = 0 at initialisation and drawn from no
+    generator, so the model starts exactly as without it; with W set, the latent still ignores token order and
+    padding, and it moves with the cell's depth (all counts x 50) more than without; bad stats are refused."""
+    b = synthetic_batch(8)
+    base, depth = _tiny(), _tiny(depth_features=True)
+    for name, value in base.state_dict().items():
+        torch.testing.assert_close(depth.state_dict()[name], value, atol=0, rtol=0)
+    torch.testing.assert_close(depth.encode(b["genes"], b["counts"], b["mask"])[0],
+                               base.encode(b["genes"], b["counts"], b["mask"])[0], atol=0, rtol=0)
+    feats = TransformerVAE.depth_of(b["counts"], b["mask"])  # (8, 2)
+    torch.testing.assert_close(feats[:, 0], torch.log1p(b["library_size"]))
+    torch.testing.assert_close(feats[:, 1], torch.log1p(b["mask"].sum(dim=1).float()))
+    depth.set_depth_stats(feats.mean(0).tolist(), feats.std(0).tolist())
+    with torch.no_grad():
+        depth.depth_proj.weight.normal_(generator=torch.Generator().manual_seed(2))
+    mu, _ = depth.encode(b["genes"], b["counts"], b["mask"])
+    perm = torch.randperm(G, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(depth.encode(b["genes"][:, perm], b["counts"][:, perm], b["mask"][:, perm])[0], mu,
+                               atol=1e-5, rtol=1e-5)
+    p = _pad(b, 25)
+    torch.testing.assert_close(depth.encode(p["genes"], p["counts"], p["mask"])[0], mu, atol=1e-5, rtol=1e-5)
+    deeper = b["counts"] * 50
+    moved = (depth.encode(b["genes"], deeper, b["mask"])[0] - mu).abs().mean()
+    moved_base = (base.encode(b["genes"], deeper, b["mask"])[0] - base.encode(b["genes"], b["counts"], b["mask"])[0]).abs().mean()
+    assert moved > 1.5 * moved_base
+    with pytest.raises(ValueError, match="positive sds"):
+        depth.set_depth_stats([0.0, 0.0], [1.0, 0.0])
+    with pytest.raises(ValueError, match="no depth features"):
+        base.set_depth_stats([0.0, 0.0], [1.0, 1.0])
+
+
+def test_depth_stats_are_the_training_cells_feature_moments(tmp_path) -> None:
+    """TRAIN_VAE standardises the depth features with their mean and sd over the training cells, across shards;
+    above max_tokens a cell counts as max_tokens tokens holding its total scaled by max_tokens / n. The CLI flag
+    stores them in the checkpoint and the config."""
+    import json
+
+    import numpy as np
+    from click.testing import CliRunner
+
+    from sclatent.cli import main
+    from sclatent.synthetic import synthetic_counts
+    from sclatent.tokens import TokenLoader, tokenize
+    from sclatent.train_vae import depth_stats_init, load_vae
+
+    adata = synthetic_counts(n_cells=50, n_genes=G, seed=4)
+    adata.var["highly_variable"] = True
+    adata.write_h5ad(tmp_path / "train.h5ad")
+    tokenize(tmp_path / "train.h5ad", tmp_path / "tok", condition_keys=["cell_type"], shard_size=20, progress=False)
+    X = np.asarray(adata.X.todense(), dtype=np.float64)  # (50, G)
+    total, n = X.sum(axis=1), (X > 0).sum(axis=1).astype(np.float64)
+    for cap in (None, int(np.median(n))):  # the median cap truncates about half of the cells
+        loader = TokenLoader(tmp_path / "tok", "train", batch_size=8, shuffle=False, max_tokens=cap)
+        assert len(loader.shards) == 3
+        kept = n if cap is None else np.minimum(n, cap)
+        f = np.stack([np.log1p(total * kept / n), np.log1p(kept)], axis=1)
+        mean, sd = depth_stats_init(loader)
+        np.testing.assert_allclose(mean, f.mean(axis=0), rtol=1e-6)
+        assert 0 < (kept < n).sum() < len(n) if cap else True
+        np.testing.assert_allclose(sd, f.std(axis=0), rtol=1e-6)
+    res = CliRunner().invoke(main, ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--outdir", str(tmp_path / "run"),
+                                    "--preset", "tiny", "--max-steps", "2", "--device", "cpu", "--no-progress",
+                                    "--batch-size", "10", "--depth-features"])
+    assert res.exit_code == 0, res.output
+    model, cfg = load_vae(tmp_path / "run")
+    assert cfg["model_config"]["depth_features"] is True
+    mean, sd = depth_stats_init(TokenLoader(tmp_path / "tok", "train", batch_size=8, shuffle=False))
+    torch.testing.assert_close(model.depth_stats, torch.tensor([mean, sd], dtype=torch.float32))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model_config"]["depth_features"] is True
+
+
+def test_fourier_count_encoding_keeps_large_counts_apart_after_layer_norm() -> None:
+    """The "linear" count term c u swamps the gene's embedding as c grows, so after MCAB's token LayerNorm 400 and
+    1,600 counts of a gene are nearly the same key (cosine > 0.99); the bounded "fourier" features keep them
+    apart, and for "gene_count" each gene scales them by (1 + U_g), 1 at initialisation."""
+    genes = torch.tensor([[7, 7]])
+    counts = torch.tensor([[400.0, 1600.0]])
+    ln = lambda x: torch.nn.functional.layer_norm(x, (x.shape[-1],))  # noqa: E731
+    cosine = {}
+    for enc in ("linear", "fourier"):
+        model = _tiny(count_encoding=enc)
+        with torch.no_grad():
+            e = ln(model.embed(genes, counts))[0]  # (2, d)
+        cosine[enc] = torch.nn.functional.cosine_similarity(e[0], e[1], dim=0).item()
+    assert cosine["linear"] > 0.99 and cosine["fourier"] < 0.95, cosine
+    concat = _tiny(embedding="concat", count_encoding="fourier")
+    per_gene = _tiny(embedding="gene_count", count_encoding="fourier")
+    with torch.no_grad():
+        per_gene.count_fourier.weight.copy_(concat.count_fourier.weight)
+        per_gene.concat_proj.weight.copy_(concat.concat_proj.weight)
+        per_gene.gene_embedding.weight.copy_(concat.gene_embedding.weight)
+    torch.testing.assert_close(per_gene.embed(genes, counts), concat.embed(genes, counts), atol=0, rtol=0)
+    with torch.no_grad():
+        per_gene.count_embedding.weight[7] = 1.0  # gene 7's count features doubled
+    ones = torch.ones_like(counts)  # differences between two count levels cancel the gene's own part
+    torch.testing.assert_close(per_gene.embed(genes, counts) - per_gene.embed(genes, ones),
+                               2 * (concat.embed(genes, counts) - concat.embed(genes, ones)))
+    with pytest.raises(ValueError, match="count_encoding"):
+        VAEConfig(n_genes=G, count_encoding="binned")

@@ -54,7 +54,11 @@ def vocabulary_digest(genes: list[str]) -> str:
 
 # The VAE's per-gene embedding tables (besides the dispersions): each row is one gene's parameters, and its
 # gradient comes only from the cells of a batch that hold or decode that gene.
-GENE_TABLES = ("gene_embedding", "count_embedding", "gene_head_weight", "gene_bias", "pooled_head_weight")
+# Per-gene tables whose learning rate `gene_lr_scale` multiplies. The encoder's per-gene count directions
+# (count_embedding) have their own multiplier, `count_lr_scale`: measured apart, a faster count table helped and a
+# faster decoder readout hurt (BENCHMARKS.md, "Per-gene tables' learning rate").
+GENE_TABLES = ("gene_embedding", "gene_head_weight", "gene_bias", "pooled_head_weight")
+COUNT_TABLE = "count_embedding"
 
 
 @dataclass
@@ -73,12 +77,15 @@ class VAERunConfig:
     theta_lr_scale: float = 10.0  # learning-rate multiplier of the per-gene dispersion table (nb, zinb); BENCHMARKS.md
     refit_dispersion: bool = False  # after training, refit that table by maximum likelihood (dispersion.py)
     gene_lr_scale: float = 1.0  # learning-rate multiplier of the per-gene tables (GENE_TABLES); BENCHMARKS.md
+    count_lr_scale: float = 1.0  # learning-rate multiplier of the encoder's per-gene count directions (COUNT_TABLE)
 
     def validate(self) -> None:
         if not (math.isfinite(self.theta_lr_scale) and self.theta_lr_scale > 0):
             raise InputError(f"--theta-lr-scale must be a finite number > 0, got {self.theta_lr_scale}")
         if not (math.isfinite(self.gene_lr_scale) and self.gene_lr_scale > 0):
             raise InputError(f"--gene-lr-scale must be a finite number > 0, got {self.gene_lr_scale}")
+        if not (math.isfinite(self.count_lr_scale) and self.count_lr_scale > 0):
+            raise InputError(f"--count-lr-scale must be a finite number > 0, got {self.count_lr_scale}")
         if self.subset not in SUBSETS:
             raise InputError(f"--subset must be one of {', '.join(SUBSETS)}, got '{self.subset}'")
         if not 0.0 < self.zero_fraction < 1.0:
@@ -214,6 +221,34 @@ def gene_bias_init(loader: TokenLoader, likelihood: str) -> torch.Tensor:
     return torch.from_numpy(mean).float()
 
 
+def depth_stats_init(loader: TokenLoader) -> tuple[list[float], list[float]]:
+    """Means and standard deviations (2,) of the encoder's depth features (`TransformerVAE.depth_of`: log1p of a
+    cell's total token count, log1p of its number of tokens) over the training cells, one pass over the shards.
+
+    A cell above the loader's max_tokens gets a random subset of that many tokens as encoder input; its features
+    are taken at their expected values (max_tokens tokens holding total * max_tokens / n counts).
+    """
+    cap = loader.max_tokens
+    parts = []
+    for i in range(len(loader.shards)):
+        shard = loader.load_shard(i)
+        n = np.diff(shard["indptr"]).astype(np.float64)  # (cells,)
+        total = np.zeros(len(n))
+        nonempty = n > 0
+        starts = shard["indptr"][:-1][nonempty]
+        if len(starts):
+            total[nonempty] = np.add.reduceat(shard["counts"].astype(np.float64), starts)
+        if cap:
+            kept = np.minimum(n, cap)
+            total = total * np.where(n > 0, kept / np.maximum(n, 1), 0.0)
+            n = kept
+        parts.append(np.stack([np.log1p(total), np.log1p(n)], axis=1))  # (cells, 2)
+    x = np.concatenate(parts) if parts else np.zeros((0, 2))
+    mean = x.mean(axis=0) if len(x) else np.zeros(2)
+    sd = x.std(axis=0) if len(x) > 1 else np.ones(2)
+    return mean.tolist(), np.where(sd > 1e-6, sd, 1.0).tolist()
+
+
 def train_vae(
     tokens_dir: str | Path,
     out_dir: str | Path,
@@ -241,8 +276,12 @@ def train_vae(
     if run.gene_lr_scale != 1.0:
         tables = {name: run.gene_lr_scale for name in GENE_TABLES if hasattr(model, name)}
         tcfg.lr_scales = {**tcfg.lr_scales, **tables}
+    if run.count_lr_scale != 1.0 and hasattr(model, COUNT_TABLE):
+        tcfg.lr_scales = {**tcfg.lr_scales, COUNT_TABLE: run.count_lr_scale}
     if model_cfg.gene_bias:
         model.init_gene_bias(gene_bias_init(loader, model_cfg.likelihood))
+    if model_cfg.depth_features:
+        model.set_depth_stats(*depth_stats_init(loader))
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "VAE %s: %d genes, %d parameters, %d steps (%d cells, %d batches/epoch), decoding %s genes per %s",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 LIKELIHOODS = ("nb", "nb_cell", "zinb", "poisson", "gaussian")
 EMBEDDINGS = ("multiplicative", "concat", "gene_count")
+COUNT_ENCODINGS = ("linear", "fourier")
+# angular frequencies of the "fourier" count encoding, per unit of log1p(count): 0.25 ... 8, geometric
+FOURIER_FREQUENCIES = tuple(0.25 * 2.0 ** (5.0 * k / 7.0) for k in range(8))
 # number of per-(cell, gene) outputs of the decoder head, by likelihood
 _HEAD_OUTPUTS = {"nb": 1, "nb_cell": 2, "zinb": 2, "poisson": 1, "gaussian": 1}
 _THETA_INIT = 1.0  # log theta at initialisation (theta = e, as in the official code)
@@ -79,6 +82,22 @@ class VAEConfig:
         what a gene can read from Z beyond the d_model-wide MCAB output that `gene_head` reads, at a cost of
         one (B, k*d) x (k*d, Q) product. Each gene's output still depends only on Z and its own id, so subset
         decoding and permutation equivariance are unchanged. 0 = off (the paper).
+    count_encoding: how a token's count enters the "concat" / "gene_count" embeddings. "linear" (paper eq. 9):
+        log1p(x) times a direction. MCAB layer-normalises every token before its keys and values, so a token
+        E + c u points ever closer to u as c grows: measured on a trained default VAE, quartering or multiplying
+        by 8 the count of a cell's most expressed gene (382) moved its latent by 0.003 (norm 16), against 0.3
+        for a gene with 10 counts. The encoder is nearly blind to the level of its most expressed genes.
+        "fourier": c = log1p(x) enters through bounded features [sin(w_k c), cos(w_k c)] (K = 8 frequencies,
+        geometric from 0.25 to 8 per unit of log1p) and a learned projection, so every count level has its own
+        direction and none dominates the gene's own embedding; with "gene_count" each gene scales it,
+        (1 + U_g) * e(c), U = 0 at initialisation.
+    depth_features: add a learned linear function of the cell's depth, (log1p of the total count of its tokens,
+        log1p of their number), standardised with training-set statistics (`set_depth_stats`), to every pooled
+        latent token before the encoder blocks (weights 0 at initialisation: the model starts as without it).
+        The MCAB pooling is a softmax-weighted *average* over the tokens, so how many genes a cell expresses
+        and how deep it was sequenced reach the latent only indirectly; within a cell type these two drive
+        much of the log-normalised expression (a linear fit on them alone predicts it about as well as the
+        decoder did). Not in the paper or the official code. Still permutation- and padding-invariant.
     """
 
     n_genes: int
@@ -97,12 +116,16 @@ class VAEConfig:
     gene_bias: bool = False
     gene_head: bool = False
     pooled_head: int = 0
+    depth_features: bool = False
+    count_encoding: str = "linear"
 
     def __post_init__(self) -> None:
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown likelihood {self.likelihood!r}; expected one of {LIKELIHOODS}")
         if self.embedding not in EMBEDDINGS:
             raise ValueError(f"unknown embedding {self.embedding!r}; expected one of {EMBEDDINGS}")
+        if self.count_encoding not in COUNT_ENCODINGS:
+            raise ValueError(f"unknown count_encoding {self.count_encoding!r}; expected one of {COUNT_ENCODINGS}")
         for name in ("n_genes", "d_model", "n_latent_tokens", "d_latent", "n_heads", "n_cross_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -216,8 +239,15 @@ class TransformerVAE(nn.Module):
             self.concat_proj = nn.Linear(2 * d, d)  # paper eq. 9
         if c.embedding == "gene_count":
             self.count_embedding = nn.Embedding(G + 1, d)  # per-gene direction of the count
+        if c.count_encoding == "fourier" and c.embedding != "multiplicative":
+            self.count_fourier = nn.Linear(2 * len(FOURIER_FREQUENCIES), d, bias=False)  # (2K,) -> (d,)
+            self.register_buffer("fourier_freq", torch.tensor(FOURIER_FREQUENCIES), persistent=False)
         # encoder
         self.encoder_pool = MCAB(d, c.n_cross_heads, n_queries=c.n_latent_tokens)
+        if c.depth_features:
+            self.depth_proj = nn.Linear(2, d, bias=False)  # (log1p total, log1p n tokens) -> every latent token
+            # rows: mean, standard deviation of the two features over the training cells (set_depth_stats)
+            self.register_buffer("depth_stats", torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
         self.encoder_blocks = nn.ModuleList(SelfAttentionBlock(d, c.n_heads) for _ in range(c.n_enc_blocks))
         self.encoder_norm = nn.LayerNorm(d)
         self.to_mu = nn.Linear(d, c.d_latent)
@@ -253,8 +283,10 @@ class TransformerVAE(nn.Module):
         # The pooled head draws from its own generator, so adding it leaves every other initial weight as it
         # is without it (with W = 0 the model then starts exactly as the one without).
         pooled = set(self.pooled_pool.modules()) if hasattr(self, "pooled_pool") else set()
+        # The depth projection starts at zero and draws nothing, for the same reason.
+        skip = pooled | ({self.depth_proj} if hasattr(self, "depth_proj") else set())
         with torch.no_grad():
-            self._init_modules([m for m in self.modules() if m not in pooled], g)
+            self._init_modules([m for m in self.modules() if m not in skip], g)
             if pooled:
                 self._init_modules(list(self.pooled_pool.modules()), torch.Generator().manual_seed(seed + 7919))
             nn.init.normal_(self.gene_embedding.weight, generator=g)
@@ -270,6 +302,8 @@ class TransformerVAE(nn.Module):
                 nn.init.zeros_(self.gene_head_weight.weight)
             if hasattr(self, "pooled_head_weight"):
                 nn.init.zeros_(self.pooled_head_weight.weight)
+            if hasattr(self, "depth_proj"):
+                nn.init.zeros_(self.depth_proj.weight)
             if self.config.likelihood == "nb_cell":
                 self.head.bias[1] = _THETA_INIT
 
@@ -299,6 +333,23 @@ class TransformerVAE(nn.Module):
             raise ValueError(f"gene bias values must be a finite ({G},) tensor, got shape {tuple(values.shape)}")
         self.gene_bias.weight[1:, 0] = values.to(self.gene_bias.weight)
         self.gene_bias.weight[0, 0] = 0.0
+
+    @torch.no_grad()
+    def set_depth_stats(self, mean: Sequence[float], sd: Sequence[float]) -> None:
+        """Standardisation of the depth features: their means and standard deviations (2,) over training cells."""
+        if not hasattr(self, "depth_stats"):
+            raise ValueError("this VAE has no depth features (depth_features=False)")
+        stats = torch.tensor([list(mean), list(sd)], dtype=torch.float64)
+        if tuple(stats.shape) != (2, 2) or not bool(torch.isfinite(stats).all()) or not bool((stats[1] > 0).all()):
+            raise ValueError(f"depth stats must be two finite means and two positive sds, got mean={mean!r} sd={sd!r}")
+        self.depth_stats.copy_(stats.to(self.depth_stats))
+
+    @staticmethod
+    def depth_of(counts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, 2) depth features of token sets: log1p(total count of the real tokens), log1p(number of them)."""
+        m = mask.to(torch.float32)
+        total = (counts.to(torch.float32) * m).sum(dim=-1)  # (B,)
+        return torch.stack([torch.log1p(total), torch.log1p(m.sum(dim=-1))], dim=-1)  # (B, 2)
 
     # ------------------------------------------------------------------ input checks
     def _check_gene_ids(self, name: str, ids: torch.Tensor, allow_pad: bool) -> None:
@@ -339,6 +390,13 @@ class TransformerVAE(nn.Module):
         d = self.config.d_model
         w = self.concat_proj.weight  # (d, 2d)
         table = F.linear(self.gene_embedding.weight, w[:, d:], self.concat_proj.bias)  # (G + 1, d)
+        if self.config.count_encoding == "fourier":
+            # bounded features of c, so that a large count does not swamp the gene's embedding (see VAEConfig)
+            angle = c * self.fourier_freq.to(c.dtype)  # (B, S, K)
+            e = self.count_fourier(torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1))  # (B, S, d)
+            if self.config.embedding == "gene_count":
+                e = e * (1.0 + self.count_embedding(genes))  # per-gene scale, 1 at initialisation
+            return F.embedding(genes, table) + e  # (B, S, d)
         count_dir = w[:, :d].sum(dim=1)  # (d,)
         if self.config.embedding == "gene_count":
             # a per-gene count direction on top of the shared one (zero at initialisation = "concat")
@@ -357,6 +415,9 @@ class TransformerVAE(nn.Module):
         self._check_tokens(genes, counts, mask)
         x = self.embed(genes, counts)  # (B, S, d)
         h = self.encoder_pool(x, key_padding_mask=mask)  # (B, m, d)
+        if self.config.depth_features:
+            f = (self.depth_of(counts, mask) - self.depth_stats[0]) / self.depth_stats[1]  # (B, 2)
+            h = h + self.depth_proj(f.to(h.dtype))[:, None, :]  # (B, m, d)
         for block in self.encoder_blocks:
             h = block(h)  # (B, m, d)
         h = self.encoder_norm(h)  # (B, m, d)
