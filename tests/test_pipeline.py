@@ -54,8 +54,12 @@ def test_models_and_metrics(test_profile_run, dataset):
         assert history[0].startswith("step,epoch,loss") and len(history) > 2
         if stage == "prior":  # the sampled weights are the warmed-up EMA (BENCHMARKS.md, "EMA")
             assert cfg["train_config"]["ema_decay"] == 0.999 and cfg["train_config"]["ema_warmup"] is True
-    recon = json.loads((out / "encode" / "reconstruction.json").read_text())["metrics"]
+    recon_doc = json.loads((out / "encode" / "reconstruction.json").read_text())
+    recon = recon_doc["metrics"]
     assert recon["re_nll_gene_sum_cell_mean"] > 0 and recon["n_cells"] > 0
+    # the test profile refines the latents (--encode_refine_steps 2): never worse than the encoder's
+    assert recon_doc["latents"] == "refined" and recon_doc["refinement"]["steps"] == 2
+    assert recon["re_nll_gene_sum_cell_mean"] <= recon_doc["metrics_amortised"]["re_nll_gene_sum_cell_mean"]
     with np.load(out / "encode" / "latents.npz") as z:
         assert z["train_z"].shape[1:] == (4, 4)  # tiny preset: 4 latent tokens of width 4
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())

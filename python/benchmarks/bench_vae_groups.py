@@ -12,8 +12,14 @@ or more trained sclatent VAEs and for scVI trained here on the same cells and ge
 
 All metrics use the NB mean (no sampling), every test cell and every gene.
 
+With --refine-steps N every model gets a second row with its test latents refined (semi-amortised inference):
+N Adam steps on each cell's latent for its own NB likelihood over all genes, decoder fixed, the best latent per
+cell kept. Our VAEs go through `sclatent.refine.refine_latents` (what `encode --refine-steps` runs); scVI's
+posterior means get the same optimiser, learning rate, steps and objective (the NLL alone, no KL term), so
+the comparison refines both or neither.
+
     python python/benchmarks/bench_vae_groups.py --data <PREPARE folder> --tokens <TOKENIZE folder> \\
-        --vae default=runs/a --vae count30=runs/b --scvi-epochs 200 --seed 0 --out groups.json
+        --vae default=runs/a --vae count30=runs/b --scvi-epochs 200 --seed 0 [--refine-steps 30] --out groups.json
 
 Prints the two tables (markdown) and writes every number to --out.
 """
@@ -53,9 +59,12 @@ def pcc_per_gene(truth: np.ndarray, mean: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def vae_test_reconstruction(vae_dir: Path, tokens: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """(truth, NB mean, NB NLL), each (n_test, G) in file order, and the vocabulary, for a TRAIN_VAE run."""
+def vae_test_reconstruction(vae_dir: Path, tokens: Path, refine_steps: int = 0, refine_lr: float = 0.1
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(truth, NB mean, NB NLL), each (n_test, G) in file order, and the vocabulary, for a TRAIN_VAE run
+    (its encoder's latents, or those refined with `refine_steps` Adam steps)."""
     from sclatent.nn.vae import encoded_chunks
+    from sclatent.refine import refine_latents
     from sclatent.tokens import TokenLoader, read_manifest
     from sclatent.train_vae import check_vocabulary, load_vae
 
@@ -69,7 +78,10 @@ def vae_test_reconstruction(vae_dir: Path, tokens: Path) -> tuple[np.ndarray, np
     truth, means, nll, index = [], [], [], []
     device = torch.device("cpu")
     for cells, z, lib, target in encoded_chunks(model, loader.iter_epoch(0), np.ones(loader.n_cells, bool), device):
-        lik = model.decode(z, genes, lib)  # over (c, G)
+        if refine_steps:
+            z, _, _ = refine_latents(model, z, lib, target, steps=refine_steps, lr=refine_lr)  # (c, m, d_latent)
+        with torch.no_grad():
+            lik = model.decode(z, genes, lib)  # over (c, G)
         nll.append((-lik.log_prob(target)).double().numpy())
         means.append(lik.mean.double().numpy())
         truth.append(target.double().numpy())
@@ -79,21 +91,57 @@ def vae_test_reconstruction(vae_dir: Path, tokens: Path) -> tuple[np.ndarray, np
             list(manifest["genes"]))
 
 
-def scvi_test_reconstruction(data: Path, genes: list[str], epochs: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """scVI (scvi_baseline's settings) trained for `epochs` on data/train.h5ad: (truth, NB mean, NB NLL, info)."""
+def scvi_test_reconstruction(data: Path, genes: list[str], epochs: int, seed: int, refine_steps: int = 0,
+                             refine_lr: float = 0.1) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+    """scVI (scvi_baseline's settings) trained for `epochs` on data/train.h5ad.
+
+    Returns (truth, [(NB mean, NB NLL) of its posterior means] + [(..) of refined latents] if refine_steps, info).
+    """
     import scvi_baseline as sb
     from sclatent.nn.likelihoods import NegativeBinomial
 
     train, test = sb.load_counts(data / "train.h5ad", genes), sb.load_counts(data / "test.h5ad", genes)
     model, info = sb.train_scvi(train, np.zeros(train.n_obs), "epochs", epochs, seed)
     module = model.module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
     x = torch.from_numpy(test.X.toarray().astype(np.float32))  # (n, G)
     batch_index = torch.zeros((x.shape[0], 1), dtype=torch.long)
+
+    def nb_of(z: torch.Tensor) -> NegativeBinomial:
+        px = module.generative(z=z, library=library, batch_index=batch_index)["px"]
+        return NegativeBinomial(px.mu, px.theta.expand_as(px.mu))
+
     with torch.no_grad():  # after training: Lightning leaves grad mode on
         inf = module.inference(x=x, batch_index=batch_index)
-        px = module.generative(z=inf["qz"].loc, library=inf["library"], batch_index=batch_index)["px"]
-        nb = NegativeBinomial(px.mu, px.theta.expand_as(px.mu))
-        return x.double().numpy(), nb.mean.double().numpy(), (-nb.log_prob(x)).double().numpy(), info
+        z0, library = inf["qz"].loc, inf["library"]  # (n, d_latent), (n, 1)
+    latents = [z0]
+    if refine_steps:
+        # the same procedure as sclatent.refine.refine_latents: Adam on each cell's latent, best kept per cell
+        z = z0.clone().requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=refine_lr)
+        best_z, best = z0.clone(), None
+        for step in range(refine_steps + 1):
+            with torch.enable_grad():
+                nll = -nb_of(z).log_prob(x).sum(dim=1)  # (n,)
+            with torch.no_grad():
+                if best is None:
+                    best = nll.detach()
+                else:
+                    better = nll.detach() < best
+                    best_z[better], best = z.detach()[better], torch.where(better, nll.detach(), best)
+            if step == refine_steps:
+                break
+            (grad,) = torch.autograd.grad(nll.sum(), z)
+            z.grad = grad
+            opt.step()
+        latents.append(best_z)
+    out = []
+    with torch.no_grad():
+        for z in latents:
+            nb = nb_of(z)
+            out.append((nb.mean.double().numpy(), (-nb.log_prob(x)).double().numpy()))
+    return x.double().numpy(), out, info
 
 
 def group_labels(test_h5ad: Path, keys: list[str]) -> np.ndarray:
@@ -158,6 +206,8 @@ def main() -> None:
     ap.add_argument("--scvi-epochs", type=int, default=0, help="also train scVI for this many epochs (0 = no scVI)")
     ap.add_argument("--keys", default="", help="comma list of obs columns that form the groups [default: the manifest's condition keys]")
     ap.add_argument("--seed", type=int, default=0, help="scVI's seed")
+    ap.add_argument("--refine-steps", type=int, default=0, help="also score every model with its test latents refined by this many Adam steps (0 = no)")
+    ap.add_argument("--refine-lr", type=float, default=0.1, help="Adam learning rate of --refine-steps")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, required=True, help="JSON file for every number")
     args = ap.parse_args()
@@ -170,6 +220,9 @@ def main() -> None:
         runs.append((name, Path(path)))
     if not runs:
         raise SystemExit("bench_vae_groups: give at least one --vae NAME=RUN_DIR")
+    if args.refine_steps < 0 or not args.refine_lr > 0:
+        raise SystemExit(f"bench_vae_groups: --refine-steps must be >= 0 and --refine-lr > 0, got {args.refine_steps}, {args.refine_lr}")
+    refined = f" refined {args.refine_steps}"
     from sclatent.tokens import read_manifest
 
     keys = [k for k in args.keys.split(",") if k] or list(read_manifest(args.tokens)["condition_keys"])
@@ -182,15 +235,20 @@ def main() -> None:
             groups, rate = group_labels(args.data / "test.h5ad", keys), detection_rate(args.data / "train.h5ad", genes)
         results[name] = breakdown(truth, mean, nll, groups, rate)
         print(f"{name}: RE {results[name]['re']:.1f}, PCC(NB mean, all cells) {results[name]['pcc_mean_all']:.4f}", file=sys.stderr)
+        if args.refine_steps:
+            _, mean, nll, _ = vae_test_reconstruction(path, args.tokens, args.refine_steps, args.refine_lr)
+            results[name + refined] = breakdown(truth, mean, nll, groups, rate)
     if args.scvi_epochs > 0:
-        truth, mean, nll, info = scvi_test_reconstruction(args.data, genes, args.scvi_epochs, args.seed)
+        truth, fits, info = scvi_test_reconstruction(args.data, genes, args.scvi_epochs, args.seed, args.refine_steps, args.refine_lr)
         if not np.array_equal(truth, truth0):
             raise SystemExit("bench_vae_groups: scVI's test counts differ from the tokens' (another PREPARE folder?)")
         name = f"scVI {info['epochs']} ep"
-        results[name] = breakdown(truth, mean, nll, groups, rate)
-        results[name]["scvi"] = info
+        for label, (mean, nll) in zip((name, name + refined), fits):
+            results[label] = breakdown(truth, mean, nll, groups, rate)
+            results[label]["scvi"] = info
     args.out.write_text(json.dumps({"keys": keys, "results": results, "vaes": {n: str(p) for n, p in runs},
-                                    "scvi_epochs": args.scvi_epochs, "seed": args.seed}, indent=1))
+                                    "scvi_epochs": args.scvi_epochs, "seed": args.seed,
+                                    "refine_steps": args.refine_steps, "refine_lr": args.refine_lr}, indent=1))
     print(tables(results))
 
 

@@ -262,6 +262,13 @@ def test_vae_groups_reads_a_trained_vae_and_refuses_bad_arguments(tmp_path, monk
     doc = json.loads((tmp_path / "g.json").read_text())
     assert doc["keys"] == ["cell_type"] and set(doc["results"]) == {"tiny"}
     assert sum(v["n"] for v in doc["results"]["tiny"]["groups"].values()) == 20
+    # --refine-steps adds a refined row per model, never worse than the encoder's on the RE
+    monkeypatch.setattr(sys, "argv", ["prog", "--data", str(tmp_path), "--tokens", str(tmp_path / "tok"),
+                                      "--vae", f"tiny={tmp_path / 'v'}", "--refine-steps", "3", "--out", str(tmp_path / "r.json")])
+    bg.main()
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert set(doc["results"]) == {"tiny", "tiny refined 3"} and doc["refine_steps"] == 3
+    assert doc["results"]["tiny refined 3"]["re"] < doc["results"]["tiny"]["re"]
     monkeypatch.setattr(sys, "argv", ["prog", "--data", str(tmp_path), "--tokens", str(tmp_path / "tok"),
                                       "--vae", str(tmp_path / "v"), "--out", str(tmp_path / "bad.json")])
     with pytest.raises(SystemExit, match="is not NAME=RUN_DIR"):

@@ -334,8 +334,11 @@ def train_vae_cmd(tokens, outdir, preset, embedding, gene_head, pooled_head, lik
 @click.option("--device", default="auto", help="auto, cpu, cuda, ...")
 @click.option("--weights", type=click.Choice(["auto", "ema", "model"]), default="auto", help="Which VAE weights (auto: EMA if kept).")
 @click.option("--threads", default=None, type=int, help="CPU threads for torch.")
+@click.option("--refine-steps", default=0, type=click.IntRange(min=0), show_default=True, help="Refine every latent (train and test) with this many Adam steps on its cell's own likelihood over all genes, decoder fixed (semi-amortised inference). Costs about as many decoder passes per cell; reconstruction.json then reports the refined and the encoder's metrics (BENCHMARKS.md, \"Latent refinement\").")
+@click.option("--refine-lr", default=0.1, type=click.FloatRange(min=0, min_open=True), show_default=True, help="Adam learning rate of --refine-steps.")
+@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr (refinement only).")
 @_user_errors
-def encode(vae, tokens, outdir, batch_size, max_cells, seed, device, weights, threads) -> None:
+def encode(vae, tokens, outdir, batch_size, max_cells, seed, device, weights, threads, refine_steps, refine_lr, progress) -> None:
     """ENCODE: latents of train/test cells and reconstruction metrics on test cells."""
     from .encode import encode as run
 
@@ -343,7 +346,8 @@ def encode(vae, tokens, outdir, batch_size, max_cells, seed, device, weights, th
         import torch
 
         torch.set_num_threads(threads)
-    run(vae, tokens, outdir, batch_size=batch_size, max_cells=max_cells, seed=seed, device=device, weights=weights)
+    run(vae, tokens, outdir, batch_size=batch_size, max_cells=max_cells, seed=seed, device=device, weights=weights,
+        refine_steps=refine_steps, refine_lr=refine_lr, progress=progress)
 
 
 @main.command("train-prior")
