@@ -80,8 +80,7 @@ def vae_test_reconstruction(vae_dir: Path, tokens: Path, refine_steps: int = 0, 
     for cells, z, lib, target in encoded_chunks(model, loader.iter_epoch(0), np.ones(loader.n_cells, bool), device):
         if refine_steps:
             z, _, _ = refine_latents(model, z, lib, target, steps=refine_steps, lr=refine_lr)  # (c, m, d_latent)
-        with torch.no_grad():
-            lik = model.decode(z, genes, lib)  # over (c, G)
+        lik = model.decode(z, genes, lib)  # over (c, G)
         nll.append((-lik.log_prob(target)).double().numpy())
         means.append(lik.mean.double().numpy())
         truth.append(target.double().numpy())
@@ -99,6 +98,7 @@ def scvi_test_reconstruction(data: Path, genes: list[str], epochs: int, seed: in
     """
     import scvi_baseline as sb
     from sclatent.nn.likelihoods import NegativeBinomial
+    from sclatent.refine import minimise_per_cell
 
     train, test = sb.load_counts(data / "train.h5ad", genes), sb.load_counts(data / "test.h5ad", genes)
     model, info = sb.train_scvi(train, np.zeros(train.n_obs), "epochs", epochs, seed)
@@ -117,24 +117,12 @@ def scvi_test_reconstruction(data: Path, genes: list[str], epochs: int, seed: in
         z0, library = inf["qz"].loc, inf["library"]  # (n, d_latent), (n, 1)
     latents = [z0]
     if refine_steps:
-        # the same procedure as sclatent.refine.refine_latents: Adam on each cell's latent, best kept per cell
-        z = z0.clone().requires_grad_(True)
-        opt = torch.optim.Adam([z], lr=refine_lr)
-        best_z, best = z0.clone(), None
-        for step in range(refine_steps + 1):
-            with torch.enable_grad():
-                nll = -nb_of(z).log_prob(x).sum(dim=1)  # (n,)
-            with torch.no_grad():
-                if best is None:
-                    best = nll.detach()
-                else:
-                    better = nll.detach() < best
-                    best_z[better], best = z.detach()[better], torch.where(better, nll.detach(), best)
-            if step == refine_steps:
-                break
-            (grad,) = torch.autograd.grad(nll.sum(), z)
-            z.grad = grad
-            opt.step()
+        # the same procedure as `encode --refine-steps` (sclatent.refine), with scVI's NB NLL as the objective
+        def objective(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            nll = -nb_of(z).log_prob(x).sum(dim=1)  # (n,)
+            return nll, nll
+
+        best_z, _, _, _ = minimise_per_cell(z0, objective, steps=refine_steps, lr=refine_lr)
         latents.append(best_z)
     out = []
     with torch.no_grad():

@@ -56,15 +56,16 @@ def _encode_split(model, loader: TokenLoader, device: torch.device) -> dict[str,
 
 
 def refine_split(
-    model, loader: TokenLoader, z: np.ndarray, device: torch.device, *, steps: int, lr: float, progress: bool = True
+    model, loader: TokenLoader, device: torch.device, *, steps: int, lr: float, progress: bool = True
 ) -> tuple[np.ndarray, dict[str, float]]:
-    """Refined latents of every cell of a split, in cell order (z: the encoder's, (n, m, d_latent), cell order).
+    """Refined latents of every cell of a split, in cell order.
 
     Returns (refined z (n, m, d_latent) float32, summary: the mean all-gene NLL per cell before and after).
     """
     from tqdm.auto import tqdm
 
-    out = z.copy()
+    c = model.config
+    out = np.empty((loader.n_cells, c.n_latent_tokens, c.d_latent), dtype=np.float32)
     before, after = [], []
     keep = np.ones(loader.n_cells, dtype=bool)
     with tqdm(total=loader.n_cells, desc=f"refine {loader.split}", unit="cells", disable=not progress, leave=False) as bar:
@@ -153,7 +154,7 @@ def encode(
         log.info("encoded %d %s cells", loader.n_cells, split)
         if refine_steps:
             t1 = time.time()
-            arrays[f"{split}_z"], summary = refine_split(model, loader, arrays[f"{split}_z"], dev, steps=refine_steps, lr=refine_lr, progress=progress)
+            arrays[f"{split}_z"], summary = refine_split(model, loader, dev, steps=refine_steps, lr=refine_lr, progress=progress)
             refinement[split] = {**summary, "elapsed_s": round(time.time() - t1, 3)}
         if split == "test":
             recon = reconstruct_split(model, loader, G, dev, max_cells=max_cells, seed=seed,
