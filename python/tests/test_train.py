@@ -683,11 +683,11 @@ def test_train_vae_gene_lr_scale_puts_the_per_gene_tables_in_their_own_group(tmp
         if scale == "1":
             assert config["train_config"]["lr_scales"] == {"log_theta": 10.0} and scales == [1.0, 10.0]
         else:
-            # the tiny preset has the gene embedding and the readout (no bias, no pooled head); the encoder's count
-            # directions are not among these tables (--count-lr-scale)
+            # the tiny preset has the gene embedding, the decoder readout and the count readout's per-gene table (no
+            # bias, no pooled head); the encoder's count directions are not among these tables (--count-lr-scale)
             assert config["train_config"]["lr_scales"] == {
-                "log_theta": 10.0, "gene_embedding": 20.0, "gene_head_weight": 20.0}
-            assert scales == [1.0, 10.0, 20.0, 20.0]
+                "log_theta": 10.0, "gene_embedding": 20.0, "gene_head_weight": 20.0, "readout_table": 20.0}
+            assert scales == [1.0, 10.0, 20.0, 20.0, 20.0]
     assert moved["20"] > 5 * moved["1"] > 0
     res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "bad"), "--gene-lr-scale", "-1"])
     assert res.exit_code != 0 and "--gene-lr-scale" in res.output and "-1" in res.output

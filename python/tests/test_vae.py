@@ -71,6 +71,7 @@ def _pad(batch: dict[str, torch.Tensor], extra: int) -> dict[str, torch.Tensor]:
         {"count_encoding": "fourier"},
         {"embedding": "concat", "count_encoding": "fourier"},
         {"depth_features": True},
+        {"count_readout": 3},
     ],
 )
 def test_encoder_invariant_to_token_order_and_padding(overrides: dict) -> None:
@@ -368,8 +369,11 @@ def test_config_round_trip_presets_and_errors() -> None:
     for name in ("default", "tiny"):
         p = VAEConfig.preset(name, 2000)
         assert (p.embedding, p.gene_head, p.gene_bias, p.pooled_head) == ("gene_count", True, False, 0)
+    # ... and the linear count readout beside the encoder's pooling (k = 16; 4 in the tiny model)
+    assert (VAEConfig.preset("default", 2000).count_readout, VAEConfig.preset("tiny", 2000).count_readout) == (16, 4)
     paper = VAEConfig(n_genes=2000)
-    assert (paper.embedding, paper.gene_head, paper.gene_bias, paper.pooled_head) == ("concat", False, False, 0)
+    assert (paper.embedding, paper.gene_head, paper.gene_bias, paper.pooled_head, paper.count_readout) == (
+        "concat", False, False, 0, 0)
     assert VAEConfig.preset("default", 2000, gene_bias=True).gene_bias is True
     assert VAEConfig.from_dict(cfg.to_dict()) == cfg
     tiny = VAEConfig.preset("tiny", 10, likelihood="poisson")
@@ -516,6 +520,58 @@ def test_depth_features_start_at_zero_stay_invariant_and_see_the_cell_depth() ->
         depth.set_depth_stats([0.0, 0.0], [1.0, 0.0])
     with pytest.raises(ValueError, match="no depth features"):
         base.set_depth_stats([0.0, 0.0], [1.0, 1.0])
+
+
+def test_count_readout_starts_at_zero_sums_real_tokens_and_sees_depth(tmp_path) -> None:
+    """count_readout k adds P s to the pooled latent tokens, s = sum of log1p(x_g) R_g over the real tokens: P = 0
+    at initialisation and R drawn from its own generator, so every shared weight and the latents equal the model's
+    without it; with P set, the latent follows the cell's depth (counts x 50) far more than the MCAB pooling alone,
+    stays invariant to token order and padding (the parametrised test above), and the CLI stores k."""
+    import json
+
+    from click.testing import CliRunner
+
+    from sclatent.cli import main
+    from sclatent.synthetic import synthetic_counts
+    from sclatent.tokens import tokenize
+
+    b = synthetic_batch(8)
+    base, ro = _tiny(count_readout=0), _tiny(count_readout=5)
+    for name, value in base.state_dict().items():
+        torch.testing.assert_close(ro.state_dict()[name], value, atol=0, rtol=0)
+    assert tuple(ro.readout_table.weight.shape) == (G + 1, 5) and tuple(ro.readout_proj.weight.shape) == (4 * 16, 5)
+    torch.testing.assert_close(ro.encode(b["genes"], b["counts"], b["mask"])[0],
+                               base.encode(b["genes"], b["counts"], b["mask"])[0], atol=0, rtol=0)
+    # s itself: the readout map's input is the masked sum, checked through a one-token-per-row identity map
+    w = torch.log1p(b["counts"]) * b["mask"]  # (8, S)
+    expected = torch.einsum("bs,bsk->bk", w, ro.readout_table.weight[b["genes"]])  # (8, 5)
+    seen = []
+    hook = ro.readout_proj.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
+    ro.encode(b["genes"], b["counts"], b["mask"])
+    hook.remove()
+    torch.testing.assert_close(seen[0], expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        ro.readout_proj.weight.normal_(generator=torch.Generator().manual_seed(2))
+    deeper = b["counts"] * 50
+    mu = ro.encode(b["genes"], b["counts"], b["mask"])[0]
+    moved = (ro.encode(b["genes"], deeper, b["mask"])[0] - mu).abs().mean()
+    moved_base = (base.encode(b["genes"], deeper, b["mask"])[0] - base.encode(b["genes"], b["counts"], b["mask"])[0]).abs().mean()
+    assert moved > 1.5 * moved_base
+    with pytest.raises(ValueError, match="count_readout must be a non-negative integer"):
+        VAEConfig(n_genes=G, count_readout=-1)
+
+    adata = synthetic_counts(n_cells=30, n_genes=G, seed=4)
+    adata.var["highly_variable"] = True
+    adata.write_h5ad(tmp_path / "train.h5ad")
+    tokenize(tmp_path / "train.h5ad", tmp_path / "tok", condition_keys=["cell_type"], progress=False)
+    res = CliRunner().invoke(main, ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--outdir", str(tmp_path / "run"),
+                                    "--preset", "tiny", "--max-steps", "2", "--device", "cpu", "--no-progress",
+                                    "--batch-size", "10", "--count-readout", "4"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model_config"]["count_readout"] == 4
+    res = CliRunner().invoke(main, ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--outdir", str(tmp_path / "bad"),
+                                    "--preset", "tiny", "--max-steps", "2", "--device", "cpu", "--count-readout", "-2"])
+    assert res.exit_code != 0 and "--count-readout" in res.output and not (tmp_path / "bad").exists()
 
 
 def test_depth_stats_are_the_training_cells_feature_moments(tmp_path) -> None:

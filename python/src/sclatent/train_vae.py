@@ -57,7 +57,7 @@ def vocabulary_digest(genes: list[str]) -> str:
 # Per-gene tables whose learning rate `gene_lr_scale` multiplies. The encoder's per-gene count directions
 # (count_embedding) have their own multiplier, `count_lr_scale`: measured apart, a faster count table helped and a
 # faster decoder readout hurt (BENCHMARKS.md, "Per-gene tables' learning rate").
-GENE_TABLES = ("gene_embedding", "gene_head_weight", "gene_bias", "pooled_head_weight")
+GENE_TABLES = ("gene_embedding", "gene_head_weight", "gene_bias", "pooled_head_weight", "readout_table")
 COUNT_TABLE = "count_embedding"
 
 
