@@ -566,12 +566,45 @@ def test_count_readout_starts_at_zero_sums_real_tokens_and_sees_depth(tmp_path) 
     tokenize(tmp_path / "train.h5ad", tmp_path / "tok", condition_keys=["cell_type"], progress=False)
     res = CliRunner().invoke(main, ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--outdir", str(tmp_path / "run"),
                                     "--preset", "tiny", "--max-steps", "2", "--device", "cpu", "--no-progress",
-                                    "--batch-size", "10", "--count-readout", "4"])
+                                    "--batch-size", "10", "--count-readout", "4", "--readout-dropout", "0.25"])
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["model_config"]["count_readout"] == 4
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())["model_config"]
+    assert (stored["count_readout"], stored["readout_dropout"]) == (4, 0.25)
     res = CliRunner().invoke(main, ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--outdir", str(tmp_path / "bad"),
                                     "--preset", "tiny", "--max-steps", "2", "--device", "cpu", "--count-readout", "-2"])
     assert res.exit_code != 0 and "--count-readout" in res.output and not (tmp_path / "bad").exists()
+    res = CliRunner().invoke(main, ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--outdir", str(tmp_path / "bad"),
+                                    "--preset", "tiny", "--max-steps", "2", "--device", "cpu", "--readout-dropout", "1"])
+    assert res.exit_code != 0 and "--readout-dropout" in res.output and not (tmp_path / "bad").exists()
+
+
+def test_readout_dropout_acts_in_training_only_and_keeps_the_sum_unbiased() -> None:
+    """readout_dropout p: in eval mode the latents equal the model's without it (same weights); in training mode
+    the readout's input differs between two calls (tokens left out at random), each kept token scaled by 1/(1-p)
+    so the sum is unbiased (its mean over many draws matches the full sum); out-of-range values are refused."""
+    b = synthetic_batch(8)
+    plain, drop = _tiny(count_readout=3), _tiny(count_readout=3, readout_dropout=0.5)
+    with torch.no_grad():
+        for m in (plain, drop):
+            m.readout_proj.weight.normal_(generator=torch.Generator().manual_seed(5))
+    args = (b["genes"], b["counts"], b["mask"])
+    torch.testing.assert_close(drop.encode(*args)[0], plain.encode(*args)[0], atol=0, rtol=0)
+    seen: list[torch.Tensor] = []
+    hook = drop.readout_proj.register_forward_hook(lambda mod, a, out: seen.append(a[0].detach()))
+    drop.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(400):
+            drop.encode(*args)
+    hook.remove()
+    drop.eval()
+    full = torch.einsum("bs,bsk->bk", torch.log1p(b["counts"]) * b["mask"], drop.readout_table.weight[b["genes"]])  # (8, 3)
+    assert not torch.equal(seen[0], seen[1]) and not torch.allclose(seen[0], full)
+    mean = torch.stack(seen).mean(0)  # (8, 3)
+    assert (mean - full).abs().max() < 0.15 * full.abs().max()
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="readout_dropout must be in"):
+            VAEConfig(n_genes=G, count_readout=2, readout_dropout=bad)
 
 
 def test_depth_stats_are_the_training_cells_feature_moments(tmp_path) -> None:

@@ -301,6 +301,7 @@ def _run_training(fn, *args, **kwargs):
 @click.option("--count-encoding", type=click.Choice(["linear", "fourier"]), default=None, help="How a token's count enters the embedding: log1p(x) times a direction (paper), or bounded Fourier features of log1p(x) that the encoder's layer norms do not saturate (measured no better on either benchmark dataset; BENCHMARKS.md) [default: the preset's].")
 @click.option("--depth-features/--no-depth-features", default=None, help="Give the encoder the cell's depth (log total count and log number of expressed genes of its tokens; measured: lower test RE on pbmc3k, higher on sc_mixology, BENCHMARKS.md) [default: the preset's].")
 @click.option("--count-readout", type=click.IntRange(min=0), default=None, help="k > 0: a linear readout of every token's count beside the encoder's MCAB pooling, the sum over tokens of log1p(x_g) times a learned per-gene k-vector, mapped into the pooled latent tokens (as scVI's first layer reads counts); 0 = off. Larger k reconstructs test cells more closely (higher PCC, lower MSE) but fits small training sets more (BENCHMARKS.md, 'Linear count readout') [default: the preset's, 16; tiny 4].")
+@click.option("--readout-dropout", type=click.FloatRange(0, 1, max_open=True), default=None, help="With --count-readout: in training, leave each token out of the readout's sum with this probability (inverted dropout; a ridge-like penalty on the per-gene readout) [default: the preset's].")
 @click.option("--decode-genes", default=None, type=int, help=f"Genes per cell in the loss (a random subset each step; 0 = all) [default: {VAE_DECODE_GENES_GPU} on a GPU, {VAE_DECODE_GENES_CPU} on a CPU].")
 @click.option("--subset", type=click.Choice(["stratified", "cell", "batch"]), default="stratified", show_default=True, help="Decoded genes of a cell: stratified (its expressed genes first, then unexpressed ones, importance-weighted; lower test RE, higher PCC on both benchmark datasets, BENCHMARKS.md), uniform per cell, or uniform once per batch.")
 @click.option("--zero-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.25, show_default=True, help="With --subset stratified: the least share of the decoded genes drawn from a cell's unexpressed genes.")
@@ -311,13 +312,13 @@ def _run_training(fn, *args, **kwargs):
 @click.option("--refit-dispersion/--no-refit-dispersion", default=False, show_default=True, help="After training, refit the per-gene NB dispersions by maximum likelihood on the training cells, every other weight fixed (nb, zinb). Lowers test RE where the VAE underfits, raises it where the decoder has begun to fit its training cells (BENCHMARKS.md).")
 @_training_options(lr=1e-3, batch_size=None, betas="0.9,0.95", decay_frac=0.1, decay_shape="sqrt", ema=None, min_steps=VAE_MIN_STEPS)
 @_user_errors
-def train_vae_cmd(tokens, outdir, preset, embedding, gene_head, pooled_head, likelihood, variational, beta, gene_bias, depth_features, count_encoding, count_readout, decode_genes, subset, zero_fraction, max_tokens, theta_lr_scale, gene_lr_scale, count_lr_scale, refit_dispersion, **kw) -> None:
+def train_vae_cmd(tokens, outdir, preset, embedding, gene_head, pooled_head, likelihood, variational, beta, gene_bias, depth_features, count_encoding, count_readout, readout_dropout, decode_genes, subset, zero_fraction, max_tokens, theta_lr_scale, gene_lr_scale, count_lr_scale, refit_dispersion, **kw) -> None:
     """TRAIN_VAE: train the exchangeable Transformer VAE (MCAB encoder/decoder)."""
     from .train_vae import VAERunConfig, train_vae
 
     if decode_genes is None:
         decode_genes = default_vae_decode_genes(kw["device"])
-    overrides = {k: v for k, v in dict(embedding=embedding, gene_head=gene_head, pooled_head=pooled_head, likelihood=likelihood, variational=variational, beta=beta, gene_bias=gene_bias, depth_features=depth_features, count_encoding=count_encoding, count_readout=count_readout).items() if v is not None}
+    overrides = {k: v for k, v in dict(embedding=embedding, gene_head=gene_head, pooled_head=pooled_head, likelihood=likelihood, variational=variational, beta=beta, gene_bias=gene_bias, depth_features=depth_features, count_encoding=count_encoding, count_readout=count_readout, readout_dropout=readout_dropout).items() if v is not None}
     run = VAERunConfig(preset=preset, model_overrides=overrides, epochs=kw["epochs"], min_steps=kw["min_steps"], max_steps=kw["max_steps"], decode_genes=decode_genes, subset=subset, zero_fraction=zero_fraction, max_tokens=max_tokens, theta_lr_scale=theta_lr_scale, gene_lr_scale=gene_lr_scale, count_lr_scale=count_lr_scale, refit_dispersion=refit_dispersion)
     if kw["batch_size"] is None:
         kw["batch_size"] = default_vae_batch_size(kw["device"])

@@ -106,6 +106,11 @@ class VAEConfig:
         of its most expressed genes (see count_encoding); a sum over tokens keeps both, and what each gene
         contributes is learnt per gene. Not in the paper or the official code. A sum over the real tokens only:
         still permutation- and padding-invariant. 0 = off.
+    readout_dropout: in training only, each real token is left out of the count readout's sum with this
+        probability and the rest are scaled by 1 / (1 - p) (inverted dropout on the readout's inputs; for a linear
+        readout that acts like a ridge penalty on each gene's R_g weighted by the spread of its count). The
+        per-gene table otherwise lets a small training set be memorised as k grows (BENCHMARKS.md, "Linear count
+        readout"). The MCAB pooling sees every token. 0 = off; no effect in eval mode or without count_readout.
     """
 
     n_genes: int
@@ -127,6 +132,7 @@ class VAEConfig:
     depth_features: bool = False
     count_encoding: str = "linear"
     count_readout: int = 0
+    readout_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.likelihood not in LIKELIHOODS:
@@ -146,6 +152,8 @@ class VAEConfig:
         for name in ("n_heads", "n_cross_heads"):
             if self.d_model % getattr(self, name) != 0:
                 raise ValueError(f"{name}={getattr(self, name)} must divide d_model={self.d_model}")
+        if not (isinstance(self.readout_dropout, (int, float)) and 0 <= self.readout_dropout < 1):
+            raise ValueError(f"readout_dropout must be in [0, 1), got {self.readout_dropout!r}")
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0):
             raise ValueError(f"beta must be a finite number >= 0, got {self.beta!r}")
 
@@ -444,6 +452,7 @@ class TransformerVAE(nn.Module):
             h = h + self.depth_proj(f.to(h.dtype))[:, None, :]  # (B, m, d)
         if self.config.count_readout:
             w = torch.log1p(counts.to(torch.float32)) * mask  # (B, S); padding tokens weigh 0
+            w = F.dropout(w, self.config.readout_dropout, training=self.training)  # (B, S); identity in eval
             r = self.readout_table(genes)  # (B, S, k)
             s = torch.einsum("bs,bsk->bk", w.to(r.dtype), r)  # (B, k)
             h = h + self.readout_proj(s.to(h.dtype)).view(h.shape)  # (B, m * d) -> (B, m, d)
