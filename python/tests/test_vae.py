@@ -602,6 +602,12 @@ def test_readout_dropout_acts_in_training_only_and_keeps_the_sum_unbiased() -> N
     assert not torch.equal(seen[0], seen[1]) and not torch.allclose(seen[0], full)
     mean = torch.stack(seen).mean(0)  # (8, 3)
     assert (mean - full).abs().max() < 0.15 * full.abs().max()
+    # the training loop's generator drives the draws: the same seed gives the same latents, another seed others
+    drop.train()
+    runs = [drop.encode(*args, generator=torch.Generator().manual_seed(s))[0] for s in (1, 1, 2)]
+    drop.eval()
+    torch.testing.assert_close(runs[0], runs[1], atol=0, rtol=0)
+    assert not torch.equal(runs[0], runs[2])
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="readout_dropout must be in"):
             VAEConfig(n_genes=G, count_readout=2, readout_dropout=bad)

@@ -28,7 +28,8 @@ on CUDA, each rank on GPU ``LOCAL_RANK``; gloo on CPU) and trains the same run a
   gradient is that of the global-batch mean (also when the cells do not split evenly);
 - the random numbers of the loss are those of the global batch (:class:`GlobalBatchDraws`), so every cell
   gets the numbers it gets in one process and the generators of all ranks stay in step (draws from the global
-  torch RNG, e.g. dropout, are not split: neither model has any);
+  torch RNG, e.g. F.dropout, are not split: neither model makes any; the VAE's count-readout dropout draws
+  from the loss generator);
 - the learning rate is *not* scaled with the number of processes: the global batch, and hence the run, is
   the same whatever the number of GPUs;
 - rank 0 alone writes ``checkpoint.pt``, ``config.json`` and ``history.csv`` (the loss in the history is the

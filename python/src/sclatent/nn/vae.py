@@ -436,13 +436,16 @@ class TransformerVAE(nn.Module):
         return F.embedding(genes, table) + c * count_dir  # (B, S, d)
 
     def encode(
-        self, genes: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor
+        self, genes: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Posterior parameters of Z for a batch of token sets.
 
         genes (B, S) int64 ids (0 = PAD), counts (B, S) raw counts, mask (B, S) bool (True = real token).
         Returns mu (B, m, d_latent) and logvar (B, m, d_latent), or (z, None) in deterministic mode. The
         result is invariant to the order of the tokens and to the number of padding tokens.
+        `generator` draws the count readout's token dropout in training mode (the training loop's loss
+        generator, so runs are seeded, resume exactly and split across DDP ranks like every other draw of
+        the loss); None draws from the global torch RNG. Unused in eval mode.
         """
         self._check_tokens(genes, counts, mask)
         x = self.embed(genes, counts)  # (B, S, d)
@@ -452,7 +455,12 @@ class TransformerVAE(nn.Module):
             h = h + self.depth_proj(f.to(h.dtype))[:, None, :]  # (B, m, d)
         if self.config.count_readout:
             w = torch.log1p(counts.to(torch.float32)) * mask  # (B, S); padding tokens weigh 0
-            w = F.dropout(w, self.config.readout_dropout, training=self.training)  # (B, S); identity in eval
+            p = self.config.readout_dropout
+            if self.training and p > 0:
+                # inverted dropout of whole tokens; drawn here rather than with F.dropout so that the draws come
+                # from the loss generator (see the docstring)
+                u = torch.rand(w.shape, generator=generator, device=generator.device if generator is not None else w.device)
+                w = w * (u.to(w.device) >= p) / (1.0 - p)  # (B, S)
             r = self.readout_table(genes)  # (B, S, k)
             s = torch.einsum("bs,bsk->bk", w.to(r.dtype), r)  # (B, k)
             h = h + self.readout_proj(s.to(h.dtype)).view(h.shape)  # (B, m * d) -> (B, m, d)
@@ -602,7 +610,7 @@ class TransformerVAE(nn.Module):
                 f"target_counts must have shape (B, Q) matching target_genes {tuple(target_genes.shape)}, "
                 f"got {tuple(target_counts.shape)}"
             )
-        mu, logvar = self.encode(genes, counts, mask)  # (B, m, d_latent)
+        mu, logvar = self.encode(genes, counts, mask, generator)  # (B, m, d_latent)
         z = self.sample_latent(mu, logvar, generator) if sample_posterior else mu
         Q = target_counts.shape[-1]
         G = self.config.n_genes
