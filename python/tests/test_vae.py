@@ -263,7 +263,7 @@ def test_weighted_loss_is_the_full_loss_with_unit_weights_and_estimates_it_from_
             idx, w = stratified_subset(b["target_counts"], q, 0.25, g)
             draws.append(model.loss(b["genes"], b["counts"], b["mask"], b["library_size"], idx + 1,
                                     b["target_counts"].gather(1, idx), target_weights=w)["nll"])
-        return float(torch.stack(draws).mean() / full)
+        return (torch.stack(draws).mean() / full).item()
 
     r16, r32 = mean_estimate(16), mean_estimate(32)
     assert 0.95 < r16 <= 1.0 and 0.98 < r32 <= 1.0 and r32 > r16, (r16, r32)
@@ -369,8 +369,9 @@ def test_config_round_trip_presets_and_errors() -> None:
     for name in ("default", "tiny"):
         p = VAEConfig.preset(name, 2000)
         assert (p.embedding, p.gene_head, p.gene_bias, p.pooled_head) == ("gene_count", True, False, 0)
-    # ... and the linear count readout beside the encoder's pooling (k = 16; 4 in the tiny model)
-    assert (VAEConfig.preset("default", 2000).count_readout, VAEConfig.preset("tiny", 2000).count_readout) == (16, 4)
+    # ... and the linear count readout beside the encoder's pooling, with token dropout (k = 64; 4 in the tiny model)
+    default, tiny = VAEConfig.preset("default", 2000), VAEConfig.preset("tiny", 2000)
+    assert (default.count_readout, default.readout_dropout, tiny.count_readout, tiny.readout_dropout) == (64, 0.2, 4, 0.2)
     paper = VAEConfig(n_genes=2000)
     assert (paper.embedding, paper.gene_head, paper.gene_bias, paper.pooled_head, paper.count_readout) == (
         "concat", False, False, 0, 0)
