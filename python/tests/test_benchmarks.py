@@ -185,15 +185,23 @@ def test_bench_vae_settings_train_sample_is_seeded_and_keeps_the_cells(tmp_path)
 
 
 def test_vae_bench_scripts_refuse_bad_arguments_naming_them(tmp_path, monkeypatch):
-    """bench_vae_settings --train-cells < 0 and bench_vae_speed's malformed --tokens: one-line exits."""
+    """bench_vae_settings --train-cells < 0 and bench_vae_speed's malformed --tokens / --variant: one-line exits."""
     import bench_vae_settings
     import bench_vae_speed
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "manifest.json").write_text("{}")
 
     cases = [
         (bench_vae_settings, ["--data", str(tmp_path), "--datasets", "x", "--workdir", str(tmp_path / "w"),
                               "--train-cells", "-1"], "--train-cells must be >= 0, got -1"),
         (bench_vae_speed, ["--tokens", f"pbmc={tmp_path}", "--workdir", str(tmp_path / "w")], "pbmc="),
         (bench_vae_speed, ["--tokens", "pbmc", "--workdir", str(tmp_path / "w")], "'pbmc' is not name="),
+        (bench_vae_speed, ["--tokens", f"pbmc={tok}", "--workdir", str(tmp_path / "w"), "--variant", "--count-readout 4"],
+         "--variant '--count-readout 4' is not NAME="),
+        (bench_vae_speed, ["--tokens", f"pbmc={tok}", "--workdir", str(tmp_path / "w"), "--variant", "k4='--count-readout 4"],
+         "No closing quotation"),
     ]
     for module, argv, message in cases:
         monkeypatch.setattr(sys, "argv", ["prog", *argv])
