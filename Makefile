@@ -11,15 +11,15 @@ STAMP       := $(VENV)/.installed
 export NXF_HOME ?= $(ROOT)/.cache/nxf-home
 export PATH := $(ROOT)/.cache/nextflow/bin:$(PATH)
 
-.PHONY: all venv nextflow browser test test-python test-pipeline demo bench bench-quick lint clean
+.PHONY: all venv nextflow browser lint-python test test-python test-pipeline demo bench bench-quick lint clean
 
 all: test
 
-# The Python environment: a venv with the package (editable) and its pinned dependencies.
-$(STAMP): python/pyproject.toml
+# The Python environment: a venv with the package (editable) at the versions the tests ran with.
+$(STAMP): python/pyproject.toml python/constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e 'python[test]'
+	$(PY) -m pip install --quiet -e 'python[test]' -c python/constraints.txt
 	touch $@
 
 venv: $(STAMP)
@@ -40,7 +40,11 @@ browser:
 	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "note: chromium not installed (needs root + apt); the report render test will skip"; fi; }
 
-test: venv nextflow browser
+lint-python: venv
+	$(VENV)/bin/ruff check python
+	$(VENV)/bin/ruff format --check python
+
+test: venv nextflow browser lint-python
 	SCLATENT_NEXTFLOW=$(NXF) $(PY) -m pytest python/tests tests -q
 
 demo: venv nextflow
@@ -52,8 +56,7 @@ demo: venv nextflow
 
 BENCH_STAMP := $(VENV)/.installed-bench
 $(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip freeze --exclude-editable > $(VENV)/.constraints.txt
-	$(PY) -m pip install --quiet -e 'python[bench]' -c $(VENV)/.constraints.txt
+	$(PY) -m pip install --quiet -e 'python[bench]' -c python/constraints.txt
 	touch $@
 
 bench: $(BENCH_STAMP) nextflow

@@ -14,6 +14,7 @@ include { TOKENIZE                              } from './modules/local/tokenize
 include { TRAIN_VAE                             } from './modules/local/train_vae'
 include { ENCODE                                } from './modules/local/encode'
 include { TRAIN_PRIOR                           } from './modules/local/train_prior'
+include { BUNDLE                                } from './modules/local/bundle'
 include { SAMPLE                                } from './modules/local/sample'
 include { GATHER                                } from './modules/local/gather'
 include { EVALUATE                              } from './modules/local/evaluate'
@@ -24,7 +25,7 @@ include { PIPELINE_COMPLETION                   } from './subworkflows/local/uti
 /*
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
     THE PIPELINE: samplesheet -> per dataset: PREPARE -> TOKENIZE -> TRAIN_VAE -> ENCODE -> TRAIN_PRIOR
-                  -> SAMPLE (scattered: replicates x shards) -> GATHER -> EVALUATE -> REPORT
+                  -> BUNDLE -> SAMPLE (scattered: replicates x shards) -> GATHER -> EVALUATE -> REPORT
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 */
 
@@ -71,6 +72,11 @@ workflow SCLATENT {
     TRAIN_PRIOR(ENCODE.out.latents)
 
     //
+    // MODULE: the model bundle (weights, vocabularies, versions) that SAMPLE and the Python API load
+    //
+    BUNDLE(TRAIN_VAE.out.vae.join(TRAIN_PRIOR.out.prior))
+
+    //
     // MODULE: SAMPLE scattered into shards x replicates, gathered per dataset
     //
     // [ meta, request, n_cells ] per dataset: one cell per test cell (default), or the requested conditions
@@ -89,8 +95,7 @@ workflow SCLATENT {
         def starts = (0..<((n + shard - 1).intdiv(shard))).collect { i -> i * shard }
         (0..<sample_replicates).collectMany { r -> starts.collect { a -> [meta, request, r, a, Math.min(a + shard, n)] } }
     }
-    ch_sample_in = TRAIN_VAE.out.vae
-        .join(TRAIN_PRIOR.out.prior)
+    ch_sample_in = BUNDLE.out.model
         .join(PREPARE.out.h5ad.map { meta, _train, test -> [meta, test] })
         .combine(ch_shards, by: 0)
     SAMPLE(ch_sample_in)
@@ -126,6 +131,7 @@ workflow SCLATENT {
     tokens       = TOKENIZE.out.tokens    // channel: [ meta, tokens/ ]
     vae          = TRAIN_VAE.out.vae      // channel: [ meta, vae/ ]
     prior        = TRAIN_PRIOR.out.prior  // channel: [ meta, prior/ ]
+    model        = BUNDLE.out.model       // channel: [ meta, model.pt ]
     generated    = GATHER.out.h5ad        // channel: [ meta, generated.h5ad ]
     metrics      = EVALUATE.out.json      // channel: [ meta, metrics.json ]
 }

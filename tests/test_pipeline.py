@@ -19,7 +19,7 @@ def test_all_tasks_succeed(test_profile_run):
     tasks = test_profile_run.trace()
     names = [t["name"] for t in tasks]
     assert all(t["status"] == "COMPLETED" for t in tasks), tasks
-    for step in ("PREPARE", "TOKENIZE", "TRAIN_VAE", "ENCODE", "TRAIN_PRIOR", "GATHER", "EVALUATE", "REPORT"):
+    for step in ("PREPARE", "TOKENIZE", "TRAIN_VAE", "ENCODE", "TRAIN_PRIOR", "BUNDLE", "GATHER", "EVALUATE", "REPORT"):
         for ds in DATASETS:
             assert any(f":{step} ({ds})" in n for n in names), (step, ds, names)
     # SAMPLE scattered: test profile = 2 replicates x shards of 128 cells (pbmc 200 test cells -> 2 shards)
@@ -54,12 +54,14 @@ def test_models_and_metrics(test_profile_run, dataset):
         assert history[0].startswith("step,epoch,loss") and len(history) > 2
         if stage == "prior":  # the sampled weights are the warmed-up EMA (BENCHMARKS.md, "EMA")
             assert cfg["train_config"]["ema_decay"] == 0.999 and cfg["train_config"]["ema_warmup"] is True
-    recon_doc = json.loads((out / "encode" / "reconstruction.json").read_text())
-    recon = recon_doc["metrics"]
-    assert recon["re_nll_gene_sum_cell_mean"] > 0 and recon["n_cells"] > 0
-    # the test profile refines the latents (--encode_refine_steps 2): never worse than the encoder's
-    assert recon_doc["latents"] == "refined" and recon_doc["refinement"]["steps"] == 2
-    assert recon["re_nll_gene_sum_cell_mean"] <= recon_doc["metrics_amortised"]["re_nll_gene_sum_cell_mean"]
+    recon = json.loads((out / "encode" / "reconstruction.json").read_text())["metrics"]
+    assert recon["n_cells"] > 0 and recon["n_genes"] == 500
+    # the published model bundle loads with the Python API and holds both stages, the vocabulary and the labels
+    import sclatent
+
+    model = sclatent.Model.load(out / "model")
+    assert model.genes == json.loads((out / "tokenize" / "tokens" / "manifest.json").read_text())["genes"]
+    assert model.condition_keys == DATASETS[dataset] and model.bundle.prior is not None
     with np.load(out / "encode" / "latents.npz") as z:
         assert z["train_z"].shape[1:] == (4, 4)  # tiny preset: 4 latent tokens of width 4
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
@@ -67,7 +69,8 @@ def test_models_and_metrics(test_profile_run, dataset):
     overall = metrics["generation"]["overall"]
     for m in ("w2", "mmd2_rbf", "fd", "one_nn_accuracy", "precision", "recall"):
         assert overall[m]["n"] == 2 and overall[m]["mean"] is not None, m
-    assert metrics["real_vs_real"]["overall"]["w2"] > 0
+    # a tiny model trained for seconds is far from the real-vs-real floor at the same sample sizes
+    assert 0 < metrics["real_vs_real"]["overall"]["w2"] < metrics["generated_vs_real_half"]["overall"]["w2"]
     assert metrics["reconstruction"]["re_nll_gene_sum_cell_mean"] == recon["re_nll_gene_sum_cell_mean"]
     assert "overall" in (out / "evaluate" / "metrics_mqc.tsv").read_text()
 

@@ -206,11 +206,12 @@ def _pyproject() -> dict:
 
 
 def _pinned(name: str) -> str:
-    for dep in _pyproject()["project"]["dependencies"]:
-        m = re.fullmatch(rf"{re.escape(name)}==([\w.]+)", dep)
+    """The version of `name` in python/constraints.txt (the versions the tests ran with)."""
+    for line in (REPO / "python" / "constraints.txt").read_text().splitlines():
+        m = re.fullmatch(rf"{re.escape(name)}==([\w.]+)", line.strip())
         if m:
             return m.group(1)
-    raise AssertionError(f"{name} is not pinned in python/pyproject.toml")
+    raise AssertionError(f"{name} is not pinned in python/constraints.txt")
 
 
 @pytest.mark.parametrize("recipe", ["Dockerfile", "Dockerfile.cuda", "sclatent.def"])
@@ -219,7 +220,7 @@ def test_container_recipes_pin_the_package_torch(recipe):
     pins = re.findall(r"TORCH_VERSION=([\w.]+)", text)
     assert pins == [_pinned("torch")], (recipe, pins)
     # the package itself (and so every other pinned dependency) is installed from the checkout's python/
-    assert re.search(r"pip install --no-cache-dir /opt/sclatent/python", text), recipe
+    assert "pip install --no-cache-dir /opt/sclatent/python -c /opt/sclatent/python/constraints.txt" in text, recipe
     assert "procps" in text, f"{recipe}: Nextflow's trace needs ps"
 
 
@@ -264,7 +265,7 @@ def test_conda_environment_installs_the_package_from_conda_forge_python():
     assert f"python={minimum}" in env["dependencies"]
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     # relative to the yml: conda runs pip in the folder that holds it
-    assert pip == ["-e ../python"] and (CONTAINERS / "../python/pyproject.toml").exists()
+    assert pip == ["-c ../python/constraints.txt", "-e ../python"] and (CONTAINERS / "../python/pyproject.toml").exists()
     # every module points at this one file
     for module in sorted((REPO / "modules" / "local").glob("*/main.nf")):
         assert 'conda "${moduleDir}/../../../containers/environment.yml"' in module.read_text(), module
@@ -296,7 +297,7 @@ def test_tower_yml_lists_the_reports():
 # ---------------------------------------------------------------------------------------------------------------
 
 # where conf/modules.config publishes a step when it is not <outdir>/<dataset>/<step>/
-PUBLISH_DIR_OVERRIDES = {"CHECK_SAMPLESHEET": "pipeline_info", "GATHER": "{tag}/sample"}
+PUBLISH_DIR_OVERRIDES = {"CHECK_SAMPLESHEET": "pipeline_info", "GATHER": "{tag}/sample", "BUNDLE": "{tag}/model"}
 NOT_PUBLISHED = {"SAMPLE"}  # shards: GATHER publishes their concatenation
 
 

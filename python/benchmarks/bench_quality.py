@@ -146,7 +146,7 @@ def run_dataset(spec: DatasetSpec, plan: Plan, runner: Runner, budget: Budget, w
     rec = runner.sclatent("TRAIN_VAE", name, ["train-vae", *vae_args, "--epochs", vae_epochs, "--min-steps", 0, "--outdir", vae], child=True)
     vs = training_summary(vae)
     rec.extra.update(preset=plan.vae_preset, epochs=vae_epochs, cells_per_s=vs["items_per_s"], train_s=vs["train_s"])
-    rec = runner.sclatent("ENCODE", name, ["encode", "--vae", vae, "--tokens", tok, "--outdir", enc, "--seed", seed, "--threads", t], child=True)
+    rec = runner.sclatent("ENCODE", name, ["encode", "--model", vae, "--tokens", tok, "--outdir", enc, "--seed", seed, "--threads", t], child=True)
     rec.extra.update(cells=n_train + n_test, cells_per_s=(n_train + n_test) / rec.wall_s)
     recon = {"sclatent VAE": json.loads((enc / "reconstruction.json").read_text())["metrics"]}
 
@@ -157,6 +157,8 @@ def run_dataset(spec: DatasetSpec, plan: Plan, runner: Runner, budget: Budget, w
     prior_epochs = _epochs_for(plan.prior_seconds, sps, n_train, plan.prior_epochs_range)
     rec = runner.sclatent("TRAIN_PRIOR", name, ["train-prior", *prior_args, "--epochs", prior_epochs, "--min-steps", 0, "--outdir", prior], child=True)
     ps = training_summary(prior)
+    model = d / "model.pt"
+    runner.sclatent("BUNDLE", name, ["bundle", "--vae", vae, "--prior", prior, "--out", model], child=False)
     rec.extra.update(preset=plan.prior_preset, epochs=prior_epochs, samples_per_s=ps["items_per_s"], train_s=ps["train_s"])
     ours_train_s = vs["train_s"] + ps["train_s"]
     result["budgets"] = {
@@ -185,9 +187,8 @@ def run_dataset(spec: DatasetSpec, plan: Plan, runner: Runner, budget: Budget, w
         gdir = d / "generated" / variant
         files = []
         for r in range(reps):
-            args = ["sample", "--vae", vae, "--out", gdir / f"rep{r}.h5ad", "--seed", seed, "--replicate", r, "--threads", t]
-            if variant != "vae_gaussian":
-                args += ["--prior", prior]
+            args = ["sample", "--model", vae if variant == "vae_gaussian" else model, "--out", gdir / f"rep{r}.h5ad",
+                    "--seed", seed, "--replicate", r, "--threads", t]
             if variant == "ldm_additive":
                 args += ["--guidance", "additive"]
             if variant == "vae_gaussian":
@@ -228,10 +229,10 @@ def run_dataset(spec: DatasetSpec, plan: Plan, runner: Runner, budget: Budget, w
     # ---- held-out combination
     if spec.held_out is not None and held_real is not None:
         if budget.allows(60 + (per_cell_s or 0.05) * _n_obs(held_real) * (len(spec.nearest) + 4)):
-            result["held_out"] = run_held_out(spec, plan, runner, d, vae, prior, prep / "test.h5ad", held_real)
+            result["held_out"] = run_held_out(spec, plan, runner, d, model, prep / "test.h5ad", held_real)
         else:
             result["skipped"].append(f"held-out combination: not enough budget left ({budget.left():.0f} s)")
-    result["paths"] = {"vae": str(vae), "prior": str(prior), "eval_real": str(eval_real), "tokens": str(tok)}
+    result["paths"] = {"vae": str(vae), "prior": str(prior), "model": str(model), "eval_real": str(eval_real), "tokens": str(tok)}
     return result
 
 
@@ -270,7 +271,7 @@ def run_scvi(spec: DatasetSpec, plan: Plan, runner: Runner, budget: Budget, d: P
     return infos
 
 
-def run_held_out(spec: DatasetSpec, plan: Plan, runner: Runner, d: Path, vae: Path, prior: Path, test_all: Path,
+def run_held_out(spec: DatasetSpec, plan: Plan, runner: Runner, d: Path, model: Path, test_all: Path,
                  held_real: Path) -> dict[str, Any]:
     """Generate the held-out combination (joint and additive guidance) and its nearest seen combinations."""
     import anndata as ad
@@ -282,7 +283,7 @@ def run_held_out(spec: DatasetSpec, plan: Plan, runner: Runner, d: Path, vae: Pa
     out = d / "held_out"
     combos = [spec.held_out, *spec.nearest]
     request = ";".join(",".join(f"{k}={v}" for k, v in c.items()) for c in combos)
-    base = ["sample", "--vae", vae, "--prior", prior, "--n-cells", n, "--seed", str(plan.seed), "--threads", str(plan.threads)]
+    base = ["sample", "--model", model, "--n-cells", n, "--seed", str(plan.seed), "--threads", str(plan.threads)]
     runner.sclatent("SAMPLE", spec.name, [*base, "--conditions", request, "--guidance", "joint", "--out", out / "joint.h5ad"],
                     child=False, variant="held_out_joint")
     held_args = [a for k, v in spec.held_out.items() for a in ("--condition", f"{k}={v}")]

@@ -24,7 +24,7 @@ TOLERANCE = 0.02  # "within 2% of dopri5's W2"
 
 
 def run_sampler_study(
-    runner: Runner, dataset: str, vae: Path, prior: Path, eval_real: Path, outdir: Path, *, n_cells: int,
+    runner: Runner, dataset: str, model: Path, eval_real: Path, outdir: Path, *, n_cells: int,
     grid: Sequence[tuple[str, int]], seed: int, threads: int,
 ) -> dict[str, Any]:
     """Generate with each (method, n_steps) of `grid` and with dopri5; returns rows and the chosen setting."""
@@ -38,12 +38,12 @@ def run_sampler_study(
     subset = outdir / "like_subset.h5ad"
     real[pick].copy().write_h5ad(subset)
     # the reference is dopri5 in fp32; each grid item is (method, steps) or (method, steps, precision)
-    settings = [("dopri5", 0, "fp32"), *((*item, "auto")[:3] for item in grid)]
+    settings = [("dopri5", 0, "fp32"), *((*item, "fp32")[:3] for item in grid)]
     gens: dict[tuple[str, int, str], Any] = {}
     rows = []
     for method, steps, precision in settings:
         out = outdir / f"{method}{steps or ''}_{precision}.h5ad"
-        args = ["sample", "--vae", vae, "--prior", prior, "--like", subset, "--out", out, "--method", method,
+        args = ["sample", "--model", model, "--like", subset, "--out", out, "--method", method,
                 "--seed", seed, "--threads", threads, "--precision", precision]
         args += ["--atol", "1e-5", "--rtol", "1e-5"] if method == "dopri5" else ["--n-steps", steps]
         rec = runner.sclatent("SAMPLER", dataset, args, child=False, method=method, n_steps=steps)
@@ -80,29 +80,28 @@ def main() -> None:
     import sys
 
     ap = argparse.ArgumentParser(description="Euler / Heun step counts against dopri5 (W2, NFE) on one trained model")
-    ap.add_argument("--vae", type=Path, required=True, help="TRAIN_VAE run folder")
-    ap.add_argument("--prior", type=Path, required=True, help="TRAIN_PRIOR run folder")
+    ap.add_argument("--model", type=Path, required=True, help="model bundle (BUNDLE's model.pt)")
     ap.add_argument("--real", type=Path, required=True, help="real test cells (PREPARE's test.h5ad)")
     ap.add_argument("--outdir", type=Path, required=True)
     ap.add_argument("--n-cells", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--grid", default="euler:4,euler:8,euler:16,heun:2,heun:4,heun:8,heun:16",
-                    help="comma list of method:steps[:precision] (euler or heun; precision auto, fp32 or bf16, "
-                         "default auto) compared with dopri5 in fp32")
+                    help="comma list of method:steps[:precision] (euler or heun; precision fp32 or bf16, "
+                         "default fp32) compared with dopri5 in fp32")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     grid = []
     for item in (x.strip() for x in args.grid.split(",") if x.strip()):
         method, steps, *rest = item.split(":") + [""]
-        precision = rest[0] or "auto"
+        precision = rest[0] or "fp32"
         if method not in ("euler", "heun") or not steps.isdigit() or int(steps) < 1 or len(rest) > 2 or \
-                precision not in ("auto", "fp32", "bf16"):
+                precision not in ("fp32", "bf16"):
             sys.exit(f"bench_sampler: --grid item '{item}' is not euler:N or heun:N (N >= 1), "
-                     "optionally followed by :auto, :fp32 or :bf16")
+                     "optionally followed by :fp32 or :bf16")
         grid.append((method, int(steps), precision))
     runner = Runner(args.outdir / "logs", args.threads, children=False)
-    res = run_sampler_study(runner, args.vae.name, args.vae, args.prior, args.real, args.outdir, n_cells=args.n_cells,
+    res = run_sampler_study(runner, args.model.parent.name, args.model, args.real, args.outdir, n_cells=args.n_cells,
                             grid=grid, seed=args.seed, threads=args.threads)
     (args.outdir / "sampler.json").write_text(json.dumps(res, indent=1, default=str))
     print("| method | steps | precision | NFE | W2 | vs dopri5 | cells/s |\n|---|---|---|---|---|---|---|")

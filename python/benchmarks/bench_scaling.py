@@ -58,7 +58,7 @@ def measure_point(n_genes: int, n_tokens: int, *, preset: str, batch: int, steps
     }
     model = TransformerVAE(VAEConfig.preset(preset, n_genes), seed=seed).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss_fn = VAELoss(n_genes, decode_genes, "cell")
+    loss_fn = VAELoss(n_genes, decode_genes)
     step_gen = torch.Generator(device=dev).manual_seed(seed)
 
     def step() -> None:

@@ -67,13 +67,15 @@ def default_size_prior_and_sample(runner: Runner, plan: Plan, dataset: str, vae:
         "--threads", plan.threads, "--seed", plan.seed, "--no-progress", "--checkpoint-every", NO_CHECKPOINT], child=True)
     summary = training_summary(prior)
     rec.extra.update(preset="default", samples_per_s=summary["items_per_s"], speed_run=True)
+    model = workdir / "model_default_size.pt"
+    runner.sclatent("BUNDLE", dataset, ["bundle", "--vae", vae, "--prior", prior, "--out", model], child=False)
     real = ad.read_h5ad(like)
     n = min(plan.default_size_sample_cells, real.n_obs)
     pick = np.sort(np.random.default_rng(plan.seed).choice(real.n_obs, size=n, replace=False))
     subset = workdir / "like_default_size.h5ad"
     real[pick].copy().write_h5ad(subset)
     out = workdir / "sample_default_size.h5ad"
-    srec = runner.sclatent("SAMPLE", dataset, ["sample", "--vae", vae, "--prior", prior, "--like", subset, "--out", out,
+    srec = runner.sclatent("SAMPLE", dataset, ["sample", "--model", model, "--like", subset, "--out", out,
                                                "--seed", plan.seed, "--threads", plan.threads], child=True)
     uns = dict(ad.read_h5ad(out, backed="r").uns["sclatent"])
     srec.extra.update(cells=n, cells_per_s=n / srec.wall_s, in_step_cells_per_s=n / max(float(uns["seconds"]), 1e-9),

@@ -36,7 +36,7 @@ def one_dataset(data: Path, work: Path, preset: str, vae_steps: list[int], prior
         vae = work / f"vae_{steps}"
         wall = run_logged(["train-vae", "--tokens", tokens, "--outdir", vae, "--preset", preset, "--max-steps", steps,
                      "--threads", 1, "--no-progress", "--seed", 0], log)
-        run_logged(["encode", "--vae", vae, "--tokens", tokens, "--outdir", vae / "encode", "--threads", 1], log)
+        run_logged(["encode", "--model", vae, "--tokens", tokens, "--outdir", vae / "encode", "--threads", 1], log)
         m = json.loads((vae / "encode" / "reconstruction.json").read_text())["metrics"]
         rows.append({"dataset": data.name if data.name != "prepare" else data.parent.name, "stage": "VAE", "steps": steps,
                      "train_s": round(wall, 1), "re": m["re_nll_gene_sum_cell_mean"], "pcc": m["pcc_gene_batch256_sample"],
@@ -46,7 +46,8 @@ def one_dataset(data: Path, work: Path, preset: str, vae_steps: list[int], prior
         prior = work / f"prior_{steps}"
         wall = run_logged(["train-prior", "--latents", vae / "encode" / "latents.npz", "--outdir", prior, "--preset", preset,
                      "--max-steps", steps, "--threads", 1, "--no-progress", "--seed", 0], log)
-        run_logged(["sample", "--vae", vae, "--prior", prior, "--like", data / "test.h5ad", "--out", prior / "generated.h5ad", "--method", "heun", "--n-steps", 16,
+        run_logged(["bundle", "--vae", vae, "--prior", prior, "--out", prior / "model.pt"], log)
+        run_logged(["sample", "--model", prior / "model.pt", "--like", data / "test.h5ad", "--out", prior / "generated.h5ad", "--method", "heun", "--n-steps", 16,
               "--threads", 1, "--seed", 0], log)
         run_logged(["evaluate", "--real", data / "test.h5ad", "--generated", prior / "generated.h5ad", "--outdir", prior / "eval",
               "--min-cells-per-class", 10], log)

@@ -92,11 +92,11 @@ def one_run(data: Path, tokens: Path, work: Path, preset: str, steps: int, point
     extra = [x for k, v in point.items() if k != "max-steps" for x in _option(k, v)]  # steps: --max-steps above
     wall = run_logged(["train-vae", "--tokens", tokens, "--outdir", vae, "--preset", preset, "--max-steps", steps,
                  "--threads", 1, "--no-progress", "--seed", seed, *extra], log)
-    run_logged(["encode", "--vae", vae, "--tokens", tokens, "--outdir", vae / "encode", "--threads", 1, "--seed", 0], log)
+    run_logged(["encode", "--model", vae, "--tokens", tokens, "--outdir", vae / "encode", "--threads", 1, "--seed", 0], log)
     row = {"dataset": data.name, "point": name, "seed": seed, "steps": steps, "train_s": round(wall, 1),
            **_metrics(vae / "encode")}
     if train_tokens is not None:
-        run_logged(["encode", "--vae", vae, "--tokens", train_tokens, "--outdir", vae / "encode_train", "--threads", 1,
+        run_logged(["encode", "--model", vae, "--tokens", train_tokens, "--outdir", vae / "encode_train", "--threads", 1,
                     "--seed", 0], log)
         m = _metrics(vae / "encode_train")
         row.update(re_train=m["re"], pcc_train=m["pcc"])

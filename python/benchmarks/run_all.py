@@ -129,7 +129,7 @@ def run(plan: Plan, workdir: Path, out_md: Path | None, command: str) -> dict[st
         if budget.allows(120 if plan.mode == "full" else 20):
             p = first["paths"]
             res["sampler"] = run_sampler_study(
-                runner, first["dataset"], Path(p["vae"]), Path(p["prior"]), Path(p["eval_real"]), workdir / first["dataset"] / "sampler",
+                runner, first["dataset"], Path(p["model"]), Path(p["eval_real"]), workdir / first["dataset"] / "sampler",
                 n_cells=plan.sampler_cells, grid=plan.sampler_grid, seed=plan.seed, threads=plan.threads)
         else:
             res["skipped"].append(f"sampler study: not enough budget left ({budget.left():.0f} s)")

@@ -60,7 +60,7 @@ def bench_vae(preset: str, G: int, S: int, Q: int, B: int, device, bf16: bool, r
     gen = torch.Generator().manual_seed(0)
     batch = token_batch(B, G, S, device, gen)
     lgen = torch.Generator(device=device).manual_seed(0)
-    loss_fn = VAELoss(G, Q, "cell")
+    loss_fn = VAELoss(G, Q)
 
     def step():
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -100,7 +100,8 @@ def bench_sample(vae_preset: str, prior_preset: str, G: int, B: int, device, met
                  bf16: bool = False) -> dict:
     from sclatent.flow import guided_velocity, sample
     from sclatent.nn.dit import DiT, DiTConfig
-    from sclatent.nn.vae import TransformerVAE, VAEConfig, decode_chunks
+    from sclatent.inference import decode_chunks
+    from sclatent.nn.vae import TransformerVAE, VAEConfig
 
     vae = TransformerVAE(VAEConfig.preset(vae_preset, G)).to(device).eval()
     c = vae.config
@@ -117,7 +118,7 @@ def bench_sample(vae_preset: str, prior_preset: str, G: int, B: int, device, met
         z, nfe = sample(v, x0, method=method, n_steps=n_steps)
         info["nfe"] = nfe
         lib = torch.full((B,), 2000.0, device=device)
-        for rows in decode_chunks(B, device):  # as SAMPLE (generate.Generator.generate) does
+        for rows in decode_chunks(B, device):  # as SAMPLE (generate.Sampler.decode) does
             vae.decode(z[rows], genes, lib[rows]).sample(gen)  # fp32, as SAMPLE
 
     sec = _time(run, device, repeats, warmup=1)
@@ -139,9 +140,7 @@ def main() -> None:
     tune_malloc()  # as the `sclatent` command does, so these rows time what the pipeline runs
     device = torch.device(args.device)
     G, S = args.genes, args.tokens
-    from sclatent.train import native_bf16
-
-    bf16s = [False, True] if native_bf16(device) else [False]  # bf16 rows where the device computes it natively
+    bf16s = [False, True]
     rows = []
     vae_cases = [("tiny", 512), ("default", 512), ("default", 0)] if args.quick else [
         ("tiny", 512), ("tiny", 0), ("default", 128), ("default", 256), ("default", 512), ("default", 0)]

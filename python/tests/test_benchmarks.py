@@ -140,11 +140,11 @@ def test_vae_settings_grid_parsing():
     """bench_vae_settings: the grid is the product of its axes; on/off are flag forms; a malformed axis is an error."""
     import bench_vae_settings
 
-    points = bench_vae_settings.parse_grid("lr=1e-3,3e-3; gene-bias=on,off")
-    assert points == [{"lr": "1e-3", "gene-bias": "on"}, {"lr": "1e-3", "gene-bias": "off"},
-                      {"lr": "3e-3", "gene-bias": "on"}, {"lr": "3e-3", "gene-bias": "off"}]
+    points = bench_vae_settings.parse_grid("lr=1e-3,3e-3; gene-head=on,off")
+    assert points == [{"lr": "1e-3", "gene-head": "on"}, {"lr": "1e-3", "gene-head": "off"},
+                      {"lr": "3e-3", "gene-head": "on"}, {"lr": "3e-3", "gene-head": "off"}]
     assert bench_vae_settings.parse_grid("") == [{}]
-    assert bench_vae_settings._option("gene-bias", "off") == ["--no-gene-bias"]
+    assert bench_vae_settings._option("gene-head", "off") == ["--no-gene-head"]
     assert bench_vae_settings._option("lr", "1e-3") == ["--lr", "1e-3"]
     assert bench_vae_settings._option("betas", "0.9:0.999") == ["--betas", "0.9,0.999"]  # ',' separates grid values
     assert bench_vae_settings.point_steps({"lr": "1e-3"}, 400) == 400
@@ -209,76 +209,3 @@ def test_vae_bench_scripts_refuse_bad_arguments_naming_them(tmp_path, monkeypatc
             module.main()
         assert message in str(exc.value)
     assert not (tmp_path / "w").exists()  # nothing written
-
-
-def test_vae_groups_breakdown_per_group_and_detection_quintile():
-    """bench_vae_groups.breakdown: RE per group is the mean over the group's cells of the NLL summed over genes; the
-    within-group PCC is 1 for a model whose log-normalised means are the truth's and lower for a noisy one; the
-    quintiles split the genes by detection rate and their REs add up to the whole."""
-    import bench_vae_groups as bg
-
-    rng = np.random.default_rng(0)
-    n, G = 60, 25
-    truth = rng.poisson(rng.gamma(1.0, 3.0, size=(n, G))).astype(float)
-    truth[:, 0] += 1  # no all-zero cell
-    nll = rng.uniform(0.5, 2.0, size=(n, G))
-    groups = np.array(["a"] * 30 + ["b"] * 20 + ["c"] * 10)
-    rate = (truth > 0).mean(axis=0)
-    exact = bg.breakdown(truth, truth, nll, groups, rate)
-    assert exact["re"] == pytest.approx(nll.sum(axis=1).mean())
-    assert exact["groups"]["b"]["re"] == pytest.approx(nll[30:50].sum(axis=1).mean())
-    assert [exact["groups"][g]["n"] for g in "abc"] == [30, 20, 10]
-    assert all(exact["groups"][g]["pcc_within"] == pytest.approx(1.0) for g in "abc")
-    assert sum(b["n_genes"] for b in exact["bins"]) == G and len(exact["bins"]) == bg.N_BINS
-    assert sum(b["re"] for b in exact["bins"]) == pytest.approx(exact["re"])
-    noisy = bg.breakdown(truth, truth + rng.gamma(1.0, 3.0, size=(n, G)), nll, groups, rate)
-    assert noisy["pcc_mean_all"] < 0.9 and all(noisy["groups"][g]["pcc_within"] < 0.95 for g in "abc")
-    lines = bg.tables({"exact": exact, "noisy": noisy}).splitlines()
-    assert lines[0].startswith("| group | cells | exact RE") and any(line.startswith("| b | 20 |") for line in lines)
-
-
-def test_vae_groups_reads_a_trained_vae_and_refuses_bad_arguments(tmp_path, monkeypatch):
-    """bench_vae_groups on a real (2-step, tiny) TRAIN_VAE run: the test cells' truth comes back in file order and
-    the table names the run; a --vae that is not NAME=existing folder is a one-line exit that writes nothing."""
-    import json
-
-    from click.testing import CliRunner
-
-    import bench_vae_groups as bg
-    from sclatent.cli import main
-    from sclatent.synthetic import synthetic_counts
-
-    adata = synthetic_counts(n_cells=60, n_genes=24, seed=3)
-    adata.var["highly_variable"] = True
-    adata[:40].copy().write_h5ad(tmp_path / "train.h5ad")
-    adata[40:].copy().write_h5ad(tmp_path / "test.h5ad")
-    runner = CliRunner()
-    res = runner.invoke(main, ["-q", "tokenize", "--train", str(tmp_path / "train.h5ad"), "--test", str(tmp_path / "test.h5ad"),
-                               "--outdir", str(tmp_path / "tok"), "--condition-keys", "cell_type", "--no-progress"])
-    assert res.exit_code == 0, res.output
-    res = runner.invoke(main, ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--outdir", str(tmp_path / "v"),
-                               "--preset", "tiny", "--max-steps", "2", "--device", "cpu", "--no-progress", "--batch-size", "20"])
-    assert res.exit_code == 0, res.output
-    truth, mean, nll, genes = bg.vae_test_reconstruction(tmp_path / "v", tmp_path / "tok")
-    X = np.asarray(adata[40:, genes].X.todense())
-    np.testing.assert_array_equal(truth, X)
-    np.testing.assert_allclose(mean.sum(axis=1), X.sum(axis=1), rtol=1e-4)  # NB means sum to the library size
-    assert np.isfinite(nll).all() and nll.shape == X.shape
-    monkeypatch.setattr(sys, "argv", ["prog", "--data", str(tmp_path), "--tokens", str(tmp_path / "tok"),
-                                      "--vae", f"tiny={tmp_path / 'v'}", "--out", str(tmp_path / "g.json")])
-    bg.main()
-    doc = json.loads((tmp_path / "g.json").read_text())
-    assert doc["keys"] == ["cell_type"] and set(doc["results"]) == {"tiny"}
-    assert sum(v["n"] for v in doc["results"]["tiny"]["groups"].values()) == 20
-    # --refine-steps adds a refined row per model, never worse than the encoder's on the RE
-    monkeypatch.setattr(sys, "argv", ["prog", "--data", str(tmp_path), "--tokens", str(tmp_path / "tok"),
-                                      "--vae", f"tiny={tmp_path / 'v'}", "--refine-steps", "3", "--out", str(tmp_path / "r.json")])
-    bg.main()
-    doc = json.loads((tmp_path / "r.json").read_text())
-    assert set(doc["results"]) == {"tiny", "tiny refined 3"} and doc["refine_steps"] == 3
-    assert doc["results"]["tiny refined 3"]["re"] < doc["results"]["tiny"]["re"]
-    monkeypatch.setattr(sys, "argv", ["prog", "--data", str(tmp_path), "--tokens", str(tmp_path / "tok"),
-                                      "--vae", str(tmp_path / "v"), "--out", str(tmp_path / "bad.json")])
-    with pytest.raises(SystemExit, match="is not NAME=RUN_DIR"):
-        bg.main()
-    assert not (tmp_path / "bad.json").exists()

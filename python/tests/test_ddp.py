@@ -27,16 +27,11 @@ from click.testing import CliRunner
 from sclatent.cli import main
 from sclatent.synthetic import synthetic_counts
 from sclatent.tokens import TokenLoader, tokenize
-from sclatent.train import (
-    GlobalBatchDraws,
-    default_split_batch,
-    distributed_job,
-    load_checkpoint,
-    shard_rows,
-    TrainConfig,
-)
-from sclatent.train_prior import PriorRunConfig, load_prior, train_prior
-from sclatent.train_vae import VAERunConfig, load_vae, token_batch_rows, train_vae
+from sclatent.checkpoint import load_checkpoint, load_run
+from sclatent.distributed import GlobalBatchDraws, distributed_job, shard_rows
+from sclatent.train import TrainConfig, default_split_batch
+from sclatent.train_prior import PriorTraining, train_prior
+from sclatent.train_vae import VAETraining, token_batch_rows, train_vae
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
@@ -56,14 +51,14 @@ def _train_config(batch_size: int, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def _vae_run(max_steps: int) -> VAERunConfig:
-    # variational: the posterior noise is drawn inside the model, per cell
-    return VAERunConfig(preset="tiny", model_overrides={"variational": True, "beta": 0.1}, max_steps=max_steps,
-                        decode_genes=16, subset="cell")
+def _vae_run(max_steps: int) -> VAETraining:
+    # variational: the posterior noise is drawn inside the model, per cell; so are the stratified gene sample and the
+    # count readout's dropout
+    return VAETraining(preset="tiny", model_overrides={"beta": 0.1}, max_steps=max_steps, decode_genes=16)
 
 
-def _prior_run() -> PriorRunConfig:
-    return PriorRunConfig(preset="tiny", max_steps=6, rho=0.3)
+def _prior_run() -> PriorTraining:
+    return PriorTraining(preset="tiny", max_steps=6, rho=0.3)
 
 
 def _run_all(out: Path, tokens: Path, latents: Path) -> None:
@@ -162,7 +157,7 @@ def test_vae_two_processes_match_one_process(runs, inputs) -> None:
     _assert_same_run(single / "vae", multi / "vae", ("nll", "kl"))
     batch = next(iter(TokenLoader(inputs[0], "train", batch_size=23, shuffle=False))).to_torch("cpu")
     genes = torch.arange(1, 41)  # (G,)
-    means = [load_vae(run, weights="model")[0].reconstruct(batch["genes"], batch["counts"], batch["mask"], genes,
+    means = [load_run(run, "vae", weights="model")[0].reconstruct(batch["genes"], batch["counts"], batch["mask"], genes,
                                                            batch["library_size"]).mean  # (23, G)
              for run in (single / "vae", multi / "vae")]
     torch.testing.assert_close(means[1], means[0], rtol=OUTPUT_RTOL, atol=0)
@@ -177,7 +172,7 @@ def test_prior_two_processes_match_one_process(runs) -> None:
     x, t = torch.randn(6, 4, 4, generator=g), torch.rand(6, generator=g)  # (B, m, dl), (B,)
     labels = torch.tensor([[0, 0], [1, 1], [2, 0], [3, 2], [0, 2], [3, 1]])  # (B, K), 3 and 2 are the null codes
     for which in ("model", "ema"):
-        velocities = [load_prior(run, weights=which)[0](x, t, labels) for run in (single / "prior", multi / "prior")]
+        velocities = [load_run(run, "prior", weights=which)[0](x, t, labels) for run in (single / "prior", multi / "prior")]
         torch.testing.assert_close(velocities[1], velocities[0], rtol=0, atol=OUTPUT_ATOL, msg=which)
 
 
@@ -202,7 +197,7 @@ def test_torchrun_command_line(inputs, tmp_path) -> None:
     """`torchrun --nproc_per_node 2 --no-python sclatent train-prior` trains the run of the plain command."""
     _, latents = inputs
     args = ["train-prior", "--latents", str(latents), "--preset", "tiny", "--max-steps", "4", "--batch-size", "5",
-            "--warmup-frac", "0", "--device", "cpu", "--threads", "1", "--no-progress", "--seed", "3", "--precision", "fp32"]
+            "--device", "cpu", "--threads", "1", "--no-progress", "--seed", "3", "--precision", "fp32"]
     threads = torch.get_num_threads()
     try:  # the plain command in this process (a subprocess would only add start-up time)
         plain = CliRunner().invoke(main, [*args, "--outdir", str(tmp_path / "one")])
@@ -226,7 +221,7 @@ def test_torchrun_command_line(inputs, tmp_path) -> None:
     x, t = torch.randn(5, 4, 4, generator=g), torch.rand(5, generator=g)  # (B, m, dl), (B,)
     labels = torch.tensor([[0, 0], [1, 1], [2, 0], [3, 2], [0, 2]])  # (B, K)
     with torch.no_grad():
-        velocities = [load_prior(tmp_path / run)[0](x, t, labels) for run in ("one", "two")]
+        velocities = [load_run(tmp_path / run, "prior")[0](x, t, labels) for run in ("one", "two")]
     torch.testing.assert_close(velocities[1], velocities[0], rtol=0, atol=OUTPUT_ATOL)
 
 

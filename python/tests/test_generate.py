@@ -10,11 +10,9 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from sclatent.cli import main
-from sclatent.train import native_bf16
 
 REPO = Path(__file__).resolve().parents[2]
 MIXOLOGY = REPO / "assets" / "test_data" / "mixology.h5ad"
@@ -39,13 +37,14 @@ def models(tmp_path_factory) -> dict[str, Path]:
     _ok("prepare", "--samplesheet", sheet, "--outdir", d / "p", "--n-hvg", 300, "--min-cells", 3, "--test-fraction", 0.5)
     _ok("tokenize", "--train", d / "p/train.h5ad", "--outdir", d / "tok", "--max-tokens", 512, "--no-progress")
     _ok("train-vae", "--tokens", d / "tok", "--outdir", d / "vae", "--preset", "tiny", "--batch-size", 32, "--decode-genes", 128, *short)
-    _ok("encode", "--vae", d / "vae", "--tokens", d / "tok", "--outdir", d / "enc", "--device", "cpu", "--threads", 1)
+    _ok("encode", "--model", d / "vae", "--tokens", d / "tok", "--outdir", d / "enc", "--device", "cpu", "--threads", 1)
     _ok("train-prior", "--latents", d / "enc/latents.npz", "--outdir", d / "prior", "--preset", "tiny", "--batch-size", 64, *short)
-    return {"vae": d / "vae", "prior": d / "prior", "test": d / "p/test.h5ad", "dir": d}
+    _ok("bundle", "--vae", d / "vae", "--prior", d / "prior", "--out", d / "model" / "model.pt")
+    return {"model": d / "model" / "model.pt", "vae": d / "vae", "prior": d / "prior", "test": d / "p/test.h5ad", "dir": d}
 
 
 def _sample(models: dict[str, Path], out: Path, *extra: Any) -> ad.AnnData:
-    _ok("sample", "--vae", models["vae"], "--prior", models["prior"], "--out", out, "--device", "cpu", "--threads", 1, *extra)
+    _ok("sample", "--model", models["model"], "--out", out, "--device", "cpu", "--threads", 1, *extra)
     return ad.read_h5ad(out)
 
 
@@ -65,7 +64,7 @@ def test_sample_contract_and_seed(models, assert_integer_counts) -> None:
 
 def test_unseen_label_is_a_clear_error(models) -> None:
     out = models["dir"] / "bad.h5ad"
-    result = _cli("sample", "--vae", models["vae"], "--prior", models["prior"], "--out", out, "--n-cells", 5,
+    result = _cli("sample", "--model", models["model"], "--out", out, "--n-cells", 5,
                   "--condition", "cell_line=HeLa", "--device", "cpu")
     assert result.exit_code != 0
     assert "cell_line=HeLa was never seen in training; known values of 'cell_line': A549, H1975, H2228, H838, HCC827" in result.output
@@ -85,14 +84,30 @@ def test_bf16_precision_is_recorded_and_close_to_fp32(models) -> None:
     assert np.linalg.norm(z16 - z32) / np.linalg.norm(z32) < 0.02
     same = np.mean(fp32.X.toarray() == bf16.X.toarray())
     assert same > 0.9  # the same NB stream: nearly every (cell, gene) count is identical
-    auto = _sample(models, d / "auto.h5ad", *req, "--precision", "auto")
-    assert auto.uns["sclatent"]["precision"] == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
+    assert _cli("sample", "--model", models["model"], "--out", d / "auto.h5ad", *req, "--precision", "auto").exit_code != 0
 
 
-def test_training_precision_auto_per_stage(models) -> None:
-    """--precision auto on a CPU: TRAIN_VAE in fp32, TRAIN_PRIOR in bf16 exactly where the CPU has native bf16."""
-    vae = json.loads((models["vae"] / "config.json").read_text())
-    prior = json.loads((models["prior"] / "config.json").read_text())
-    assert vae["train_config"]["precision"] == prior["train_config"]["precision"] == "auto"
-    assert vae["precision_used"] == "fp32"
-    assert prior["precision_used"] == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
+def test_a_gene_subset_is_the_subset_of_a_full_generation(models) -> None:
+    """--genes keeps the requested columns of a generation over every model gene: the NB means of a subset equal
+    those of the full generation's columns (they used to be renormalised over the subset alone, inflating each
+    mean by L / L_subset), and the sampled counts keep the subset's share of the library."""
+    d = models["dir"]
+    vocabulary = json.loads((models["vae"] / "config.json").read_text())["metadata"]["genes"]
+    subset = vocabulary[10:30:2]
+    req = ("--n-cells", 64, "--condition", "cell_line=A549", "--seed", 5)
+    full = _sample(models, d / "full_mean.h5ad", *req, "--counts", "mean")
+    part = _sample(models, d / "part_mean.h5ad", *req, "--counts", "mean", "--genes", ",".join(subset))
+    assert list(part.var_names) == subset
+    np.testing.assert_allclose(part.X.toarray(), full[:, subset].X.toarray(), rtol=1e-5, atol=1e-6)
+    drawn = _sample(models, d / "part_sample.h5ad", *req, "--genes", ",".join(subset))
+    expected = full[:, subset].X.toarray().sum()
+    assert abs(drawn.X.sum() - expected) < 0.2 * expected  # counts sum to the subset's share, not to L
+    result = _cli("sample", "--model", models["model"], "--out", d / "x.h5ad", *req, "--genes", "NOT_A_GENE")
+    assert result.exit_code != 0 and "gene 'NOT_A_GENE' is not one of the model's 300 genes" in result.output
+
+
+def test_training_precision_is_fp32_on_every_device_unless_asked(models) -> None:
+    """No device-dependent arithmetic: both stages ran (and recorded) fp32, as they would on a GPU."""
+    for stage in ("vae", "prior"):
+        config = json.loads((models[stage] / "config.json").read_text())
+        assert config["train_config"]["precision"] == config["precision_used"] == "fp32"

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from sclatent.io import InputError, atomic_outputs, check_counts, read_samplesheet
+from sclatent.counts import check_counts
+from sclatent.io import InputError, atomic_outputs, read_samplesheet
 
 
 def test_valid_samplesheet_resolves_relative_paths(tmp_path, make_h5ad, write_sheet):

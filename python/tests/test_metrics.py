@@ -13,6 +13,7 @@ import scipy.linalg
 import scipy.sparse as sp
 
 from sclatent import metrics as M
+from sclatent.metrics import distances as D
 
 SIGMAS = np.array(M.MMD_SIGMAS)
 
@@ -145,13 +146,13 @@ def test_mmd2_zero_for_same_set_and_positive_for_shift():
 
 
 def test_mmd2_blockwise_matches_full_matrix(monkeypatch):
-    monkeypatch.setattr(M, "_BLOCK_BYTES", 8 * 7 * 90)  # 7-row blocks: exercises the block loops
+    monkeypatch.setattr(D, "_BLOCK_BYTES", 8 * 7 * 90)  # 7-row blocks: exercises the block loops
     rng = np.random.default_rng(5)
     x = rng.normal(size=(90, 3)) * 0.2  # small scale: the small bandwidths contribute too
     y = rng.normal(size=(120, 3)) * 0.2 + 0.1
     # m = min(90, 120) = 90: all of x and a seeded subsample of 90 rows of y.
-    seed_y = M._two_seeds(0)[1]
-    y_used = y[M._subsample(y, 90, seed_y)]
+    seed_y = D._two_seeds(0)[1]
+    y_used = y[D._subsample(y, 90, seed_y)]
     assert M.mmd2_rbf(x, y, seed=0) == pytest.approx(brute_mmd2(x, y_used), rel=1e-10, abs=1e-12)
 
 
@@ -188,7 +189,7 @@ def test_prdc_hand_computed_one_dimensional():
 
 
 def test_prdc_blockwise_matches_definition(monkeypatch):
-    monkeypatch.setattr(M, "_BLOCK_BYTES", 8 * 13 * 150)  # small blocks
+    monkeypatch.setattr(D, "_BLOCK_BYTES", 8 * 13 * 150)  # small blocks
     rng = np.random.default_rng(8)
     x, y = rng.normal(size=(150, 3)), rng.normal(size=(130, 3)) * 1.3 + 0.3
     got = M.prdc(x, y, k=4, max_cells=None)
@@ -273,13 +274,13 @@ def test_evaluate_rejects_genes_and_values_it_cannot_use():
         dense = gen.X.toarray()
         dense[7, 3] = bad
         bad_gen = ad.AnnData(dense, obs=gen.obs, var=gen.var)
-        with pytest.raises(ValueError, match=rf"cell 's2_c7' \(row 7\), gene 'g3' has value {shown}"):
+        with pytest.raises(ValueError, match=rf"value {shown} at cell 's2_c7', gene 'g3'"):
             M.evaluate(real, bad_gen, ["cell_type"], n_pcs=3)
     sparse_bad = gen.copy()
     lil = gen.X.tolil()
     lil[4, 2] = 2.5
     sparse_bad.X = lil.tocsr()
-    with pytest.raises(ValueError, match=r"generated counts .* cell 's2_c4' \(row 4\), gene 'g2' has value 2.5"):
+    with pytest.raises(ValueError, match=r"generated data: counts .* non-integer value 2.5 at cell 's2_c4', gene 'g2'"):
         M.evaluate(real, sparse_bad, ["cell_type"], n_pcs=3)
     with pytest.raises(ValueError, match="lacks condition column"):
         M.evaluate(real, gen, ["tissue"], n_pcs=3)

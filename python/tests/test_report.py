@@ -26,6 +26,10 @@ import pytest
 from click.testing import CliRunner
 
 from sclatent import report as R
+from sclatent.report import cells as RC
+from sclatent.report import html as RH
+from sclatent.report import inputs as RI
+from sclatent.report import sections as RS
 from sclatent.cli import main
 from sclatent.evaluate import run_evaluate
 
@@ -68,13 +72,14 @@ def run(tmp_path_factory) -> dict[str, Path]:
     _ok("prepare", "--samplesheet", sheet, "--outdir", d / "p", "--n-hvg", 300, "--min-cells", 3, "--test-fraction", 0.5)
     _ok("tokenize", "--train", d / "p/train.h5ad", "--test", d / "p/test.h5ad", "--outdir", d / "tok", "--max-tokens", 512, "--no-progress")
     _ok("train-vae", "--tokens", d / "tok", "--outdir", d / "vae", "--preset", "tiny", "--batch-size", 32, "--decode-genes", 128, *short)
-    _ok("encode", "--vae", d / "vae", "--tokens", d / "tok", "--outdir", d / "enc", "--device", "cpu")
+    _ok("encode", "--model", d / "vae", "--tokens", d / "tok", "--outdir", d / "enc", "--device", "cpu")
     _ok("train-prior", "--latents", d / "enc/latents.npz", "--outdir", d / "prior", "--preset", "tiny", "--batch-size", 64, *short)
+    _ok("bundle", "--vae", d / "vae", "--prior", d / "prior", "--out", d / "model.pt")
     for r in (0, 1):
-        _ok("sample", "--vae", d / "vae", "--prior", d / "prior", "--like", d / "p/test.h5ad", "--out", d / f"g{r}.h5ad", "--replicate", r,
+        _ok("sample", "--model", d / "model.pt", "--like", d / "p/test.h5ad", "--out", d / f"g{r}.h5ad", "--replicate", r,
             "--device", "cpu")
     _ok("gather", d / "g0.h5ad", d / "g1.h5ad", "--out", d / "gen.h5ad")
-    _ok("sample", "--vae", d / "vae", "--prior-kind", "gaussian", "--like", d / "p/test.h5ad", "--out", d / "base.h5ad", "--device", "cpu")
+    _ok("sample", "--model", d / "vae", "--prior-kind", "gaussian", "--like", d / "p/test.h5ad", "--out", d / "base.h5ad", "--device", "cpu")
     # classes need >= 10 cells on both sides here (EVALUATE's default of 20 would skip most classes of 200 cells)
     run_evaluate(d / "p/test.h5ad", d / "gen.h5ad", d / "ev", reconstruction=d / "enc/reconstruction.json", dataset="mix", min_cells_per_class=10)
     run_evaluate(d / "p/test.h5ad", d / "base.h5ad", d / "evb", dataset="mix", min_cells_per_class=10, floor=False)
@@ -176,12 +181,12 @@ def test_report_is_self_contained_and_complete(full_report, run):
     baseline = json.loads(run["baseline"].read_text())
     overall = _section(text, "metrics")
     w2 = metrics["generation"]["overall"]["w2"]
-    assert f"{R.fmt(w2['mean'])} ± {w2['sem']:.2g}" in overall
-    assert R.fmt(metrics["real_vs_real"]["overall"]["w2"]) in overall
-    assert R.fmt(metrics["generated_vs_real_half"]["overall"]["w2"]) in overall and "sclatent, half size" in overall
-    assert R.fmt(baseline["generation"]["overall"]["w2"]["mean"]) in overall and "baseline: gaussian_prior" in overall
+    assert f"{RH.fmt(w2['mean'])} ± {w2['sem']:.2g}" in overall
+    assert RH.fmt(metrics["real_vs_real"]["overall"]["w2"]) in overall
+    assert RH.fmt(metrics["generated_vs_real_half"]["overall"]["w2"]) in overall and "sclatent, half size" in overall
+    assert RH.fmt(baseline["generation"]["overall"]["w2"]["mean"]) in overall and "baseline: gaussian_prior" in overall
     rec = json.loads(run["reconstruction"].read_text())["metrics"]
-    assert R.fmt(rec["re_nll_gene_sum_cell_mean"]) in _section(text, "reconstruction")
+    assert RH.fmt(rec["re_nll_gene_sum_cell_mean"]) in _section(text, "reconstruction")
     # the trace rows of this dataset only
     summary = _section(text, "run-summary")
     assert "SCLATENT:TRAIN_VAE (mix)" in summary and "SCLATENT:PREPARE (other)" not in summary
@@ -193,7 +198,7 @@ def test_report_is_self_contained_and_complete(full_report, run):
 @pipeline
 def test_class_values_aggregate_replicates(run):
     metrics = json.loads(run["metrics"].read_text())
-    values = R.class_values(metrics, "cell_line")
+    values = RS.class_values(metrics, "cell_line")
     reps = metrics["generation_per_replicate"]
     assert len(reps) == 2 and values
     for cls, entry in values.items():
@@ -204,14 +209,14 @@ def test_class_values_aggregate_replicates(run):
 
 @pipeline
 def test_umap_embedding_is_seeded(run):
-    inputs = R.load_inputs(real=run["real"], generated=run["generated"], metrics=run["metrics"])
-    cells = R.cell_sample(inputs, max_cells=60, seed=3)
+    inputs = RI.load_inputs(real=run["real"], generated=run["generated"], metrics=run["metrics"])
+    cells = RC.cell_sample(inputs, max_cells=60, seed=3)
     assert (cells.real.n_obs, cells.generated.n_obs) == (60, 60)
     assert set(cells.generated.obs["replicate"]) == {0}  # the first replicate only
-    a, _ = R.umap_embedding(cells, 10, seed=3)
-    b, _ = R.umap_embedding(R.cell_sample(inputs, max_cells=60, seed=3), 10, seed=3)
+    a, _ = RC.umap_embedding(cells, 10, seed=3)
+    b, _ = RC.umap_embedding(RC.cell_sample(inputs, max_cells=60, seed=3), 10, seed=3)
     assert a.shape == (120, 2) and np.array_equal(a, b)
-    other = R.cell_sample(inputs, max_cells=60, seed=4)
+    other = RC.cell_sample(inputs, max_cells=60, seed=4)
     assert list(other.real.obs_names) != list(cells.real.obs_names)
 
 
@@ -491,16 +496,16 @@ def test_bad_input_is_one_line(run, tmp_path, case, expected):
 
 def test_parse_baselines_and_formats():
     assert R.parse_baselines(["a=x.json", " b = y/z.json "]) == {"a": Path("x.json"), "b": Path("y/z.json")}
-    with pytest.raises(R.InputError, match="given twice"):
+    with pytest.raises(RI.InputError, match="given twice"):
         R.parse_baselines(["a=x.json", "a=y.json"])
-    assert R.fmt_stat({"mean": 17.7612, "sem": 0.05678}) == "17.76 ± 0.057"
-    assert R.fmt_stat({"mean": 0.5, "sem": None}) == "0.5" and R.fmt(None) == "—" and R.fmt(float("nan")) == "—"
-    assert R.fmt_seconds(75.2) == "1\u00a0min 15\u00a0s" and R.fmt_seconds(None) == "not recorded"
-    assert R.slug("cell_line|protocol") == "cell-line-protocol"
+    assert RH.fmt_stat({"mean": 17.7612, "sem": 0.05678}) == "17.76 ± 0.057"
+    assert RH.fmt_stat({"mean": 0.5, "sem": None}) == "0.5" and RH.fmt(None) == "—" and RH.fmt(float("nan")) == "—"
+    assert RH.fmt_seconds(75.2) == "1\u00a0min 15\u00a0s" and RH.fmt_seconds(None) == "not recorded"
+    assert RH.slug("cell_line|protocol") == "cell-line-protocol"
 
 
 @pipeline
 def test_history_folder_reads_config(run):
-    history = R.load_history(run["vae_history"].parent)
+    history = RI.load_history(run["vae_history"].parent)
     assert history.config is not None and history.config["metadata"]["stage"] == "vae"
     assert list(history.history.columns[:3]) == ["step", "epoch", "loss"] and len(history.history) >= 1

@@ -14,19 +14,9 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from sclatent.train import (
-    EMA,
-    NonFiniteLossError,
-    TrainConfig,
-    atomic_torch_save,
-    atomic_write_json,
-    load_checkpoint,
-    lr_factor,
-    native_bf16,
-    param_groups,
-    resolve_bf16,
-    train,
-)
+from sclatent.checkpoint import atomic_torch_save, load_checkpoint
+from sclatent.io import write_json
+from sclatent.train import EMA, NonFiniteLossError, TrainConfig, lr_factor, param_groups, train
 
 # --------------------------------------------------------------------------------------------------------
 # toy data and models
@@ -182,17 +172,11 @@ def test_lr_scales_multiply_the_learning_rate_of_the_named_parameters(tmp_path: 
         assert lr_scaled == pytest.approx(10 * lr)
 
 
-def test_bf16_autocast_trains_on_cpu_and_auto_follows_the_hardware(tmp_path: Path) -> None:
-    """--precision bf16 is honoured on a CPU (native AVX512-BF16/AMX or emulated); "auto" is bf16 on CUDA, and on a
-    CPU only for a model that asks for it (the prior) and only where the CPU computes bf16 natively."""
-    cpu = torch.device("cpu")
-    assert resolve_bf16("bf16", cpu) and not resolve_bf16("fp32", cpu)
-    assert not resolve_bf16("auto", cpu)  # the VAE's setting
-    assert resolve_bf16("auto", cpu, cpu_auto_bf16=True) == native_bf16(cpu)
-    assert resolve_bf16("auto", torch.device("cuda")) and not resolve_bf16("fp32", torch.device("cuda"))
-    with pytest.raises(ValueError, match="fp16"):
-        resolve_bf16("fp16", torch.device("cpu"))
-    assert isinstance(native_bf16(torch.device("cpu")), bool) and native_bf16(torch.device("meta")) is False
+def test_bf16_autocast_trains_on_cpu_and_fp32_is_the_default_everywhere(tmp_path: Path) -> None:
+    """precision is the user's choice only: fp32 unless bf16 is asked for, on any device; other values refused."""
+    assert TrainConfig(max_steps=1, batch_size=1).precision == "fp32"
+    with pytest.raises(ValueError, match="'auto'"):
+        TrainConfig(max_steps=1, batch_size=1, precision="auto")
     result = train(make_model(), toy_loss, ToyData(), cfg_for(precision="bf16"), tmp_path,
                    model_config=MODEL_CONFIG, progress=False)
     rows = list(csv.DictReader(open(tmp_path / "history.csv")))
@@ -451,7 +435,7 @@ def test_short_epoch_is_reported(tmp_path: Path) -> None:
 
 
 def test_atomic_helpers_roundtrip(tmp_path: Path) -> None:
-    atomic_write_json(tmp_path / "a.json", {"x": [1, 2]})
+    write_json({"x": [1, 2]}, tmp_path / "a.json")
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": [1, 2]}
     atomic_torch_save(tmp_path / "b.pt", {"w": torch.arange(3), "step": 4})
     loaded = load_checkpoint(tmp_path / "b.pt")
@@ -504,227 +488,57 @@ def test_min_steps_raises_a_short_epoch_budget_end_to_end(tmp_path: Path) -> Non
     assert not (tmp_path / "bad" / "checkpoint.pt").exists()
 
 
-def test_train_vae_default_batch_depends_on_the_device(tmp_path: Path) -> None:
-    """Without --batch-size, train-vae trains with 64 cells per batch on a CPU (128 on a GPU), recorded in config.json."""
+def test_train_vae_trains_the_same_model_on_every_device_and_records_its_settings(tmp_path: Path) -> None:
+    """Without --batch-size / --decode-genes train-vae takes the same values whatever the device (no hidden CPU
+    variant), and config.json records every setting used; --decode-genes 0 decodes every gene."""
     from click.testing import CliRunner
 
-    from sclatent.cli import VAE_BATCH_SIZE_CPU, VAE_BATCH_SIZE_GPU, default_vae_batch_size, main
-    from sclatent.io import InputError
-    from sclatent.synthetic import synthetic_counts
-    from sclatent.tokens import tokenize
+    from sclatent.cli import main
+    from sclatent.nn.vae import VAEConfig
 
-    assert (VAE_BATCH_SIZE_CPU, VAE_BATCH_SIZE_GPU) == (64, 128)
-    assert default_vae_batch_size("cpu") == 64
-    assert default_vae_batch_size("cuda:0") == 128  # resolved without touching a GPU
-    with pytest.raises(InputError, match="unknown device 'tpu9'"):
-        default_vae_batch_size("tpu9")
-    adata = synthetic_counts(n_cells=80, n_genes=24, seed=3)
-    adata.var["highly_variable"] = True
-    adata.write_h5ad(tmp_path / "train.h5ad")
-    tokenize(tmp_path / "train.h5ad", tmp_path / "tok", progress=False)
-    common = ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--max-steps", "2", "--device", "cpu", "--no-progress",
-              "--preset", "tiny", "--decode-genes", "8"]
-    res = CliRunner().invoke(main, [*common, "--outdir", str(tmp_path / "auto")])
+    _synthetic_tokens(tmp_path)
+    common = ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--max-steps", "1", "--device", "cpu",
+              "--no-progress", "--preset", "tiny"]
+    runner = CliRunner()
+    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "cpu")])
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "auto" / "config.json").read_text())["train_config"]["batch_size"] == 64
-    res = CliRunner().invoke(main, [*common, "--outdir", str(tmp_path / "given"), "--batch-size", "32"])
-    assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "given" / "config.json").read_text())["train_config"]["batch_size"] == 32
-
-
-def test_train_vae_default_decode_genes_depend_on_the_device(tmp_path: Path) -> None:
-    """Without --decode-genes, train-vae decodes 256 genes per cell on a CPU (512 on a GPU), recorded in config.json."""
-    from click.testing import CliRunner
-
-    from sclatent.cli import VAE_DECODE_GENES_CPU, VAE_DECODE_GENES_GPU, default_vae_decode_genes, main
-    from sclatent.io import InputError
-    from sclatent.synthetic import synthetic_counts
-    from sclatent.tokens import tokenize
-
-    assert (VAE_DECODE_GENES_CPU, VAE_DECODE_GENES_GPU) == (256, 512)
-    assert default_vae_decode_genes("cpu") == 256
-    assert default_vae_decode_genes("cuda:0") == 512  # resolved without touching a GPU
-    with pytest.raises(InputError, match="unknown device 'tpu9'"):
-        default_vae_decode_genes("tpu9")
-    adata = synthetic_counts(n_cells=40, n_genes=300, seed=3)
-    adata.var["highly_variable"] = True
-    adata.write_h5ad(tmp_path / "train.h5ad")
-    tokenize(tmp_path / "train.h5ad", tmp_path / "tok", progress=False)
-    common = ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--max-steps", "1", "--device", "cpu", "--no-progress",
-              "--preset", "tiny", "--batch-size", "8"]
-    res = CliRunner().invoke(main, [*common, "--outdir", str(tmp_path / "auto")])
-    assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "auto" / "config.json").read_text())["metadata"]["run"]["decode_genes"] == 256
-    res = CliRunner().invoke(main, [*common, "--outdir", str(tmp_path / "all"), "--decode-genes", "0"])
+    config = json.loads((tmp_path / "cpu" / "config.json").read_text())
+    defaults = {p.name: p.default for p in main.commands["train-vae"].params}
+    assert config["train_config"]["batch_size"] == defaults["batch_size"]
+    assert config["metadata"]["run"]["decode_genes"] == defaults["decode_genes"]
+    assert (config["precision_used"], config["train_config"]["device"]) == ("fp32", "cpu")
+    assert config["model_config"] == VAEConfig.preset("tiny", 24).to_dict()
+    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "all"), "--decode-genes", "0", "--batch-size", "8"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "all" / "config.json").read_text())["metadata"]["run"]["decode_genes"] == 0
 
 
-def test_train_vae_decodes_a_stratified_subset_by_default_and_refuses_a_bad_zero_fraction(tmp_path: Path) -> None:
-    """Without --subset, train-vae draws the stratified subset (recorded in config.json with its zero fraction);
-    the uniform per-cell subset stays available; --zero-fraction outside (0, 1) is refused with its value and
-    no run folder content."""
-    from click.testing import CliRunner
-
-    from sclatent.cli import main
-
-    _synthetic_tokens(tmp_path)
-    common = ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--max-steps", "3", "--device", "cpu",
-              "--no-progress", "--preset", "tiny", "--decode-genes", "8", "--batch-size", "20"]
-    runner = CliRunner()
-    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "s")])
-    assert res.exit_code == 0, res.output
-    run = json.loads((tmp_path / "s" / "config.json").read_text())["metadata"]["run"]
-    assert (run["subset"], run["zero_fraction"]) == ("stratified", 0.25)
-    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "c"), "--subset", "cell"])
-    assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "c" / "config.json").read_text())["metadata"]["run"]["subset"] == "cell"
-    # the two draws decode different genes, so the first logged losses differ
-    h_s = (tmp_path / "s" / "history.csv").read_text().splitlines()
-    h_c = (tmp_path / "c" / "history.csv").read_text().splitlines()
-    assert h_s[0] == h_c[0] and h_s[1] != h_c[1]
-    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "bad"), "--zero-fraction", "1"])
-    assert res.exit_code != 0 and "--zero-fraction" in res.output and "1" in res.output
-    assert not (tmp_path / "bad" / "checkpoint.pt").exists()
-
-
-def test_train_vae_starts_its_decoder_bias_at_the_data_mean_profile(tmp_path: Path) -> None:
-    """train-vae --gene-bias initialises the per-gene decoder bias from the training cells' mean profile (after 2
-    warm-up steps it has barely moved); without the flag (the presets' default) the model has no bias."""
-    from click.testing import CliRunner
-
-    from sclatent.cli import main
-    from sclatent.tokens import TokenLoader
-    from sclatent.train_vae import gene_bias_init, load_vae
-
-    _synthetic_tokens(tmp_path)
-    common = ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--max-steps", "2", "--device", "cpu",
-              "--no-progress", "--preset", "tiny", "--batch-size", "20"]
-    runner = CliRunner()
-    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "on"), "--gene-bias"])
-    assert res.exit_code == 0, res.output
-    model, _ = load_vae(tmp_path / "on")
-    assert model.config.gene_bias
-    expected = gene_bias_init(TokenLoader(tmp_path / "tok", "train", batch_size=20), "nb")  # (G,)
-    bias = model.gene_bias.weight[1:, 0].detach()
-    assert bias.std() > 0.1  # the profile is not flat
-    torch.testing.assert_close(bias, expected, atol=5e-3, rtol=0)
-    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "off")])
-    assert res.exit_code == 0, res.output
-    model, _ = load_vae(tmp_path / "off")
-    assert not model.config.gene_bias and not hasattr(model, "gene_bias")
-
-
 def test_train_vae_theta_lr_scale_speeds_up_the_dispersions_only(tmp_path: Path) -> None:
-    """--theta-lr-scale (10 unless given) puts the per-gene NB dispersion table in its own optimiser group with lr x scale (recorded
-    in config.json); in the same steps its dispersions move further from their start than at scale 1; it is a
-    no-op for a likelihood without that table; a non-positive value is refused with no run written."""
-    from click.testing import CliRunner
-
-    from sclatent.cli import main
-    from sclatent.nn.vae import _THETA_INIT
-
-    _synthetic_tokens(tmp_path)
-    common = ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--max-steps", "10", "--device", "cpu",
-              "--no-progress", "--preset", "tiny", "--batch-size", "20", "--warmup-frac", "0"]
-    runner = CliRunner()
-    moved = {}
-    for scale in ("1", "20"):
-        out = tmp_path / f"s{scale}"
-        res = runner.invoke(main, [*common, "--outdir", str(out), "--theta-lr-scale", scale])
-        assert res.exit_code == 0, res.output
-        config = json.loads((out / "config.json").read_text())
-        assert config["metadata"]["run"]["theta_lr_scale"] == float(scale)
-        ckpt = load_checkpoint(out / "checkpoint.pt")
-        scales = sorted(g["lr_scale"] for g in ckpt["optimizer"]["param_groups"])
-        log_theta = ckpt["model"]["log_theta.weight"][1:, 0]
-        moved[scale] = (log_theta - _THETA_INIT).abs().mean().item()
-        if scale == "1":
-            assert config["train_config"]["lr_scales"] == {} and scales == [1.0]
-        else:
-            assert config["train_config"]["lr_scales"] == {"log_theta": 20.0} and scales == [1.0, 20.0]
-    assert moved["20"] > 5 * moved["1"] > 0
-    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "default")])
-    assert res.exit_code == 0, res.output
-    config = json.loads((tmp_path / "default" / "config.json").read_text())
-    assert config["metadata"]["run"]["theta_lr_scale"] == 10.0
-    assert config["train_config"]["lr_scales"] == {"log_theta": 10.0}
-    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "pois"), "--likelihood", "poisson",
-                               "--theta-lr-scale", "20"])
-    assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "pois" / "config.json").read_text())["train_config"]["lr_scales"] == {}
-    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "bad"), "--theta-lr-scale", "0"])
-    assert res.exit_code != 0 and "--theta-lr-scale" in res.output and "0" in res.output
-    assert not (tmp_path / "bad" / "checkpoint.pt").exists()
-
-
-def test_train_vae_gene_lr_scale_puts_the_per_gene_tables_in_their_own_group(tmp_path: Path) -> None:
-    """--gene-lr-scale (1 unless given) gives the model's per-gene embedding tables lr x scale, recorded in
-    config.json; at scale 20 the decoder's per-gene readout moves further from its start (zero) than at 1 in the
-    same steps; a non-positive value is refused with no run written."""
-    from click.testing import CliRunner
-
-    from sclatent.cli import main
+    """theta_lr_scale (10 by default) puts the per-gene NB dispersion table in its own optimiser group with lr x scale
+    (recorded in config.json); in the same steps its dispersions move further from their start than at scale 1; a
+    likelihood without that table gets no group; a non-positive value is refused."""
+    from sclatent.io import InputError
+    from sclatent.nn.vae import THETA_INIT
+    from sclatent.train_vae import VAETraining, train_vae
 
     _synthetic_tokens(tmp_path)
-    common = ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--max-steps", "10", "--device", "cpu",
-              "--no-progress", "--preset", "tiny", "--batch-size", "20", "--warmup-frac", "0"]
-    runner = CliRunner()
+
+    def run(name: str, **kw: object) -> dict:
+        tcfg = TrainConfig(max_steps=1, batch_size=20, warmup_frac=0.0, device="cpu")
+        train_vae(tmp_path / "tok", tmp_path / name, VAETraining(preset="tiny", max_steps=10, **kw), tcfg, progress=False)
+        return json.loads((tmp_path / name / "config.json").read_text())
+
     moved = {}
-    for scale in ("1", "20"):
-        out = tmp_path / f"s{scale}"
-        res = runner.invoke(main, [*common, "--outdir", str(out), "--gene-lr-scale", scale])
-        assert res.exit_code == 0, res.output
-        config = json.loads((out / "config.json").read_text())
-        assert config["metadata"]["run"]["gene_lr_scale"] == float(scale)
-        ckpt = load_checkpoint(out / "checkpoint.pt")
-        scales = sorted(g["lr_scale"] for g in ckpt["optimizer"]["param_groups"])
-        moved[scale] = ckpt["model"]["gene_head_weight.weight"][1:].abs().mean().item()
-        if scale == "1":
-            assert config["train_config"]["lr_scales"] == {"log_theta": 10.0} and scales == [1.0, 10.0]
-        else:
-            # the tiny preset has the gene embedding, the decoder readout and the count readout's per-gene table (no
-            # bias, no pooled head); the encoder's count directions are not among these tables (--count-lr-scale)
-            assert config["train_config"]["lr_scales"] == {
-                "log_theta": 10.0, "gene_embedding": 20.0, "gene_head_weight": 20.0, "readout_table": 20.0}
-            assert scales == [1.0, 10.0, 20.0, 20.0, 20.0]
-    assert moved["20"] > 5 * moved["1"] > 0
-    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "bad"), "--gene-lr-scale", "-1"])
-    assert res.exit_code != 0 and "--gene-lr-scale" in res.output and "-1" in res.output
-    assert not (tmp_path / "bad" / "checkpoint.pt").exists()
-
-
-def test_train_vae_count_lr_scale_speeds_up_the_encoder_count_directions_only(tmp_path: Path) -> None:
-    """--count-lr-scale gives the encoder's per-gene count directions (count_embedding) lr x scale in their own
-    optimiser group, recorded in config.json and the run metadata; at 20 they move further from their start
-    (zero) than at 1 in the same steps while the decoder's readout does not get the scale; a model without the
-    table (embedding concat) takes no group; a non-positive value is refused with no run written."""
-    from click.testing import CliRunner
-
-    from sclatent.cli import main
-
-    _synthetic_tokens(tmp_path)
-    common = ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--max-steps", "10", "--device", "cpu",
-              "--no-progress", "--preset", "tiny", "--batch-size", "20", "--warmup-frac", "0"]
-    runner = CliRunner()
-    moved = {}
-    for scale in ("1", "20"):
-        out = tmp_path / f"s{scale}"
-        res = runner.invoke(main, [*common, "--outdir", str(out), "--count-lr-scale", scale])
-        assert res.exit_code == 0, res.output
-        config = json.loads((out / "config.json").read_text())
-        assert config["metadata"]["run"]["count_lr_scale"] == float(scale)
-        ckpt = load_checkpoint(out / "checkpoint.pt")
-        scales = sorted(g["lr_scale"] for g in ckpt["optimizer"]["param_groups"])
-        moved[scale] = ckpt["model"]["count_embedding.weight"][1:].abs().mean().item()
-        expected = {"log_theta": 10.0} if scale == "1" else {"log_theta": 10.0, "count_embedding": 20.0}
+    for scale in (1.0, 20.0):
+        config = run(f"s{scale}", theta_lr_scale=scale)
+        ckpt = load_checkpoint(tmp_path / f"s{scale}" / "checkpoint.pt")
+        moved[scale] = (ckpt["model"]["head.log_theta.weight"][1:, 0] - THETA_INIT).abs().mean().item()
+        expected = {} if scale == 1.0 else {"head.log_theta": 20.0}
         assert config["train_config"]["lr_scales"] == expected
-        assert scales == ([1.0, 10.0] if scale == "1" else [1.0, 10.0, 20.0])
-    assert moved["20"] > 5 * moved["1"] > 0
-    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "concat"), "--embedding", "concat",
-                               "--count-lr-scale", "20"])
-    assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "concat" / "config.json").read_text())["train_config"]["lr_scales"] == {"log_theta": 10.0}
-    res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "bad"), "--count-lr-scale", "0"])
-    assert res.exit_code != 0 and "--count-lr-scale" in res.output and "0" in res.output
-    assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+        assert sorted(g["lr_scale"] for g in ckpt["optimizer"]["param_groups"]) == [1.0, *expected.values()]
+    assert moved[20.0] > 5 * moved[1.0] > 0
+    assert run("default")["train_config"]["lr_scales"] == {"head.log_theta": 10.0}
+    assert run("pois", model_overrides={"likelihood": "poisson"})["train_config"]["lr_scales"] == {}
+    with pytest.raises(InputError, match="theta_lr_scale"):
+        run("bad", theta_lr_scale=0.0)
+    assert not (tmp_path / "bad").exists()

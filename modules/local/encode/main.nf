@@ -1,9 +1,9 @@
 process ENCODE {
     tag "${meta.id}"
-    label 'process_medium'
+    label 'process_gpu'
 
     conda "${moduleDir}/../../../containers/environment.yml"
-    container "${ task.ext.container_cpu }"
+    container "${ task.accelerator ? task.ext.container_gpu : task.ext.container_cpu }"
 
     input:
     tuple val(meta), path(vae), path(tokens)
@@ -17,13 +17,14 @@ process ENCODE {
     task.ext.when == null || task.ext.when
 
     script:
-    def args = task.ext.args ?: ''
+    def args   = task.ext.args ?: ''
+    def device = task.accelerator ? 'cuda' : 'cpu'
     """
     sclatent encode \\
-        --vae ${vae} \\
+        --model ${vae} \\
         --tokens ${tokens} \\
         --outdir . \\
-        --device cpu \\
+        --device ${device} \\
         --threads ${task.cpus} \\
         ${args}
     """

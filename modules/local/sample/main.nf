@@ -6,7 +6,7 @@ process SAMPLE {
     container "${ task.accelerator ? task.ext.container_gpu : task.ext.container_cpu }"
 
     input:
-    tuple val(meta), path(vae), path(prior), path(reference), val(request), val(replicate), val(start), val(stop)
+    tuple val(meta), path(model), path(reference), val(request), val(replicate), val(start), val(stop)
 
     output:
     tuple val(meta), path("generated_r${replicate}_${start}.h5ad"), emit: h5ad
@@ -22,8 +22,7 @@ process SAMPLE {
     def what   = request.like ? "--like ${reference}" : "--n-cells ${request.n_cells} --conditions '${request.conditions}'"
     """
     sclatent sample \\
-        --vae ${vae} \\
-        --prior ${prior} \\
+        --model ${model} \\
         ${what} \\
         --shard ${start}:${stop} \\
         --replicate ${replicate} \\

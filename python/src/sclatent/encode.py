@@ -1,170 +1,92 @@
 """ENCODE: latents of the training and test cells, and reconstruction metrics on the test cells.
 
-- Latents are the posterior means mu (B, m, d_latent) (deterministic encoders: their output), in cell order.
-- Reconstruction (paper Table 1; definitions in `metrics.reconstruction_metrics`): every test cell is encoded,
-  decoded over all G model genes with its observed library size, and compared with the truth: RE (NB negative
-  log-likelihood summed over genes, mean over cells) and PCC/MSE of one NB sample (and of the mean) on
-  log1p(1e4 x / sum x). At most `max_cells` test cells (a seeded subset kept in file order) enter the
-  reconstruction metrics, which bounds the (cells x genes) matrices held in memory; the count used is reported.
+Latents are the posterior means (B, m, d_latent), in cell order. Reconstruction (paper Table 1, defined in
+`metrics.reconstruction`): every test cell, or a seeded subset of `max_cells` of them, is encoded, decoded over all
+G model genes with its observed library size, and compared with its counts.
 
-With `refine_steps` > 0 every stored latent (train and test) is first refined for its own cell's counts
-(`refine.refine_latents`: Adam on the latent, decoder fixed, over all G genes); the reconstruction metrics are
-then those of the refined latents, and the encoder's own are kept beside them as `metrics_amortised`.
-
-Outputs: `latents.npz` (train_z, train_labels, train_library_size, train_cell_index, and the same for test)
-with a `latents.json` sidecar (vocabulary, labels, VAE run, provenance), and `reconstruction.json`.
+Outputs: `latents.npz` (train_z, train_labels, train_library_size, train_cell_index, and the same for test) with a
+`latents.json` sidecar (vocabulary, labels, the VAE, provenance), and `reconstruction.json`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
-import torch
 
-from .io import atomic_outputs, dump_json, provenance
+from .checkpoint import check_vocabulary, load_model
+from .counts import subsample
+from .device import resolve_device
+from .inference import encode_batches, reconstruct_batches
+from .io import InputError, atomic_outputs, dump_json, provenance
 from .metrics import reconstruction_metrics
-from .nn.vae import encoded_chunks, seeded_subset
-from .refine import refine_latents
-from .tokens import TokenLoader, read_manifest
-from .train_vae import check_vocabulary, load_vae, vocabulary_digest
+from .tokens import TokenLoader, read_manifest, vocabulary_digest
 
 log = logging.getLogger(__name__)
 
-
-@torch.no_grad()
-def _encode_split(model, loader: TokenLoader, device: torch.device) -> dict[str, np.ndarray]:
-    zs, labels, libs, idx = [], [], [], []
-    for batch in loader.iter_epoch(0):
-        t = batch.to_torch(device)
-        mu, _ = model.encode(t["genes"], t["counts"], t["mask"])  # (B, m, d_latent)
-        zs.append(mu.float().cpu().numpy())
-        labels.append(batch.labels)
-        libs.append(batch.library_size)
-        idx.append(batch.cell_index)
-    order = np.argsort(np.concatenate(idx), kind="stable")
-    return {
-        "z": np.concatenate(zs)[order].astype(np.float32),
-        "labels": np.concatenate(labels)[order],
-        "library_size": np.concatenate(libs)[order],
-        "cell_index": np.concatenate(idx)[order],
-    }
+DEFINITIONS = {
+    "re_nll_gene_sum_cell_mean": "RE: NB negative log-likelihood summed over the model genes, mean over cells",
+    "pcc_gene_batch256_*": "per-gene Pearson r across the cells of consecutive 256-cell batches (file order), "
+                           "nanmean over genes, mean over batches (the scLDM code's PCC)",
+    "pcc_gene_all_*": "per-gene Pearson r across all evaluated cells, nanmean over genes",
+    "pcc_cell_*": "per-cell Pearson r across genes, nanmean over cells",
+    "mse_*": "mean squared error over cells x genes",
+    "*_sample / *_mean": "one NB sample of the reconstruction / the NB mean; all on log1p(1e4 x / sum x)",
+}
 
 
-def refine_split(
-    model, loader: TokenLoader, device: torch.device, *, steps: int, lr: float, progress: bool = True
-) -> tuple[np.ndarray, dict[str, float]]:
-    """Refined latents of every cell of a split, in cell order.
+@dataclass
+class EncodeConfig:
+    """Settings of `sclatent encode`."""
 
-    Returns (refined z (n, m, d_latent) float32, summary: the mean all-gene NLL per cell before and after).
-    """
-    from tqdm.auto import tqdm
+    batch_size: int = 256
+    max_cells: int = 10_000  # test cells in the reconstruction metrics (a seeded subset beyond)
+    seed: int = 0  # of the subset and of the reconstruction's NB sample
+    device: str = "auto"
 
-    c = model.config
-    out = np.empty((loader.n_cells, c.n_latent_tokens, c.d_latent), dtype=np.float32)
-    before, after = [], []
-    keep = np.ones(loader.n_cells, dtype=bool)
-    with tqdm(total=loader.n_cells, desc=f"refine {loader.split}", unit="cells", disable=not progress, leave=False) as bar:
-        for cells, z_enc, lib, target in encoded_chunks(model, loader.iter_epoch(0), keep, device):
-            zr, n0, n1 = refine_latents(model, z_enc, lib, target, steps=steps, lr=lr)
-            out[cells] = zr.float().cpu().numpy()
-            before.append(n0.double().cpu().numpy())
-            after.append(n1.double().cpu().numpy())
-            bar.update(len(cells))
-    before_mean, after_mean = float(np.concatenate(before).mean()), float(np.concatenate(after).mean())
-    log.info("refined %d %s latents: all-gene NLL per cell %.1f -> %.1f", loader.n_cells, loader.split, before_mean, after_mean)
-    return out, {"nll_encoder": round(before_mean, 4), "nll_refined": round(after_mean, 4)}
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.max_cells < 1:
+            raise InputError(f"--batch-size and --max-cells must be >= 1, got {self.batch_size}, {self.max_cells}")
 
 
-@torch.no_grad()
-def reconstruct_split(
-    model, loader: TokenLoader, n_genes: int, device: torch.device, *, max_cells: int, seed: int,
-    latents: np.ndarray | None = None,
-) -> dict[str, Any]:
-    """Reconstruct (a file-ordered seeded subset of) a split over all genes; returns the metrics dict.
-
-    latents: (n_cells, m, d_latent) in cell order to decode instead of the encoder's (e.g. refined ones).
-    """
-    n = loader.n_cells
-    keep = seeded_subset(n, max_cells, seed)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    genes = torch.arange(1, n_genes + 1, device=device)  # (G,)
-    truth, sampled, means, nll, index = [], [], [], [], []
-    for cells, z, lib, target in encoded_chunks(model, loader.iter_epoch(0), keep, device):
-        if latents is not None:
-            z = torch.from_numpy(latents[cells]).to(device=device, dtype=z.dtype)  # (c, m, d_latent)
-        lik = model.decode(z, genes, lib)  # over (c, G)
-        nll.append((-lik.log_prob(target)).sum(dim=1).double().cpu().numpy())
-        sampled.append(sp.csr_matrix(lik.sample(gen).float().cpu().numpy()))
-        means.append(lik.mean.float().cpu().numpy())
-        truth.append(sp.csr_matrix(target.cpu().numpy()))
-        index.append(cells)
-    order = np.argsort(np.concatenate(index), kind="stable")  # file order
-    metrics = reconstruction_metrics(
-        sp.vstack(truth).tocsr()[order],
-        sp.vstack(sampled).tocsr()[order],
-        np.concatenate(means)[order],
-        np.concatenate(nll)[order],
-    )
-    metrics["n_cells_total"] = int(n)
-    metrics["subsampled"] = bool(n > max_cells)
+def reconstruction(vae, loader: TokenLoader, device, *, max_cells: int, seed: int) -> dict[str, Any]:
+    """Table 1 metrics of (a seeded subset of at most `max_cells` of) the cells of `loader`."""
+    keep = np.zeros(loader.n_cells, dtype=bool)
+    keep[subsample(loader.n_cells, max_cells, seed)] = True
+    rec = reconstruct_batches(vae, loader.iter_epoch(0), keep, device, seed)
+    metrics = reconstruction_metrics(rec["truth"], rec["sample"], rec["mean"], rec["nll"])
+    metrics.update(n_cells_total=int(loader.n_cells), subsampled=bool(loader.n_cells > max_cells))
     return metrics
 
 
-def encode(
-    vae_dir: str | Path,
-    tokens_dir: str | Path,
-    outdir: str | Path,
-    *,
-    batch_size: int = 256,
-    max_cells: int = 10_000,
-    seed: int = 0,
-    device: str = "auto",
-    weights: str = "auto",
-    refine_steps: int = 0,
-    refine_lr: float = 0.1,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Run ENCODE; writes latents.npz, latents.json and reconstruction.json into `outdir`."""
-    if refine_steps < 0:
-        raise ValueError(f"--refine-steps must be >= 0, got {refine_steps}")
-    if not refine_lr > 0:
-        raise ValueError(f"--refine-lr must be > 0, got {refine_lr}")
+def encode(model_path: str | Path, tokens_dir: str | Path, outdir: str | Path, cfg: EncodeConfig) -> dict[str, Any]:
+    """Run ENCODE with a VAE run folder or model bundle; writes latents.npz, latents.json, reconstruction.json."""
+    cfg.validate()
     t0 = time.time()
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    model, cfg = load_vae(vae_dir, weights=weights, map_location=dev)
-    model.to(dev)
+    device = resolve_device(cfg.device)
+    bundle = load_model(model_path, map_location=device)
+    vae = bundle.vae
     manifest = read_manifest(tokens_dir)
-    check_vocabulary(cfg, manifest, what=str(tokens_dir))
-    G = int(manifest["n_genes"])
+    meta = {"genes": bundle.genes, "condition_keys": bundle.condition_keys, "labels": bundle.labels}
+    check_vocabulary(meta, manifest, what=str(tokens_dir))
     arrays: dict[str, np.ndarray] = {}
     recon: dict[str, Any] = {}
-    recon_amortised: dict[str, Any] = {}
-    refinement: dict[str, Any] = {"steps": refine_steps, "lr": refine_lr} if refine_steps else {}
     for split in ("train", "test"):
         if split not in manifest["splits"]:
             continue
-        loader = TokenLoader(tokens_dir, split, batch_size=batch_size, shuffle=False, seed=seed)
-        for k, v in _encode_split(model, loader, dev).items():
-            arrays[f"{split}_{k}"] = v
+        loader = TokenLoader(tokens_dir, split, batch_size=cfg.batch_size, shuffle=False, seed=cfg.seed)
+        arrays.update({f"{split}_{k}": v for k, v in encode_batches(vae, loader.iter_epoch(0), device).items()})
         log.info("encoded %d %s cells", loader.n_cells, split)
-        if refine_steps:
-            t1 = time.time()
-            arrays[f"{split}_z"], summary = refine_split(model, loader, dev, steps=refine_steps, lr=refine_lr, progress=progress)
-            refinement[split] = {**summary, "elapsed_s": round(time.time() - t1, 3)}
         if split == "test":
-            recon = reconstruct_split(model, loader, G, dev, max_cells=max_cells, seed=seed,
-                                      latents=arrays["test_z"] if refine_steps else None)
-            if refine_steps:
-                recon_amortised = reconstruct_split(model, loader, G, dev, max_cells=max_cells, seed=seed)
+            recon = reconstruction(vae, loader, device, max_cells=cfg.max_cells, seed=cfg.seed)
     if not recon:
         log.warning("no test split in %s: reconstruction metrics skipped", tokens_dir)
-    config = {"batch_size": batch_size, "max_cells": max_cells, "seed": seed, "weights": weights, "device": str(dev),
-              "refine_steps": refine_steps, "refine_lr": refine_lr}
+    config = {**asdict(cfg), "device": str(device)}
+    prov = provenance("encode", config, {"model": Path(model_path) if Path(model_path).is_file() else None})
     sidecar = {
         "genes": manifest["genes"],
         "vocabulary_digest": vocabulary_digest(manifest["genes"]),
@@ -172,33 +94,17 @@ def encode(
         "labels": manifest["labels"],
         "library_size": manifest["library_size"],
         "latent_shape": list(arrays["train_z"].shape[1:]),
-        "vae": {"dir": str(vae_dir), "model_config": cfg["model_config"]},
-        "provenance": provenance("encode", config, {"vae_checkpoint": Path(vae_dir) / "checkpoint.pt"}),
+        "vae": {"path": str(model_path), "model_config": vae.config.to_dict()},
+        "provenance": prov,
     }
-    recon_doc = {
-        "elapsed_s": round(time.time() - t0, 3),
-        "metrics": recon,
-        "latents": "refined" if refine_steps else "encoder",
-        **({"metrics_amortised": recon_amortised, "refinement": refinement} if refine_steps else {}),
-        "split": "test",
-        "likelihood": cfg["model_config"]["likelihood"],
-        "definitions": {
-            "re_nll_gene_sum_cell_mean": "RE: NB negative log-likelihood summed over the model genes, mean over cells",
-            "pcc_gene_batch256_*": "per-gene Pearson r across the cells of consecutive 256-cell batches (file order), nanmean over genes, mean over batches (the scLDM code's PCC)",
-            "pcc_gene_all_*": "per-gene Pearson r across all evaluated cells, nanmean over genes",
-            "pcc_cell_*": "per-cell Pearson r across genes, nanmean over cells",
-            "mse_*": "mean squared error over cells x genes",
-            "*_sample / *_mean": "one NB sample of the reconstruction / the NB mean; all on log1p(1e4 x / sum x)",
-            "metrics / metrics_amortised": "of the stored latents (refined when refinement.steps > 0) / of the encoder's own latents",
-        },
-        "provenance": sidecar["provenance"],
-    }
+    recon_doc = {"elapsed_s": round(time.time() - t0, 3), "metrics": recon, "split": "test",
+                 "likelihood": vae.config.likelihood, "definitions": DEFINITIONS, "provenance": prov}
     outdir = Path(outdir)
-    with atomic_outputs(outdir / "latents.npz", outdir / "latents.json", outdir / "reconstruction.json") as (tz, tj, tr):
-        with open(tz, "wb") as fh:
+    with atomic_outputs(outdir / "latents.npz", outdir / "latents.json", outdir / "reconstruction.json") as tmps:
+        with open(tmps[0], "wb") as fh:
             np.savez(fh, **arrays)
-        dump_json(sidecar, tj)
-        dump_json(recon_doc, tr)
-    log.info("ENCODE done in %.1fs: RE %.1f, PCC(batch256, sample) %.3f",
-             time.time() - t0, recon.get("re_nll_gene_sum_cell_mean", float("nan")), recon.get("pcc_gene_batch256_sample", float("nan")) or float("nan"))
+        dump_json(sidecar, tmps[1])
+        dump_json(recon_doc, tmps[2])
+    log.info("ENCODE done in %.1fs: RE %.1f, PCC(batch256, sample) %s", time.time() - t0,
+             recon.get("re_nll_gene_sum_cell_mean", float("nan")), recon.get("pcc_gene_batch256_sample"))
     return recon_doc

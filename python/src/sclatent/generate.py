@@ -1,8 +1,8 @@
 """SAMPLE: generate cells — latent sampling with guidance, decoding, library sizes, NB counts, h5ad writing.
 
 Generative process (paper §2.2.4): Z ~ p(Z | y) by integrating the guided flow ODE from noise (t = 0) to data
-(t = 1) with the DiT prior, undo the latent standardisation, then x_I ~ p(x_I | Z, I) with the VAE decoder over
-the requested genes I, with NB mean = softmax over I x library size.
+(t = 1) with the DiT prior, undo the latent standardisation, then x ~ p(x | Z) with the VAE decoder over every model
+gene (NB mean = softmax over the vocabulary x library size), of which the requested genes are kept.
 
 Requests: every generated cell carries a label code per condition key; a key that is not requested holds its
 null code (the prior then marginalises over it). Library sizes L are drawn from the log-normal fitted on the
@@ -33,12 +33,12 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .flow import guided_velocity, sample as ode_sample
+from .checkpoint import Bundle, load_model
+from .device import check_precision, resolve_device
+from .flow import guided_velocity
+from .flow import sample as ode_sample
+from .inference import decode_chunks
 from .io import InputError, atomic_path, provenance, read_h5ad
-from .train import native_bf16
-from .train_prior import load_prior
-from .nn.vae import decode_chunks
-from .train_vae import load_vae
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,13 @@ NONE_LABEL = "none"  # obs value of a condition key that was not requested
 
 @dataclass
 class SampleConfig:
+    """Settings of `sclatent sample` (and of `Model.sample`)."""
+
     guidance: str = "joint"  # "joint" | "additive"
     cfg_scale: float = 1.0
     cfg_scales: dict[str, float] | None = None  # per-attribute weights (additive); default cfg_scale for all
     method: str = "heun"  # "euler" | "heun" | "dopri5"
-    n_steps: int = 2  # fixed-step samplers (Heun 2 = NFE 4: within 1.4% of dopri5 W2 on eight models, BENCHMARKS.md)
+    n_steps: int = 2  # steps of the fixed-step samplers
     atol: float = 1e-5
     rtol: float = 1e-5
     batch_size: int = 512
@@ -60,9 +62,8 @@ class SampleConfig:
     counts: str = "sample"  # "sample" (NB draws) | "mean"
     library: str = "model"  # "model" (log-normal per condition) | "like" (the reference cells' totals)
     prior: str = "ldm"  # "ldm" (the DiT prior) | "gaussian" (N(0, I), the paper's ablation)
-    weights: str = "auto"  # prior weights: "auto" | "ema" | "model"
     keep_latents: bool = False
-    precision: str = "auto"  # "auto" (bf16 where the device has native bf16, else fp32) | "fp32" | "bf16"
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast of the DiT's products)
 
     def validate(self) -> None:
         if self.guidance not in ("joint", "additive"):
@@ -79,8 +80,8 @@ class SampleConfig:
             raise InputError(f"--prior must be 'ldm' or 'gaussian', got '{self.prior}'")
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise InputError(f"--precision must be auto, fp32 or bf16, got '{self.precision}'")
+        if self.precision not in ("fp32", "bf16"):
+            raise InputError(f"--precision must be fp32 or bf16, got '{self.precision}'")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -150,49 +151,34 @@ def unseen_combinations(codes: np.ndarray, keys: Sequence[str], labels: dict[str
 # --------------------------------------------------------------------------------------------------------
 
 
-class Generator:
-    """A loaded VAE (+ prior) that turns label requests into counts."""
+class Sampler:
+    """A trained model (VAE + prior, or the Gaussian prior) that turns label requests into counts."""
 
-    def __init__(self, vae_dir: str | Path, prior_dir: str | Path | None, cfg: SampleConfig, device: str = "auto") -> None:
+    def __init__(self, bundle: Bundle, cfg: SampleConfig, device: torch.device) -> None:
         cfg.validate()
+        if cfg.prior == "ldm" and bundle.prior is None:
+            raise InputError("this model has no trained prior (a VAE alone): sample with --prior-kind gaussian, or "
+                             "bundle it with its TRAIN_PRIOR run")
         self.cfg = cfg
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-        self.vae, self.vae_cfg = load_vae(vae_dir, map_location=self.device)
-        self.vae.to(self.device)
-        meta = self.vae_cfg["metadata"]
-        self.genes: list[str] = meta["genes"]
-        self.keys: list[str] = meta["condition_keys"]
-        self.labels: dict[str, list[str]] = meta["labels"]
-        self.prior = None
-        self.prior_cfg: dict[str, Any] | None = None
-        if cfg.prior == "ldm":
-            if prior_dir is None:
-                raise InputError("--prior ldm needs the prior run directory (--prior-dir)")
-            self.prior, self.prior_cfg = load_prior(prior_dir, weights=cfg.weights, map_location=self.device)
-            self.prior.to(self.device)
-            pm = self.prior_cfg["metadata"]
-            if pm["vocabulary_digest"] != meta["vocabulary_digest"] or pm["condition_keys"] != self.keys or pm["labels"] != self.labels:
-                raise InputError(f"prior {prior_dir} was trained on the latents of another VAE (vocabulary or labels differ from {vae_dir})")
-            self.mean = torch.tensor(pm["latent_mean"], dtype=torch.float32, device=self.device)  # (m, dl)
-            self.std = torch.tensor(pm["latent_std"], dtype=torch.float32, device=self.device)  # (m, dl)
-            self.library_stats = pm["library_size"]
-        else:
-            self.library_stats = meta["library_size"]
+        self.device = device
+        self.bundle = bundle.to(device)
+        self.vae = bundle.vae
+        self.prior = bundle.prior if cfg.prior == "ldm" else None
+        self.genes, self.keys, self.labels = bundle.genes, bundle.condition_keys, bundle.labels
+        self.library_stats = bundle.library_size
         vc = self.vae.config
         self.latent_shape = (vc.n_latent_tokens, vc.d_latent)
-        # bf16 autocast for the DiT's matrix products only; the ODE state, the guidance combination and the whole
-        # VAE decoder stay fp32. On a CPU with AVX512-BF16 the DiT forward ran 2.0x faster (BENCHMARKS.md, "CPU
-        # speed"); the decoder, whose products have only 32 inputs, measured no faster in bf16.
-        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(self.device))
+        self.bf16 = check_precision(cfg.precision)  # autocast of the DiT only; the decoder always runs in fp32
 
-    def gene_ids(self, genes: Sequence[str] | None) -> torch.Tensor:
-        """Token ids (Q,) of the requested output genes (default: all model genes, in vocabulary order)."""
+    def gene_columns(self, genes: Sequence[str] | None) -> torch.Tensor | None:
+        """Columns (Q,) of the requested output genes in the model's vocabulary (None = every gene, in order)."""
         if genes is None:
-            return torch.arange(1, len(self.genes) + 1, device=self.device)
-        index = {g: i + 1 for i, g in enumerate(self.genes)}
+            return None
+        index = {g: i for i, g in enumerate(self.genes)}
         missing = [g for g in genes if g not in index]
         if missing:
-            raise InputError(f"gene '{missing[0]}' is not one of the model's {len(self.genes)} genes ({len(missing)} unknown)")
+            raise InputError(f"gene '{missing[0]}' is not one of the model's {len(self.genes)} genes "
+                             f"({len(missing)} unknown)")
         return torch.tensor([index[g] for g in genes], device=self.device)
 
     def _weights(self) -> float | list[float]:
@@ -204,30 +190,48 @@ class Generator:
             raise InputError(f"--cfg-scale {unknown[0]}=...: not a condition key ({', '.join(self.keys)})")
         return [float(scales.get(k, self.cfg.cfg_scale)) for k in self.keys]
 
+    def integrate(self, codes: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Integrate the guided flow from noise x0 (B, m, dl) at t = 0 to t = 1 under label codes (B, K): the
+        standardised latents and the sampler's NFE."""
+        guided = guided_velocity(self.prior, codes, guidance=self.cfg.guidance, w=self._weights(), autocast=self.bf16)
+        kw = {"atol": self.cfg.atol, "rtol": self.cfg.rtol} if self.cfg.method == "dopri5" else {"n_steps": self.cfg.n_steps}
+        return ode_sample(guided, x0, method=self.cfg.method, **kw)
+
     @torch.no_grad()
     def latents(self, codes: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, int]:
         """Z (B, m, dl) in the VAE's latent space for label codes (B, K), and the sampler's NFE."""
-        B = codes.shape[0]
-        x0 = torch.randn((B, *self.latent_shape), generator=gen, device=self.device)  # (B, m, dl)
+        x0 = torch.randn((codes.shape[0], *self.latent_shape), generator=gen, device=self.device)  # (B, m, dl)
         if self.prior is None:
             return x0, 0
-        guided = guided_velocity(self.prior, codes, guidance=self.cfg.guidance, w=self._weights(), autocast=self.bf16)
-        kw = {"atol": self.cfg.atol, "rtol": self.cfg.rtol} if self.cfg.method == "dopri5" else {"n_steps": self.cfg.n_steps}
-        z, nfe = ode_sample(guided, x0, method=self.cfg.method, **kw)
-        return z * self.std + self.mean, nfe
+        z, nfe = self.integrate(codes, x0)
+        return z * self.bundle.latent_std + self.bundle.latent_mean, nfe
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, L: torch.Tensor, columns: torch.Tensor | None, gen: torch.Generator) -> sp.csr_matrix:
+        """Counts of latents z (B, m, dl) with library sizes L (B,) over every model gene, then the requested columns:
+        the means are normalised over the whole vocabulary, so a gene subset is the subset of a full generation."""
+        genes = torch.arange(1, len(self.genes) + 1, device=self.device)  # (G,)
+        rows = []
+        for c in decode_chunks(len(z), self.device):
+            lik = self.vae.decode(z[c], genes, L[c])  # over (c, G), fp32
+            if columns is not None:
+                lik = lik.columns(columns)  # (c, Q)
+            x = lik.sample(gen) if self.cfg.counts == "sample" else lik.mean
+            rows.append(sp.csr_matrix(x.float().cpu().numpy()))
+        return sp.vstack(rows).tocsr() if rows else sp.csr_matrix((0, len(self.genes)), dtype=np.float32)
 
     @torch.no_grad()
     def generate(
-        self, codes: np.ndarray, library: np.ndarray | None, gene_ids: torch.Tensor, *, start: int = 0
+        self, codes: np.ndarray, library: np.ndarray | None, columns: torch.Tensor | None, *, start: int = 0
     ) -> tuple[sp.csr_matrix, np.ndarray | None, dict[str, Any]]:
         """Counts (N, Q) for request rows `codes` (N, K) whose global indices are start..start+N-1.
 
         library: (N,) library sizes, or None to draw them from the per-condition log-normal.
         """
         cfg = self.cfg
-        n = len(codes)
-        bs = cfg.batch_size
-        rows, lat, nfes = [], [], []
+        n, bs = len(codes), cfg.batch_size
+        n_out = len(self.genes) if columns is None else len(columns)
+        parts, lat, nfes = [], [], []
         means, sds = lognormal_params(codes, self.keys, self.labels, self.library_stats) if library is None else (None, None)
         first, last = start // bs, (start + n - 1) // bs if n else -1
         from tqdm.auto import tqdm
@@ -236,8 +240,7 @@ class Generator:
         for k in tqdm(range(first, last + 1), desc="sample", unit="batch", leave=False, disable=quiet):
             a, b = max(k * bs, start), min((k + 1) * bs, start + n)  # global indices of this batch's cells
             gen = torch.Generator(device=self.device).manual_seed(_batch_seed(cfg.seed, cfg.replicate, k))
-            batch_codes = torch.as_tensor(codes[a - start : b - start], device=self.device)  # (b, K)
-            z, nfe = self.latents(batch_codes, gen)  # (b, m, dl)
+            z, nfe = self.latents(torch.as_tensor(codes[a - start : b - start], device=self.device), gen)
             nfes.append(nfe)
             eps = torch.randn((b - a,), generator=gen, device=self.device)  # (b,) log-normal draws
             if library is None:
@@ -246,16 +249,12 @@ class Generator:
                 L = torch.exp(mu_l + sd_l * eps)  # (b,)
             else:
                 L = torch.as_tensor(library[a - start : b - start], device=self.device, dtype=torch.float32)
-            L = L.clamp_min(1.0)
-            for c in decode_chunks(len(z), self.device):
-                lik = self.vae.decode(z[c], gene_ids, L[c])  # over (c, Q), fp32
-                x = lik.sample(gen) if cfg.counts == "sample" else lik.mean  # (c, Q)
-                rows.append(sp.csr_matrix(x.float().cpu().numpy()))
+            parts.append(self.decode(z, L.clamp_min(1.0), columns, gen))
             if cfg.keep_latents:
                 lat.append(z.reshape(len(z), -1).float().cpu().numpy())
-        X = sp.vstack(rows).tocsr() if rows else sp.csr_matrix((0, len(gene_ids)), dtype=np.float32)
+        X = sp.vstack(parts).tocsr() if parts else sp.csr_matrix((0, n_out), dtype=np.float32)
         info = {"nfe_per_batch": float(np.mean(nfes)) if nfes else 0.0, "n_batches": len(nfes),
-                "precision": "bf16" if self.bf16 else "fp32"}
+                "precision": cfg.precision}
         return X.astype(np.float32), (np.concatenate(lat) if lat else None), info
 
 
@@ -274,31 +273,54 @@ def requests_from_conditions(n_cells: int, requests: Sequence[dict[str, str]], k
     return np.concatenate(rows) if rows else np.zeros((0, len(keys)), dtype=np.int64)
 
 
-def requests_like(path: str, keys: Sequence[str], labels: dict[str, list[str]], model_genes: Sequence[str]) -> tuple[np.ndarray, np.ndarray, pd.Index]:
-    """Label codes (N, K) and library sizes over the model genes (N,) of the cells of a reference h5ad."""
-    ref = read_h5ad(path)
-    codes = np.zeros((ref.n_obs, len(keys)), dtype=np.int64)
+def label_codes(obs: pd.DataFrame, keys: Sequence[str], labels: dict[str, list[str]], *, source: str) -> np.ndarray:
+    """Label codes (n, K) of cells from their obs columns; a missing column or an unknown value is an InputError."""
+    codes = np.zeros((len(obs), len(keys)), dtype=np.int64)
     for j, key in enumerate(keys):
-        if key not in ref.obs.columns:
-            raise InputError(f"{path}: condition key '{key}' is not an obs column")
-        values = ref.obs[key].astype(str).to_numpy()
-        cats = labels[key]
-        lookup = {c: i for i, c in enumerate(cats)}
+        if key not in obs.columns:
+            raise InputError(f"{source}: condition key '{key}' is not an obs column")
+        values = obs[key].astype(str).to_numpy()
+        lookup = {c: i for i, c in enumerate(labels[key])}
         unknown = sorted(set(values) - set(lookup))
         if unknown:
-            raise InputError(f"{path}: {key}={unknown[0]} was never seen in training; known values of '{key}': {', '.join(cats)}")
+            raise InputError(f"{source}: {key}={unknown[0]} was never seen in training; known values of '{key}': "
+                             f"{', '.join(labels[key])}")
         codes[:, j] = [lookup[v] for v in values]
-    reference_genes = set(ref.var_names)  # once: rebuilding it per gene cost ~3 s for 2,000 x 16,634 genes
-    shared = [g for g in model_genes if g in reference_genes]
-    lib = np.asarray(ref[:, shared].X.sum(axis=1)).ravel() if shared else np.zeros(ref.n_obs)
-    return codes, lib.astype(np.float64), ref.obs_names
+    return codes
+
+
+def requests_like(path: str, keys: Sequence[str], labels: dict[str, list[str]], model_genes: Sequence[str],
+                  rows: slice | None = None, library: bool = False) -> tuple[np.ndarray, np.ndarray | None, pd.Index, int]:
+    """Label codes (n, K) of the cells `rows` of a reference h5ad, their library sizes over the model genes when
+    `library` (else None), their names, and the reference's total number of cells. Only those rows' counts are
+    read (backed mode)."""
+    if not Path(path).exists():
+        raise InputError(f"{path}: file does not exist")
+    try:
+        ref = ad.read_h5ad(path, backed="r")
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable .h5ad file ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+    try:
+        n_total = ref.n_obs
+        rows = rows or slice(0, n_total)
+        obs = ref.obs.iloc[rows]
+        codes = label_codes(obs, keys, labels, source=path)
+        lib = None
+        if library:
+            cols = np.flatnonzero(pd.Index(ref.var_names.astype(str)).isin(list(model_genes)))
+            X = ref.X[rows.start : rows.stop]
+            X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(X)
+            lib = np.asarray(X[:, cols].sum(axis=1), dtype=np.float64).ravel() if len(cols) else np.zeros(len(obs))
+        return codes, lib, obs.index, n_total
+    finally:
+        ref.file.close()
 
 
 def write_generated(
     path: str | Path,
     X: sp.csr_matrix,
     codes: np.ndarray,
-    gen: Generator,
+    sampler: Sampler,
     genes: Sequence[str],
     *,
     start: int,
@@ -308,23 +330,12 @@ def write_generated(
     reference_names: Sequence[str] | None = None,
 ) -> ad.AnnData:
     """Assemble and atomically write the generated AnnData."""
-    obs = pd.DataFrame(index=[f"gen{gen.cfg.replicate}_{start + i}" for i in range(X.shape[0])])
-    for j, key in enumerate(gen.keys):
-        cats = gen.labels[key]
-        obs[key] = pd.Categorical([cats[c] if c < len(cats) else NONE_LABEL for c in codes[:, j]])
-    obs["generated"] = True
-    obs["replicate"] = gen.cfg.replicate
-    obs["cell_index"] = np.arange(start, start + X.shape[0])
-    if reference_names is not None:
-        obs["reference_cell"] = list(reference_names)
-    adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=list(genes)))
-    if latents is not None:
-        adata.obsm["X_latent"] = latents.astype(np.float32)
+    adata = generated_anndata(X, codes, sampler, genes, start=start, latents=latents, reference_names=reference_names)
     # h5ad attributes hold no None or lists of dicts: the full record is kept as a JSON string
     adata.uns["sclatent"] = {
         "step": "sample",
-        "condition_keys": list(gen.keys),
-        "method": gen.cfg.method,
+        "condition_keys": list(sampler.keys),
+        "method": sampler.cfg.method,
         "nfe_per_batch": float(info["nfe_per_batch"]),
         "precision": str(info.get("precision", "fp32")),
         "seconds": float(info.get("seconds", 0.0)),
@@ -335,9 +346,40 @@ def write_generated(
     return adata
 
 
+def generated_anndata(X: sp.csr_matrix, codes: np.ndarray, sampler: Sampler, genes: Sequence[str], *, start: int = 0,
+                      latents: np.ndarray | None = None, reference_names: Sequence[str] | None = None) -> ad.AnnData:
+    """Generated counts (N, Q) as an AnnData: obs holds each cell's labels ('none' where not requested), replicate
+    and global cell index; obsm['X_latent'] the latents when kept."""
+    obs = pd.DataFrame(index=[f"gen{sampler.cfg.replicate}_{start + i}" for i in range(X.shape[0])])
+    for j, key in enumerate(sampler.keys):
+        cats = sampler.labels[key]
+        obs[key] = pd.Categorical([cats[c] if c < len(cats) else NONE_LABEL for c in codes[:, j]])
+    obs["generated"] = True
+    obs["replicate"] = sampler.cfg.replicate
+    obs["cell_index"] = np.arange(start, start + X.shape[0])
+    if reference_names is not None:
+        obs["reference_cell"] = list(reference_names)
+    adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=list(genes)))
+    if latents is not None:
+        adata.obsm["X_latent"] = latents.astype(np.float32)
+    return adata
+
+
+def request_codes(sampler: Sampler, *, n_cells: int | None, conditions: dict[str, str] | Sequence[dict[str, str]] | None,
+                  ) -> np.ndarray:
+    """Label codes (N, K) of `n_cells` cells per request (one dict, or a list of them; None = unconditional)."""
+    if n_cells is None or n_cells < 1:
+        raise InputError(f"--n-cells must be >= 1, got {n_cells}")
+    requests = [conditions or {}] if isinstance(conditions, dict) or conditions is None else list(conditions)
+    codes = requests_from_conditions(n_cells, requests or [{}], sampler.keys, sampler.labels)
+    for combo in unseen_combinations(codes, sampler.keys, sampler.labels, sampler.library_stats):
+        log.warning("the combination %s never occurred in training: generating it from the model's composition of "
+                    "the attributes", combo)
+    return codes
+
+
 def run_sample(
-    vae_dir: str | Path,
-    prior_dir: str | Path | None,
+    model: str | Path,
     out: str | Path,
     cfg: SampleConfig,
     *,
@@ -353,39 +395,41 @@ def run_sample(
     conditions: one request {key: value} (n_cells cells) or a list of them (n_cells cells each).
     """
     t0 = time.time()
-    gen = Generator(vae_dir, prior_dir, cfg, device=device)
+    dev = resolve_device(device)
+    sampler = Sampler(load_model(model, map_location=dev), cfg, dev)
     if (like is None) == (n_cells is None):
         raise InputError("give either --n-cells (with optional --condition key=value) or --like reference.h5ad")
-    ref_names = None
-    library = None
+    ref_names = library = None
     if like is not None:
         if conditions:
             raise InputError("--condition cannot be combined with --like (the reference cells give the labels)")
-        codes, lib, ref_names = requests_like(like, gen.keys, gen.labels, gen.genes)
-        if cfg.library == "like":
-            library = lib
+        rows = None if shard is None else slice(*shard)
+        codes, library, ref_names, n_total = requests_like(like, sampler.keys, sampler.labels, sampler.genes, rows,
+                                                           library=cfg.library == "like")
+        start, stop = (0, n_total) if shard is None else shard
+        if not 0 <= start <= stop <= n_total:
+            raise InputError(f"shard {start}:{stop} is outside the request of {n_total} cells")
+        for combo in unseen_combinations(codes, sampler.keys, sampler.labels, sampler.library_stats):
+            log.warning("the combination %s never occurred in training: generating it from the model's composition "
+                        "of the attributes", combo)
     else:
-        if n_cells < 1:
-            raise InputError(f"--n-cells must be >= 1, got {n_cells}")
         if cfg.library == "like":
             raise InputError("--library-size like needs --like reference.h5ad")
-        requests = [conditions or {}] if isinstance(conditions, dict) or conditions is None else list(conditions)
-        codes = requests_from_conditions(n_cells, requests or [{}], gen.keys, gen.labels)
-    for combo in unseen_combinations(codes, gen.keys, gen.labels, gen.library_stats):
-        log.warning("the combination %s never occurred in training: generating it from the model's composition of the attributes", combo)
-    start, stop = (0, len(codes)) if shard is None else shard
-    if not (0 <= start <= stop <= len(codes)):
-        raise InputError(f"shard {start}:{stop} is outside the request of {len(codes)} cells")
-    gene_ids = gen.gene_ids(genes)
-    out_genes = list(genes) if genes is not None else gen.genes
-    X, lat, info = gen.generate(codes[start:stop], None if library is None else library[start:stop], gene_ids, start=start)
+        all_codes = request_codes(sampler, n_cells=n_cells, conditions=conditions)
+        start, stop = (0, len(all_codes)) if shard is None else shard
+        if not 0 <= start <= stop <= len(all_codes):
+            raise InputError(f"shard {start}:{stop} is outside the request of {len(all_codes)} cells")
+        codes = all_codes[start:stop]
+    columns = sampler.gene_columns(genes)
+    out_genes = list(genes) if genes is not None else sampler.genes
+    X, lat, info = sampler.generate(codes, library, columns, start=start)
     info["seconds"] = round(time.time() - t0, 3)
-    config = {**asdict(cfg), "n_cells": n_cells, "conditions": conditions, "like": like, "shard": [start, stop], "device": str(gen.device)}
-    adata = write_generated(
-        out, X, codes[start:stop], gen, out_genes, start=start, latents=lat, info=info, config=config,
-        reference_names=None if ref_names is None else ref_names[start:stop],
-    )
-    log.info("generated %d cells x %d genes in %.1fs (NFE per batch %.0f)", X.shape[0], X.shape[1], info["seconds"], info["nfe_per_batch"])
+    config = {**asdict(cfg), "model": str(model), "n_cells": n_cells, "conditions": conditions, "like": like,
+              "shard": [start, stop], "device": str(dev)}
+    adata = write_generated(out, X, codes, sampler, out_genes, start=start, latents=lat, info=info, config=config,
+                            reference_names=ref_names)
+    log.info("generated %d cells x %d genes in %.1fs (NFE per batch %.0f)", X.shape[0], X.shape[1], info["seconds"],
+             info["nfe_per_batch"])
     return adata
 
 

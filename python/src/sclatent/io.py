@@ -23,7 +23,8 @@ from typing import Any, Iterator
 
 import anndata as ad
 import numpy as np
-import scipy.sparse as sp
+
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,6 @@ SAMPLESHEET_COLUMNS = ("dataset", "h5ad", "split", "batch", "condition_keys")
 SPLITS = ("train", "test", "all")
 
 
-class InputError(ValueError):
-    """A problem with the user's input (file, samplesheet, parameter): reported as one line, exit code 2."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -181,51 +180,6 @@ def read_h5ad(path: str | os.PathLike) -> ad.AnnData:
     except Exception as exc:  # anndata/h5py raise many types for non-h5ad input
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"{path}: not a readable .h5ad file ({reason})") from None
-
-
-def counts_matrix(adata: ad.AnnData, layer: str, *, source: str) -> sp.csr_matrix:
-    """Return the raw-count matrix from `X` or `layers[layer]` as CSR, validated (see :func:`check_counts`)."""
-    if layer == "X":
-        mat = adata.X
-    elif layer in adata.layers:
-        mat = adata.layers[layer]
-    else:
-        avail = ", ".join(["X", *adata.layers.keys()])
-        raise InputError(f"{source}: counts layer '{layer}' not found (available: {avail})")
-    if mat is None:
-        raise InputError(f"{source}: matrix '{layer}' is empty (None)")
-    mat = sp.csr_matrix(mat) if not sp.issparse(mat) else mat.tocsr()
-    mat.eliminate_zeros()
-    check_counts(mat, adata.obs_names, adata.var_names, source=f"{source} [{layer}]")
-    if mat.dtype != np.float32:
-        mat = mat.astype(np.float32)
-    return mat
-
-
-def check_counts(mat: sp.csr_matrix, obs_names, var_names, *, source: str) -> None:
-    """Raise InputError naming the first cell/gene/value that is not a finite non-negative integer."""
-    data = mat.data
-    if data.dtype.kind in "iu":
-        bad = data < 0
-        what = "negative"
-    else:
-        finite = np.isfinite(data)
-        bad = ~finite | (data < 0) | (np.floor(data) != data)
-        what = None
-    if not bad.any():
-        return
-    k = int(np.flatnonzero(bad)[0])
-    row = int(np.searchsorted(mat.indptr, k, side="right") - 1)
-    col = int(mat.indices[k])
-    value = data[k].item()
-    if what is None:
-        what = "NaN" if np.isnan(value) else "infinite" if not np.isfinite(value) else "negative" if value < 0 else "non-integer"
-    n_bad = int(bad.sum())
-    raise InputError(
-        f"{source}: counts must be finite non-negative integers, found {what} value {value!r} at cell "
-        f"'{obs_names[row]}', gene '{var_names[col]}' ({n_bad} bad entries in total; are these normalised values? "
-        f"point --counts_layer at the raw counts)"
-    )
 
 
 def check_unique_genes(var_names, *, source: str) -> None:

@@ -30,11 +30,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .counts import counts_matrix
 from .io import (
     InputError,
     SampleRow,
     check_unique_genes,
-    counts_matrix,
     atomic_outputs,
     dump_json,
     provenance,

@@ -21,6 +21,7 @@ is bounded by the shard size, not the dataset size.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -33,12 +34,14 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from .io import InputError, atomic_path, check_counts, dump_json, provenance, read_json
+from .counts import check_counts
+from .io import InputError, atomic_path, dump_json, provenance, read_json
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+MIN_PANEL_OVERLAP = 0.5  # share of the vocabulary below which a panel gets a warning
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -155,6 +158,54 @@ def _label_codes(obs, keys: list[str], categories: dict[str, list[str]], source:
     return codes
 
 
+def tokens_of(X: sp.csr_matrix, col_to_id: np.ndarray) -> dict[str, np.ndarray]:
+    """The tokens of the cells of X (n, n_vars): `col_to_id` gives each column's token id (0 = not in the vocabulary).
+
+    Returns CSR arrays over the n cells, ids ascending within a cell and stored zeros dropped: indptr (n + 1,),
+    genes (nnz,) int32, counts (nnz,) float32, and library_size (n,) float32, each cell's total over the vocabulary.
+    """
+    cols = np.flatnonzero(col_to_id)
+    order = cols[np.argsort(col_to_id[cols], kind="stable")]  # vocabulary order
+    Y = X if len(order) == X.shape[1] and np.array_equal(order, np.arange(X.shape[1])) else X[:, order]
+    Y = sp.csr_matrix(Y)
+    if Y is X:
+        Y = Y.copy()
+    Y.eliminate_zeros()
+    Y.sort_indices()
+    return {
+        "indptr": Y.indptr.astype(np.int64),
+        "genes": col_to_id[order][Y.indices].astype(np.int32),
+        "counts": Y.data.astype(np.float32),
+        "library_size": np.asarray(Y.sum(axis=1), dtype=np.float64).ravel().astype(np.float32),
+    }
+
+
+def gene_index(names: Any, vocab: list[str], *, source: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """Token id of each gene of a panel (0 = not in the model's vocabulary), and how the panel covers the vocabulary.
+
+    Genes outside the vocabulary are ignored and counted; vocabulary genes the panel lacks are simply absent from
+    its cells' token sets (the encoder takes any set of genes). Below MIN_PANEL_OVERLAP of the vocabulary present a
+    warning is logged; no gene in common, or two panel genes mapping to one vocabulary gene, is an InputError.
+    """
+    names = [str(n) for n in names]
+    lookup = {g: i + 1 for i, g in enumerate(vocab)}
+    ids = np.array([lookup.get(n, 0) for n in names], dtype=np.int32)
+    matched = ids[ids > 0]
+    if len(matched) == 0:
+        raise InputError(f"{source}: none of its {len(names)} genes is in the model's vocabulary of {len(vocab)} "
+                         f"genes (file: {', '.join(names[:3])}, ...; model: {', '.join(vocab[:3])}, ...); match "
+                         "genes by another var column (gene_key)")
+    values, counts = np.unique(matched, return_counts=True)
+    if (counts > 1).any():
+        raise InputError(f"{source}: the gene '{vocab[values[counts > 1][0] - 1]}' appears in more than one column")
+    info = {"panel_genes": len(names), "matched": int(len(matched)), "ignored": int(len(names) - len(matched)),
+            "vocabulary": len(vocab), "overlap": round(len(matched) / len(vocab), 6)}
+    if info["overlap"] < MIN_PANEL_OVERLAP:
+        log.warning("%s: only %d of the model's %d genes (%.0f%%) are in the panel; embeddings lose accuracy as the "
+                    "panel shrinks", source, len(matched), len(vocab), 100 * info["overlap"])
+    return ids, info
+
+
 def _tokenize_split(
     path: str,
     folder: Path,
@@ -174,11 +225,8 @@ def _tokenize_split(
             raise InputError(
                 f"{path}: {len(missing)} vocabulary genes are missing from the file, e.g. '{missing[0]}'"
             )
-        # column -> token id (0 = not in the vocabulary)
-        col_to_id = np.zeros(backed.n_vars, dtype=np.int32)
+        col_to_id = np.zeros(backed.n_vars, dtype=np.int32)  # column -> token id (0 = not in the vocabulary)
         col_to_id[[var_index[g] for g in vocab]] = np.arange(1, len(vocab) + 1, dtype=np.int32)
-        # ids ascend with columns when the vocabulary is in var order: then sorted indices give sorted ids
-        all_in_vocab = bool(np.all(col_to_id > 0)) and bool(np.all(np.diff(col_to_id) > 0))
         codes_all = _label_codes(backed.obs, keys, categories, path)
         obs_names = backed.obs_names.astype(str).to_numpy()
         writer = _ShardWriter(folder, shard_size, len(keys))
@@ -190,33 +238,12 @@ def _tokenize_split(
             stop = min(start + chunk_size, backed.n_obs)
             X = backed.X[start:stop]
             X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(X)
-            X.sort_indices()
             check_counts(X, obs_names[start:stop], backed.var_names, source=path)
-            keep_all = all_in_vocab and bool(np.all(X.data != 0))
-            ids = col_to_id[X.indices]
-            if keep_all:  # every column is in the vocabulary and X has no stored zeros: no masking copies
-                indptr = X.indptr.astype(np.int64, copy=False)
-                n_tok = np.diff(indptr)
-                lib = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
-                genes_part, counts_part = ids, X.data.astype(np.float32, copy=False)
-            else:
-                keep = (ids > 0) & (X.data > 0)
-                row = np.repeat(np.arange(stop - start), np.diff(X.indptr))[keep]
-                n_tok = np.bincount(row, minlength=stop - start)
-                lib = np.bincount(row, weights=X.data[keep], minlength=stop - start)
-                indptr = np.zeros(stop - start + 1, dtype=np.int64)
-                np.cumsum(n_tok, out=indptr[1:])
-                genes_part, counts_part = ids[keep], X.data[keep].astype(np.float32, copy=False)
+            part = tokens_of(X, col_to_id)
             codes = codes_all[start:stop]
-            part = {
-                "indptr": indptr,
-                "genes": genes_part,
-                "counts": counts_part,
-                "library_size": lib.astype(np.float32),
-                "labels": codes,
-                "cell_index": np.arange(start, stop, dtype=np.int64),
-                "obs_names": obs_names[start:stop],
-            }
+            lib = part["library_size"].astype(np.float64)
+            n_tok = np.diff(part["indptr"])
+            part.update(labels=codes, cell_index=np.arange(start, stop, dtype=np.int64), obs_names=obs_names[start:stop])
             lengths[start:stop] = n_tok
             if stats is not None:
                 loglib = np.log(np.maximum(lib, 1.0))
@@ -364,6 +391,11 @@ def tokenize(
 # --------------------------------------------------------------------------------------------------------
 # reading: the streaming batch loader
 # --------------------------------------------------------------------------------------------------------
+
+
+def vocabulary_digest(genes: list[str]) -> str:
+    """A short fingerprint of an ordered gene vocabulary."""
+    return hashlib.sha256("\n".join(genes).encode()).hexdigest()[:16]
 
 
 def read_manifest(tokens_dir: str | os.PathLike) -> dict[str, Any]:
@@ -539,40 +571,46 @@ class TokenLoader:
         return self.iter_epoch(0)
 
     def _collate(self, shard: dict[str, np.ndarray], rows: np.ndarray, rng: np.random.Generator) -> TokenBatch:
-        ip = shard["indptr"]
-        starts, stops = ip[rows], ip[rows + 1]
-        lens = stops - starts
-        # the decoder target: every expressed gene
-        t_indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(lens, out=t_indptr[1:])
-        sel = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]) if len(rows) else np.zeros(0, np.int64)
-        t_genes = shard["genes"][sel].astype(np.int64)
-        t_counts = shard["counts"][sel]
-        # the encoder input: at most max_tokens tokens per cell
-        cap = self.max_tokens or int(lens.max(initial=0))
-        enc_lens = np.minimum(lens, cap)
-        S = max(int(enc_lens.max(initial=0)), 1)
-        genes = np.zeros((len(rows), S), dtype=np.int64)
-        counts = np.zeros((len(rows), S), dtype=np.float32)
-        mask = np.zeros((len(rows), S), dtype=bool)
-        for i in range(len(rows)):
-            a, b = t_indptr[i], t_indptr[i + 1]
-            if b - a > cap:
-                pick = np.sort(rng.choice(b - a, size=cap, replace=False)) + a
-            else:
-                pick = np.arange(a, b)
-            m = len(pick)
-            genes[i, :m] = t_genes[pick]
-            counts[i, :m] = t_counts[pick]
-            mask[i, :m] = True
-        return TokenBatch(
-            genes=genes,
-            counts=counts,
-            mask=mask,
-            library_size=shard["library_size"][rows].astype(np.float32),
-            labels=shard["labels"][rows].astype(np.int64),
-            cell_index=shard["cell_index"][rows].astype(np.int64),
-            target_indptr=t_indptr,
-            target_genes=t_genes,
-            target_counts=t_counts,
-        )
+        return collate(shard, rows, self.max_tokens, rng)
+
+
+def collate(shard: dict[str, np.ndarray], rows: np.ndarray, max_tokens: int | None,
+            rng: np.random.Generator) -> TokenBatch:
+    """A padded batch of the cells `rows` of a token shard: every expressed gene in the decoder target, at most
+    `max_tokens` of them (a random subset drawn from `rng`) as the encoder input."""
+    ip = shard["indptr"]
+    starts, stops = ip[rows], ip[rows + 1]
+    lens = stops - starts
+    t_indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lens, out=t_indptr[1:])
+    sel = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]) if len(rows) else np.zeros(0, np.int64)
+    t_genes = shard["genes"][sel].astype(np.int64)
+    t_counts = shard["counts"][sel]
+    cap = max_tokens or int(lens.max(initial=0))
+    S = max(int(np.minimum(lens, cap).max(initial=0)), 1)
+    genes = np.zeros((len(rows), S), dtype=np.int64)
+    counts = np.zeros((len(rows), S), dtype=np.float32)
+    mask = np.zeros((len(rows), S), dtype=bool)
+    for i in range(len(rows)):
+        a, b = t_indptr[i], t_indptr[i + 1]
+        pick = np.sort(rng.choice(b - a, size=cap, replace=False)) + a if b - a > cap else np.arange(a, b)
+        genes[i, : len(pick)] = t_genes[pick]
+        counts[i, : len(pick)] = t_counts[pick]
+        mask[i, : len(pick)] = True
+    labels = shard.get("labels")
+    return TokenBatch(
+        genes=genes, counts=counts, mask=mask,  # (B, S)
+        library_size=shard["library_size"][rows].astype(np.float32),
+        labels=(labels[rows] if labels is not None else np.zeros((len(rows), 0))).astype(np.int64),
+        cell_index=shard["cell_index"][rows].astype(np.int64) if "cell_index" in shard else rows.astype(np.int64),
+        target_indptr=t_indptr, target_genes=t_genes, target_counts=t_counts,
+    )
+
+
+def memory_batches(shard: dict[str, np.ndarray], batch_size: int, max_tokens: int | None,
+                   seed: int = 0) -> Iterator[TokenBatch]:
+    """Batches of an in-memory token shard (`tokens_of` output) in cell order, for inference on an AnnData."""
+    n = len(shard["library_size"])
+    for k, start in enumerate(range(0, n, batch_size)):
+        rows = np.arange(start, min(start + batch_size, n))
+        yield collate(shard, rows, max_tokens, np.random.default_rng([seed, k]))

@@ -5,7 +5,7 @@ The loop knows nothing about either model. It trains any ``nn.Module`` through a
 batches of an epoch in a deterministic order (``data.iter_epoch(epoch, start_batch)``).
 
 It owns: AdamW, the warmup-stable-decay learning-rate schedule (:func:`lr_factor`), gradient-norm clipping,
-an optional EMA of the weights, bf16 autocast (:func:`resolve_bf16`), checkpoint/resume and the history CSV.
+an optional EMA of the weights, optional bf16 autocast, checkpoint/resume and the history CSV.
 
 Files written to ``out_dir``:
 
@@ -54,20 +54,27 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from . import __version__
+from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, HISTORY_NAME, atomic_torch_save, load_checkpoint
+from .device import PRECISIONS, check_precision, resolve_device
+from .distributed import (
+    Distributed,
+    GlobalBatchDraws,
+    LossFn,
+    LossForward,
+    distributed_job,
+    global_mean,
+    join_process_group,
+    rank_device,
+    rank_share,
+)
 from .io import atomic_path, write_json
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pt"
-CONFIG_NAME = "config.json"
-HISTORY_NAME = "history.csv"
-
 DECAY_SHAPES = ("sqrt", "cosine", "linear")
-PRECISIONS = ("auto", "fp32", "bf16")
 # The warmup starts at lr / WARMUP_INIT_DIV (the authors' wsd_schedule uses 100).
 WARMUP_INIT_DIV = 100.0
 # History columns around the loss terms; the terms returned by loss_fn go between "loss" and "lr".
@@ -115,7 +122,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # auto -> cuda if available else cpu
-    precision: str = "auto"  # auto -> bf16 autocast on CUDA (and for the prior on bf16-native CPUs, resolve_bf16); "fp32" | "bf16"
+    precision: str = "fp32"  # "fp32" (TF32 products on CUDA) or "bf16" (autocast), the same on every device
     # Learning-rate multipliers by parameter name (the module path, e.g. "log_theta" for log_theta.weight); the
     # schedule scales every group alike. A name that matches no parameter is refused when training starts.
     lr_scales: dict[str, float] = field(default_factory=dict)
@@ -275,26 +282,6 @@ class EMA:
 # --------------------------------------------------------------------------------------------------------
 # files
 
-
-def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it onto ``path``."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON atomically (delegates to :func:`sclatent.io.write_json`)."""
-    write_json(obj, path)
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`train` with ``weights_only=True`` (no pickled Python objects)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-
 def _scales_text(scales: Mapping[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {float(v):g}" for k, v in sorted(scales.items())) + "}" if scales else "none"
 
@@ -333,35 +320,6 @@ def training_steps(epochs: float, batches_per_epoch: int, min_steps: int = 0, ma
     if max_steps is not None:
         return max_steps
     return max(1, math.ceil(epochs * batches_per_epoch), min_steps)
-
-
-def load_run(
-    run_dir: str | os.PathLike,
-    stage: str,
-    build: Callable[[dict[str, Any]], nn.Module],
-    *,
-    weights: str = "auto",
-    map_location: str | torch.device = "cpu",
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a finished run of `stage` ("vae" | "prior"): (model in eval mode, config.json content).
-
-    `build(model_config)` makes the empty model; weights: "ema" | "model" | "auto" (EMA when the run kept them).
-    """
-    from .io import InputError, read_json
-
-    run_dir = Path(run_dir)
-    cfg = read_json(run_dir / CONFIG_NAME)
-    found = cfg.get("metadata", {}).get("stage")
-    if found != stage:
-        raise InputError(f"{run_dir}: not a {stage} run directory (config.json stage is {found!r})")
-    ckpt = load_checkpoint(run_dir / CHECKPOINT_NAME, map_location=map_location)
-    use_ema = weights == "ema" or (weights == "auto" and ckpt.get("ema") is not None)
-    if use_ema and ckpt.get("ema") is None:
-        raise InputError(f"{run_dir}: no EMA weights in the checkpoint (train with --ema-decay)")
-    model = build(cfg["model_config"])
-    model.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
-    model.eval()
-    return model, cfg
 
 
 def _flat_items(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -483,7 +441,6 @@ def default_move_batch(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-LossFn = Callable[[nn.Module, Any, torch.Generator], tuple[torch.Tensor, Mapping[str, float]]]
 
 
 def default_split_batch(batch: Any, rows: slice) -> Any:
@@ -497,178 +454,6 @@ def default_split_batch(batch: Any, rows: slice) -> Any:
     if isinstance(batch, dict):
         return {k: default_split_batch(v, rows) for k, v in batch.items()}
     raise TypeError(f"cannot split a {type(batch).__name__} between processes; pass split_batch=")
-
-
-# --------------------------------------------------------------------------------------------------------
-# several processes (DDP)
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """This process's place in a multi-process (torchrun) job."""
-
-    rank: int
-    world_size: int
-    local_rank: int  # the GPU of this process on its node
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
-
-
-def distributed_job() -> Distributed | None:
-    """The multi-process job this process belongs to, or None when it trains alone.
-
-    An initialised ``torch.distributed`` process group decides; otherwise torchrun's environment variables
-    ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``. A world of one process is not a job (the plain path runs).
-    """
-    if dist.is_available() and dist.is_initialized():
-        world_size, rank = dist.get_world_size(), dist.get_rank()
-        local_rank = _env_int("LOCAL_RANK", rank)
-    else:
-        world_size, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
-        local_rank = _env_int("LOCAL_RANK", rank)
-    if world_size < 1:
-        raise ValueError(f"WORLD_SIZE must be >= 1, got {world_size}")
-    if world_size == 1:
-        return None
-    if not 0 <= rank < world_size:
-        raise ValueError(f"RANK must be in [0, {world_size}), got {rank}")
-    if local_rank < 0:
-        raise ValueError(f"LOCAL_RANK must be >= 0, got {local_rank}")
-    if not dist.is_available():
-        raise ValueError(f"WORLD_SIZE={world_size} but this torch build has no torch.distributed")
-    return Distributed(rank=rank, world_size=world_size, local_rank=local_rank)
-
-
-def shard_rows(n_rows: int, rank: int, world_size: int) -> slice:
-    """Rank ``rank``'s contiguous share of ``n_rows`` cells: ``[n*r // W, n*(r+1) // W)`` (sizes differ by <= 1).
-
-    The shares of ranks 0..W-1 tile ``range(n_rows)`` in order; a rank's share is empty when n_rows < W.
-    """
-    if n_rows < 0 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"shard_rows needs n_rows >= 0 and 0 <= rank < world_size, got {n_rows}, {rank}, {world_size}")
-    return slice(n_rows * rank // world_size, n_rows * (rank + 1) // world_size)
-
-
-def _rank_share(n_rows: int, job: Distributed) -> tuple[slice, float]:
-    """This rank's cells of a global batch and its weight n_rank / n_global.
-
-    With fewer cells than ranks an idle rank computes the loss of cell 0 with weight 0: it must still take
-    part in the gradient all-reduce, and contributes nothing to it.
-    """
-    rows = shard_rows(n_rows, job.rank, job.world_size)
-    if rows.stop > rows.start:
-        return rows, (rows.stop - rows.start) / n_rows
-    return slice(0, 1), 0.0
-
-
-class GlobalBatchDraws(TorchFunctionMode):
-    """While active, draws from ``generator`` give this rank's rows of the draws for the whole global batch.
-
-    Under DDP every rank holds the same generator state and the loss sees only the rank's cells
-    (``rows`` of ``global_rows``). A ``torch.rand`` / ``torch.randn`` call on ``generator`` whose first
-    dimension is the rank's number of cells is made at the global batch size instead, and the rank's rows are
-    returned. ``torch.randperm`` (e.g. a gene subset shared by the batch) and draws of any other first
-    dimension run unchanged: they are the same on every rank. So every rank makes exactly the draws one
-    process makes for the global batch: each cell gets the numbers it gets in a single-process run, and the
-    generators of all ranks stay in step. Any other random function called with ``generator`` is refused,
-    since it could not be split this way. Contract for loss functions: a draw with the cells as its first
-    dimension is one row per cell.
-
-    Hand-written as a torch function mode because the draws happen inside the models (the VAE's posterior
-    noise, the flow-matching time and noise, the label dropout), whose code knows nothing about ranks.
-    """
-
-    def __init__(self, generator: torch.Generator, global_rows: int, rows: slice) -> None:
-        super().__init__()
-        if not 0 <= rows.start < rows.stop <= global_rows:
-            raise ValueError(f"rows {rows} are not a non-empty part of a batch of {global_rows} cells")
-        self.generator = generator
-        self.global_rows = global_rows
-        self.rows = rows
-        self.local_rows = rows.stop - rows.start
-
-    def __torch_function__(self, func: Callable[..., Any], types: tuple[type, ...], args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
-        kwargs = dict(kwargs or {})
-        if kwargs.get("generator") is not self.generator or func is torch.randperm:
-            return func(*args, **kwargs)
-        if func not in (torch.rand, torch.randn) or "out" in kwargs:
-            raise RuntimeError(
-                f"{getattr(func, '__name__', func)} draws from the training generator, which cannot be split "
-                "between DDP processes; draw with torch.rand / torch.randn (cells first) or torch.randperm"
-            )
-        if "size" in kwargs:
-            size = tuple(kwargs.pop("size"))
-        elif len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)):
-            size = tuple(args[0])
-        else:
-            size = tuple(args)
-        if not size or int(size[0]) != self.local_rows:
-            return func(size, **kwargs)
-        full = func((self.global_rows, *size[1:]), **kwargs)  # (B_global, ...)
-        return full[self.rows]  # (B_rank, ...)
-
-
-class _LossForward(nn.Module):
-    """The loss callback as a module's forward, so that DDP sees the forward pass it must synchronise."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any, generator: torch.Generator) -> tuple[torch.Tensor, Mapping[str, float]]:
-        return self.loss_fn(self.model, batch, generator)
-
-
-def _rank_device(device: torch.device, job: Distributed) -> torch.device:
-    """The device of this rank: GPU ``LOCAL_RANK`` for CUDA, the CPU otherwise."""
-    if device.type != "cuda":
-        return device
-    if device.index is not None:
-        raise ValueError(f"under torchrun each process uses GPU LOCAL_RANK; give device 'cuda' or 'auto', "
-                         f"not '{device}'")
-    if job.local_rank >= torch.cuda.device_count():
-        raise ValueError(f"LOCAL_RANK {job.local_rank} but only {torch.cuda.device_count()} GPUs are visible")
-    return torch.device("cuda", job.local_rank)
-
-
-def _join_process_group(device: torch.device) -> bool:
-    """Initialise the process group from torchrun's environment (nccl on CUDA, gloo on CPU).
-
-    Returns whether this call created it (and so must destroy it); a group the caller initialised is used as
-    it is (gloo also reduces CUDA tensors, more slowly).
-    """
-    if dist.is_initialized():
-        return False
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
-    if missing:
-        raise ValueError(f"WORLD_SIZE > 1 but {', '.join(missing)} not set: launch several processes with torchrun")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend, device_id=device)
-    else:
-        dist.init_process_group(backend=backend)
-    return True
-
-
-def _global_mean(loss: torch.Tensor, terms: Mapping[str, float], weight: float,
-                 device: torch.device) -> tuple[float, dict[str, float]]:
-    """The global-batch loss and terms: the ranks' values (means over their cells) weighted by their share."""
-    values = torch.tensor([float(loss.detach()), *(float(v) for v in terms.values())], dtype=torch.float64,
-                          device=device) * weight  # (1 + n_terms,)
-    dist.all_reduce(values)
-    loss_value, *term_values = values.tolist()
-    return loss_value, dict(zip(terms, term_values))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -705,48 +490,6 @@ class TrainResult:
                 raise ValueError("which='ema' but training ran without EMA (ema_decay=None)")
             return self.ema.state_dict()
         raise ValueError(f"which must be 'model' or 'ema', got {which!r}")
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; otherwise the named device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"unknown device {device!r} ({exc})") from None
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 matrix products natively: a bf16-capable CUDA GPU, or a CPU with
-    AVX512-BF16 or AMX (oneDNN's bf16 kernels). Elsewhere bf16 works but is emulated, and slower than fp32."""
-    device = torch.device(device)
-    try:
-        if device.type == "cuda":
-            return bool(torch.cuda.is_bf16_supported())
-        if device.type == "cpu":
-            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):  # private helpers that a future torch may move
-        return False
-    return False
-
-
-def resolve_bf16(precision: str, device: torch.device, *, cpu_auto_bf16: bool = False) -> bool:
-    """Whether to train under bf16 autocast: "bf16" always, "fp32" never; "auto" on CUDA, and on a CPU only for a
-    model that gains from it (`cpu_auto_bf16`) and only where the CPU computes bf16 natively (`native_bf16`).
-
-    Measured on a CPU with AVX512-BF16 (BENCHMARKS.md, "Precision"): the default DiT (width 256) trains 2.1x
-    faster under bf16 autocast to the same generation metrics, so TRAIN_PRIOR sets `cpu_auto_bf16`; the default
-    VAE (width 32: small products, many element-wise ops) trains to the same test metrics but 12-25% *slower*,
-    so TRAIN_VAE keeps fp32 on a CPU. Where bf16 is only emulated it is slower than fp32 for both.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return True
-    return cpu_auto_bf16 and device.type == "cpu" and native_bf16(device)
 
 
 class _LogWindow:
@@ -808,7 +551,6 @@ def train(
     cells_in_batch: Callable[[Any], int] = default_cells_in_batch,
     move_batch: Callable[[Any, torch.device], Any] = default_move_batch,
     split_batch: Callable[[Any, slice], Any] = default_split_batch,
-    cpu_auto_bf16: bool = False,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.max_steps`` optimiser steps; see the module docstring for the files.
 
@@ -821,8 +563,6 @@ def train(
     batch (before ``move_batch``); the loss and the terms must then be means over the cells of the batch, and
     a random draw with the cells as first dimension one row per cell (:class:`GlobalBatchDraws`).
 
-    ``cpu_auto_bf16``: whether ``precision="auto"`` means bf16 autocast on a bf16-native CPU (see
-    :func:`resolve_bf16`; on CUDA "auto" is always bf16).
 
     ``resume=True`` continues from ``out_dir/checkpoint.pt`` exactly where it stopped; a different
     ``model_config`` is refused. Without ``resume`` an existing checkpoint in ``out_dir`` is refused.
@@ -832,12 +572,11 @@ def train(
     device = resolve_device(cfg.device)
     args = (model, loss_fn, data, cfg, Path(out_dir))
     kwargs = dict(resume=resume, model_config=model_config, metadata=metadata, progress=progress,
-                  cells_in_batch=cells_in_batch, move_batch=move_batch, split_batch=split_batch,
-                  cpu_auto_bf16=cpu_auto_bf16)
+                  cells_in_batch=cells_in_batch, move_batch=move_batch, split_batch=split_batch)
     if job is None:
         return _train(*args, device=device, job=None, **kwargs)
-    device = _rank_device(device, job)
-    owns_group = _join_process_group(device)
+    device = rank_device(device, job)
+    owns_group = join_process_group(device)
     try:
         return _train(*args, device=device, job=job, **kwargs)
     finally:
@@ -861,14 +600,13 @@ def _train(
     cells_in_batch: Callable[[Any], int],
     move_batch: Callable[[Any, torch.device], Any],
     split_batch: Callable[[Any, slice], Any],
-    cpu_auto_bf16: bool,
 ) -> TrainResult:
     """The loop of :func:`train` on ``device``; ``job`` is None for one process, else this rank's place."""
     is_main = job is None or job.rank == 0  # the process that writes files
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT_NAME
     config_path = out_dir / CONFIG_NAME
-    use_bf16 = resolve_bf16(cfg.precision, device, cpu_auto_bf16=cpu_auto_bf16)
+    use_bf16 = check_precision(cfg.precision)
     model_config = _json_roundtrip(dict(model_config))
     metadata = _json_roundtrip(dict(metadata or {}))
     info = logger.info if is_main else logger.debug
@@ -902,7 +640,7 @@ def _train(
             # different set would fail to load, and different values would be silently overwritten by the old.
             raise ValueError(f"cannot resume {ckpt_path}: its per-parameter learning-rate scales were "
                              f"{_scales_text(old_scales)}, now {_scales_text(cfg.lr_scales)}; resume with the "
-                             f"options it was started with (e.g. --theta-lr-scale, --gene-lr-scale)")
+                             f"options it was started with")
         changed_train = _differing_keys(old_config.get("train_config", {}), _json_roundtrip(cfg.to_dict()))
         if changed_train and is_main:
             logger.warning("resuming with a different train config (%s); the run is no longer the same as "
@@ -942,7 +680,7 @@ def _train(
         dist.barrier()  # every rank has read config.json and checkpoint.pt before rank 0 rewrites them
         # All parameters of both stages' models take part in every loss (find_unused_parameters=False, the
         # fast path); DDP broadcasts rank 0's weights here, so all ranks start from the same state.
-        ddp = DistributedDataParallel(_LossForward(model, loss_fn),
+        ddp = DistributedDataParallel(LossForward(model, loss_fn),
                                       device_ids=[device.index] if device.type == "cuda" else None)
     if is_main:
         write_json({"sclatent_version": __version__, "model_config": model_config,
@@ -1004,12 +742,12 @@ def _train(
                 loss_value = float(loss.detach())
                 term_values = {k: float(v) for k, v in terms.items()}
             else:
-                rows, weight = _rank_share(n_cells, job)
+                rows, weight = rank_share(n_cells, job)
                 local_batch = move_batch(split_batch(batch, rows), device)
                 with (torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16),
                       GlobalBatchDraws(generator, n_cells, rows)):
                     loss, terms = ddp(local_batch, generator)
-                loss_value, term_values = _global_mean(loss, terms, weight, device)
+                loss_value, term_values = global_mean(loss, terms, weight, device)
                 # DDP averages the ranks' gradients: weighting rank r by W * n_r / n makes that average the
                 # gradient of the mean over the whole global batch.
                 loss = loss * (job.world_size * weight)

@@ -19,21 +19,20 @@ import torch
 from .flow import flow_matching_loss
 from .io import InputError, read_json
 from .nn.dit import DiT, DiTConfig
-from .train import TrainConfig, TrainResult, load_run, train, training_steps
+from .train import TrainConfig, TrainResult, train, training_steps
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class PriorRunConfig:
-    """Everything `sclatent train-prior` can set besides the training-loop settings."""
+class PriorTraining:
+    """What `sclatent train-prior` sets besides the optimiser and schedule (`TrainConfig`)."""
 
-    preset: str = "default"
+    preset: str = "default"  # DiTConfig.preset name
     epochs: float = 100.0
-    min_steps: int = 0  # at least this many steps whatever the epochs give (ignored with max_steps)
+    min_steps: int = 2000  # at least this many steps whatever the epochs give (ignored with max_steps)
     max_steps: int | None = None
     rho: float = 0.2  # probability of dropping each label to its null token (independently per attribute)
-    standardize: bool = True
 
     def validate(self) -> None:
         if not 0.0 <= self.rho <= 1.0:
@@ -99,7 +98,7 @@ def read_latents(path: str | Path) -> dict[str, np.ndarray]:
 def train_prior(
     latents_path: str | Path,
     out_dir: str | Path,
-    run: PriorRunConfig,
+    run: PriorTraining,
     tcfg: TrainConfig,
     *,
     resume: bool = False,
@@ -114,12 +113,8 @@ def train_prior(
     n_classes = [len(sidecar["labels"][k]) for k in sidecar["condition_keys"]]
     if labels.shape[1] != len(n_classes):
         raise InputError(f"{latents_path}: labels have {labels.shape[1]} columns but {len(n_classes)} condition keys")
-    if run.standardize:
-        mean = z.mean(axis=0)  # (m, dl)
-        std = z.std(axis=0) + 1e-6  # (m, dl)
-    else:
-        mean = np.zeros(z.shape[1:], np.float32)
-        std = np.ones(z.shape[1:], np.float32)
+    mean = z.mean(axis=0)  # (m, dl)
+    std = z.std(axis=0) + 1e-6  # (m, dl)
     z = (z - mean) / std
     try:
         model_cfg = DiTConfig.preset(run.preset, d_latent=z.shape[2], n_tokens=z.shape[1], n_classes=n_classes)
@@ -148,10 +143,4 @@ def train_prior(
     return train(
         model, PriorLoss(run.rho), data, tcfg, Path(out_dir), resume=resume, model_config=model_cfg.to_dict(),
         metadata=metadata, progress=progress, cells_in_batch=lambda b: len(b[0]),
-        cpu_auto_bf16=True,  # the DiT trains ~2x faster under bf16 on a bf16-native CPU (see train.resolve_bf16)
     )
-
-
-def load_prior(run_dir: str | Path, *, weights: str = "auto", map_location: str | torch.device = "cpu") -> tuple[DiT, dict]:
-    """Load a trained prior: (DiT in eval mode, config.json content). weights: "ema" | "model" | "auto"."""
-    return load_run(run_dir, "prior", lambda c: DiT(DiTConfig.from_dict(c)), weights=weights, map_location=map_location)

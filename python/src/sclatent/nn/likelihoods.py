@@ -16,8 +16,9 @@ import math
 
 import torch
 
+from ..counts import TARGET_SUM, log1p_cp10k
+
 _LOG_2PI = math.log(2.0 * math.pi)
-GAUSSIAN_SCALE = 1e4  # y = log1p(1e4 * x / L): log counts per 10k
 
 
 def _log1pexp(z: torch.Tensor) -> torch.Tensor:
@@ -142,6 +143,10 @@ class NegativeBinomial:
         obj.log_mu, obj.log_theta = log_mu, _broadcast_to("log_theta", log_theta, log_mu.shape)
         return obj
 
+    def columns(self, cols: torch.Tensor) -> "NegativeBinomial":
+        """The distributions of genes `cols` (Q',) only: (B, Q')."""
+        return NegativeBinomial.from_log(self.log_mu[:, cols], self.log_theta[:, cols])
+
     @property
     def shape(self) -> torch.Size:
         return self.log_mu.shape
@@ -201,6 +206,11 @@ class ZeroInflatedNegativeBinomial:
         obj.zi_logits = zi_logits
         return obj
 
+    def columns(self, cols: torch.Tensor) -> "ZeroInflatedNegativeBinomial":
+        """The distributions of genes `cols` (Q',) only: (B, Q')."""
+        return ZeroInflatedNegativeBinomial.from_log(self.nb.log_mu[:, cols], self.nb.log_theta[:, cols],
+                                                     self.zi_logits[:, cols])
+
     @property
     def shape(self) -> torch.Size:
         return self.nb.shape
@@ -241,6 +251,10 @@ class Poisson:
         obj.log_rate = log_rate
         return obj
 
+    def columns(self, cols: torch.Tensor) -> "Poisson":
+        """The distributions of genes `cols` (Q',) only: (B, Q')."""
+        return Poisson.from_log(self.log_rate[:, cols])
+
     @property
     def shape(self) -> torch.Size:
         return self.log_rate.shape
@@ -261,13 +275,6 @@ class Poisson:
             raise ValueError("sampling needs an explicit torch.Generator (got generator=None)")
         with torch.no_grad():
             return torch.poisson(self.mean, generator=generator)
-
-
-def log1p_cp10k(x: torch.Tensor, library_size: torch.Tensor) -> torch.Tensor:
-    """y = log1p(1e4 * x / L) for counts x (B, Q) and library sizes L (B,); cells with L = 0 give y = 0."""
-    L = library_size[:, None]  # (B, 1)
-    safe_L = torch.where(L > 0, L, torch.ones_like(L))
-    return torch.where(L > 0, torch.log1p(GAUSSIAN_SCALE * x / safe_L), torch.zeros_like(x))
 
 
 class Gaussian:
@@ -299,6 +306,10 @@ class Gaussian:
             raise ValueError(f"library_size must have shape ({m.shape[0]},), got {tuple(library_size.shape)}")
         self.m, self.log_sigma, self.library_size = m, log_sigma, library_size
 
+    def columns(self, cols: torch.Tensor) -> "Gaussian":
+        """The distributions of genes `cols` (Q',) only: (B, Q'); y is still normalised by the full library L."""
+        return Gaussian.from_log(self.m[:, cols], self.log_sigma[:, cols], self.library_size)
+
     @property
     def shape(self) -> torch.Size:
         return self.m.shape
@@ -306,7 +317,7 @@ class Gaussian:
     @property
     def mean(self) -> torch.Tensor:
         """(B, Q) counts at the mean of y: expm1(m) * L / 1e4."""
-        return torch.expm1(self.m) * self.library_size[:, None] / GAUSSIAN_SCALE
+        return torch.expm1(self.m) * self.library_size[:, None] / TARGET_SUM
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Q) Gaussian log density of y = log1p(1e4 x / L)."""
@@ -322,7 +333,7 @@ class Gaussian:
         with torch.no_grad():
             eps = torch.randn(self.shape, generator=generator, device=self.m.device, dtype=self.m.dtype)
             y = self.m + torch.exp(self.log_sigma) * eps
-            return torch.round(torch.expm1(y).clamp_min(0.0) * self.library_size[:, None] / GAUSSIAN_SCALE)
+            return torch.round(torch.expm1(y).clamp_min(0.0) * self.library_size[:, None] / TARGET_SUM)
 
 
 Likelihood = NegativeBinomial | ZeroInflatedNegativeBinomial | Poisson | Gaussian
