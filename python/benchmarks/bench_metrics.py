@@ -109,8 +109,14 @@ def main() -> None:
 
         res = report["result"]
         log.info("")
-        log.info("evaluate: %d real x %d generated cells, keys %s, defaults max_cells=%d, w2_max_cells=%d",
-                 res["n_real"], res["n_generated"], keys, metrics.DEFAULT_MAX_CELLS, metrics.DEFAULT_W2_MAX_CELLS)
+        log.info(
+            "evaluate: %d real x %d generated cells, keys %s, defaults max_cells=%d, w2_max_cells=%d",
+            res["n_real"],
+            res["n_generated"],
+            keys,
+            metrics.DEFAULT_MAX_CELLS,
+            metrics.DEFAULT_W2_MAX_CELLS,
+        )
         log.info("  %-28s %10.1f", "load h5ad (s)", report["load_s"])
         log.info("  %-28s %10.1f", "evaluate wall time (s)", report["evaluate_s"])
         log.info("  %-28s %10.2f", "peak RSS of the process (GB)", report["peak_rss_gb"])
@@ -125,15 +131,19 @@ def main() -> None:
     sizes = [int(s) for s in args.w2_sizes.split(",") if s]
     if sizes:
         log.info("")
-        log.info("W2 vs subsample size (cells per side), 30-PC features of %d real / %d generated cells;", args.cells,
-                 args.cells)
+        log.info(
+            "W2 vs subsample size (cells per side), 30-PC features of %d real / %d generated cells;",
+            args.cells,
+            args.cells,
+        )
         log.info("floor = W2 between two disjoint random halves of the real cells at the same size (seed 0)")
         hvg = real.var["highly_variable"].to_numpy()
         real_pcs, gen_pcs, _ = metrics.feature_space(real.X, gen.X, hvg, 30)
         halves = np.random.default_rng(0).permutation(args.cells)
         half_a, half_b = real_pcs[halves[: args.cells // 2]], real_pcs[halves[args.cells // 2 :]]
-        log.info("  %8s %6s %10s %8s %10s %10s %10s", "cells", "seeds", "W2 mean", "W2 SD", "s/call", "floor",
-                 "floor s")
+        log.info(
+            "  %8s %6s %10s %8s %10s %10s %10s", "cells", "seeds", "W2 mean", "W2 SD", "s/call", "floor", "floor s"
+        )
         for n in sizes:
             seeds = range(args.w2_seeds if n <= 5_000 else 1)
             values, times = [], []
@@ -147,8 +157,17 @@ def main() -> None:
                 t = time.perf_counter()
                 floor = metrics.w2(half_a, half_b, max_cells=n, seed=0)
                 floor_s = time.perf_counter() - t
-            log.info("  %8d %6d %10.4f %8.4f %10.1f %10.4f %10.1f", n, len(values), np.mean(values), sd,
-                     np.mean(times), floor, floor_s)
+            log.info(
+                "  %8d %6d %10.4f %8.4f %10.1f %10.4f %10.1f",
+                n,
+                len(values),
+                np.mean(values),
+                sd,
+                np.mean(times),
+                floor,
+                floor_s,
+            )
+
 
 if __name__ == "__main__":
     main()

@@ -33,9 +33,17 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
-
 from common import (
-    BenchError, Budget, DatasetSpec, Plan, Runner, StepRecord, child_env, combo_name, load_average, run_child,
+    BenchError,
+    Budget,
+    DatasetSpec,
+    Plan,
+    Runner,
+    StepRecord,
+    child_env,
+    combo_name,
+    load_average,
+    run_child,
     training_summary,
 )
 
@@ -57,7 +65,12 @@ VARIANTS: dict[str, tuple[str, bool]] = {
 
 def _calibrate(runner: Runner, stage: str, args: list[str], outdir: Path, dataset: str) -> float:
     """Throughput (items/s) of a short in-process training run of `stage` ('train-vae' or 'train-prior')."""
-    runner.sclatent(f"CALIBRATE_{'VAE' if stage == 'train-vae' else 'PRIOR'}", dataset, [stage, *args, "--outdir", outdir], child=False)
+    runner.sclatent(
+        f"CALIBRATE_{'VAE' if stage == 'train-vae' else 'PRIOR'}",
+        dataset,
+        [stage, *args, "--outdir", outdir],
+        child=False,
+    )
     return training_summary(outdir, steady=True)["items_per_s"]
 
 
@@ -121,59 +134,137 @@ def run_dataset(spec: DatasetSpec, plan: Plan, runner: Runner, budget: Budget, w
     prep, tok = d / "prepare", d / "tokens"
     result: dict[str, Any] = {"dataset": name, "note": spec.note, "keys": keys, "skipped": [], "generation": {}}
 
-    rec = runner.sclatent("PREPARE", name, [
-        "prepare", "--samplesheet", spec.samplesheet, "--dataset", name, "--outdir", prep, "--condition-keys", ",".join(keys),
-        "--n-hvg", spec.n_hvg, "--min-cells", 3, "--seed", seed], child=True)
+    rec = runner.sclatent(
+        "PREPARE",
+        name,
+        [
+            "prepare",
+            "--samplesheet",
+            spec.samplesheet,
+            "--dataset",
+            name,
+            "--outdir",
+            prep,
+            "--condition-keys",
+            ",".join(keys),
+            "--n-hvg",
+            spec.n_hvg,
+            "--min-cells",
+            3,
+            "--seed",
+            seed,
+        ],
+        child=True,
+    )
     n_train, n_test = _n_obs(prep / "train.h5ad"), _n_obs(prep / "test.h5ad")
     rec.extra.update(cells=n_train + n_test, cells_per_s=(n_train + n_test) / rec.wall_s)
-    rec = runner.sclatent("TOKENIZE", name, [
-        "tokenize", "--train", prep / "train.h5ad", "--test", prep / "test.h5ad", "--outdir", tok, "--genes", "hvg",
-        "--seed", seed, "--no-progress"], child=True)
+    rec = runner.sclatent(
+        "TOKENIZE",
+        name,
+        [
+            "tokenize",
+            "--train",
+            prep / "train.h5ad",
+            "--test",
+            prep / "test.h5ad",
+            "--outdir",
+            tok,
+            "--genes",
+            "hvg",
+            "--seed",
+            seed,
+            "--no-progress",
+        ],
+        child=True,
+    )
     manifest = json.loads((tok / "manifest.json").read_text())
-    rec.extra.update(cells=n_train + n_test, cells_per_s=(n_train + n_test) / rec.wall_s,
-                     tokens_per_cell_median=manifest["splits"]["train"]["len_quantiles"]["50"])
+    rec.extra.update(
+        cells=n_train + n_test,
+        cells_per_s=(n_train + n_test) / rec.wall_s,
+        tokens_per_cell_median=manifest["splits"]["train"]["len_quantiles"]["50"],
+    )
     eval_real, held_real = _write_eval_splits(prep / "test.h5ad", spec, d / "eval_cells")
     n_eval = _n_obs(eval_real)
-    result.update(n_train=n_train, n_test=n_test, n_eval=n_eval, n_genes=int(manifest["n_genes"]),
-                  tokens_per_cell_median=manifest["splits"]["train"]["len_quantiles"]["50"])
+    result.update(
+        n_train=n_train,
+        n_test=n_test,
+        n_eval=n_eval,
+        n_genes=int(manifest["n_genes"]),
+        tokens_per_cell_median=manifest["splits"]["train"]["len_quantiles"]["50"],
+    )
 
     # ---- TRAIN_VAE (time-budgeted) and ENCODE
     vae, enc = d / "vae", d / "encode"
     common_train = ["--seed", seed, "--threads", t, "--no-progress", "--checkpoint-every", NO_CHECKPOINT]
     vae_args = ["--tokens", tok, "--preset", plan.vae_preset, *common_train]
-    cps = _calibrate(runner, "train-vae", [*vae_args, "--max-steps", str(plan.calibration_steps)], d / "calib_vae", name)
+    cps = _calibrate(
+        runner, "train-vae", [*vae_args, "--max-steps", str(plan.calibration_steps)], d / "calib_vae", name
+    )
     vae_epochs = _epochs_for(plan.vae_seconds, cps, n_train, plan.vae_epochs_range)
-    rec = runner.sclatent("TRAIN_VAE", name, ["train-vae", *vae_args, "--epochs", vae_epochs, "--min-steps", 0, "--outdir", vae], child=True)
+    rec = runner.sclatent(
+        "TRAIN_VAE",
+        name,
+        ["train-vae", *vae_args, "--epochs", vae_epochs, "--min-steps", 0, "--outdir", vae],
+        child=True,
+    )
     vs = training_summary(vae)
     rec.extra.update(preset=plan.vae_preset, epochs=vae_epochs, cells_per_s=vs["items_per_s"], train_s=vs["train_s"])
-    rec = runner.sclatent("ENCODE", name, ["encode", "--model", vae, "--tokens", tok, "--outdir", enc, "--seed", seed, "--threads", t], child=True)
+    rec = runner.sclatent(
+        "ENCODE",
+        name,
+        ["encode", "--model", vae, "--tokens", tok, "--outdir", enc, "--seed", seed, "--threads", t],
+        child=True,
+    )
     rec.extra.update(cells=n_train + n_test, cells_per_s=(n_train + n_test) / rec.wall_s)
     recon = {"sclatent VAE": json.loads((enc / "reconstruction.json").read_text())["metrics"]}
 
     # ---- TRAIN_PRIOR (time-budgeted)
     prior = d / "prior"
     prior_args = ["--latents", enc / "latents.npz", "--preset", plan.prior_preset, *common_train]
-    sps = _calibrate(runner, "train-prior", [*prior_args, "--max-steps", str(plan.calibration_steps)], d / "calib_prior", name)
+    sps = _calibrate(
+        runner, "train-prior", [*prior_args, "--max-steps", str(plan.calibration_steps)], d / "calib_prior", name
+    )
     prior_epochs = _epochs_for(plan.prior_seconds, sps, n_train, plan.prior_epochs_range)
-    rec = runner.sclatent("TRAIN_PRIOR", name, ["train-prior", *prior_args, "--epochs", prior_epochs, "--min-steps", 0, "--outdir", prior], child=True)
+    rec = runner.sclatent(
+        "TRAIN_PRIOR",
+        name,
+        ["train-prior", *prior_args, "--epochs", prior_epochs, "--min-steps", 0, "--outdir", prior],
+        child=True,
+    )
     ps = training_summary(prior)
     model = d / "model.pt"
     runner.sclatent("BUNDLE", name, ["bundle", "--vae", vae, "--prior", prior, "--out", model], child=False)
-    rec.extra.update(preset=plan.prior_preset, epochs=prior_epochs, samples_per_s=ps["items_per_s"], train_s=ps["train_s"])
+    rec.extra.update(
+        preset=plan.prior_preset, epochs=prior_epochs, samples_per_s=ps["items_per_s"], train_s=ps["train_s"]
+    )
     ours_train_s = vs["train_s"] + ps["train_s"]
     result["budgets"] = {
-        "vae": {"preset": plan.vae_preset, "target_s": plan.vae_seconds, "epochs": vae_epochs, "steps": vs["steps"],
-                "train_s": vs["train_s"], "cells_per_s": vs["items_per_s"]},
-        "prior": {"preset": plan.prior_preset, "target_s": plan.prior_seconds, "epochs": prior_epochs, "steps": ps["steps"],
-                  "train_s": ps["train_s"], "samples_per_s": ps["items_per_s"]},
+        "vae": {
+            "preset": plan.vae_preset,
+            "target_s": plan.vae_seconds,
+            "epochs": vae_epochs,
+            "steps": vs["steps"],
+            "train_s": vs["train_s"],
+            "cells_per_s": vs["items_per_s"],
+        },
+        "prior": {
+            "preset": plan.prior_preset,
+            "target_s": plan.prior_seconds,
+            "epochs": prior_epochs,
+            "steps": ps["steps"],
+            "train_s": ps["train_s"],
+            "samples_per_s": ps["items_per_s"],
+        },
         "ours_train_s": ours_train_s,
     }
 
     # ---- SAMPLE + GATHER + EVALUATE for each sclatent variant
     variants = ["ldm_joint"] + (["ldm_additive"] if len(keys) > 1 else []) + ["ldm_uncond", "vae_gaussian"]
     if len(keys) <= 1:
-        result["skipped"].append("additive guidance: with one attribute it is the same velocity as joint guidance "
-                                 "(v_null + w (v_y - v_null)), so the row would repeat the joint row")
+        result["skipped"].append(
+            "additive guidance: with one attribute it is the same velocity as joint guidance "
+            "(v_null + w (v_y - v_null)), so the row would repeat the joint row"
+        )
     per_cell_s = None
     for variant in variants:
         label, conditional = VARIANTS[variant]
@@ -187,8 +278,19 @@ def run_dataset(spec: DatasetSpec, plan: Plan, runner: Runner, budget: Budget, w
         gdir = d / "generated" / variant
         files = []
         for r in range(reps):
-            args = ["sample", "--model", vae if variant == "vae_gaussian" else model, "--out", gdir / f"rep{r}.h5ad",
-                    "--seed", seed, "--replicate", r, "--threads", t]
+            args = [
+                "sample",
+                "--model",
+                vae if variant == "vae_gaussian" else model,
+                "--out",
+                gdir / f"rep{r}.h5ad",
+                "--seed",
+                seed,
+                "--replicate",
+                r,
+                "--threads",
+                t,
+            ]
             if variant == "ldm_additive":
                 args += ["--guidance", "additive"]
             if variant == "vae_gaussian":
@@ -197,31 +299,61 @@ def run_dataset(spec: DatasetSpec, plan: Plan, runner: Runner, budget: Budget, w
             measured = variant == "ldm_joint" and r == 0
             rec = runner.sclatent("SAMPLE", name, args, child=measured)
             uns = _uns(gdir / f"rep{r}.h5ad")
-            rec.extra.update(variant=variant, cells=n_eval, cells_per_s=n_eval / rec.wall_s, nfe_per_batch=uns.get("nfe_per_batch"),
-                             method=uns.get("method"), in_step_cells_per_s=n_eval / max(float(uns.get("seconds", 0)), 1e-9))
+            rec.extra.update(
+                variant=variant,
+                cells=n_eval,
+                cells_per_s=n_eval / rec.wall_s,
+                nfe_per_batch=uns.get("nfe_per_batch"),
+                method=uns.get("method"),
+                in_step_cells_per_s=n_eval / max(float(uns.get("seconds", 0)), 1e-9),
+            )
             if measured:
                 per_cell_s = rec.wall_s / n_eval
             files.append(gdir / f"rep{r}.h5ad")
         gathered = gdir / "generated.h5ad"
         runner.sclatent("GATHER", name, ["gather", *files, "--out", gathered], child=False)
         evdir = gdir / "evaluate"
-        ev_args = ["evaluate", "--real", eval_real, "--generated", gathered, "--outdir", evdir, "--condition-keys", ",".join(keys),
-                   "--dataset", name, "--seed", seed]
+        ev_args = [
+            "evaluate",
+            "--real",
+            eval_real,
+            "--generated",
+            gathered,
+            "--outdir",
+            evdir,
+            "--condition-keys",
+            ",".join(keys),
+            "--dataset",
+            name,
+            "--seed",
+            seed,
+        ]
         if variant == "ldm_joint":
             ev_args += ["--reconstruction", enc / "reconstruction.json"]
         rec = runner.sclatent("EVALUATE", name, ev_args, child=variant == "ldm_joint", variant=variant)
         uns = _uns(gathered)
-        result["generation"][variant] = _generation_entry(evdir / "metrics.json", label, conditional, {
-            "replicates": reps, "nfe_per_batch": uns.get("nfe_per_batch"), "method": uns.get("method"),
-        })
+        result["generation"][variant] = _generation_entry(
+            evdir / "metrics.json",
+            label,
+            conditional,
+            {
+                "replicates": reps,
+                "nfe_per_batch": uns.get("nfe_per_batch"),
+                "method": uns.get("method"),
+            },
+        )
     joint = result["generation"]["ldm_joint"]
     result["floor"] = joint["floor"]
 
     # ---- scVI: equal epochs, equal wall time
     if plan.scvi:
-        result["scvi"] = run_scvi(spec, plan, runner, budget, d, prep, tok, eval_real, n_eval, vae_epochs, ours_train_s, result)
+        result["scvi"] = run_scvi(
+            spec, plan, runner, budget, d, prep, tok, eval_real, n_eval, vae_epochs, ours_train_s, result
+        )
         for budget_name, info in result["scvi"].items():
-            recon[f"scVI, {budget_name.replace('_', ' ')}"] = json.loads((d / "scvi" / budget_name / "reconstruction.json").read_text())["metrics"]
+            recon[f"scVI, {budget_name.replace('_', ' ')}"] = json.loads(
+                (d / "scvi" / budget_name / "reconstruction.json").read_text()
+            )["metrics"]
     else:
         result["skipped"].append("scVI: disabled for this run")
     result["reconstruction"] = recon
@@ -232,47 +364,122 @@ def run_dataset(spec: DatasetSpec, plan: Plan, runner: Runner, budget: Budget, w
             result["held_out"] = run_held_out(spec, plan, runner, d, model, prep / "test.h5ad", held_real)
         else:
             result["skipped"].append(f"held-out combination: not enough budget left ({budget.left():.0f} s)")
-    result["paths"] = {"vae": str(vae), "prior": str(prior), "model": str(model), "eval_real": str(eval_real), "tokens": str(tok)}
+    result["paths"] = {
+        "vae": str(vae),
+        "prior": str(prior),
+        "model": str(model),
+        "eval_real": str(eval_real),
+        "tokens": str(tok),
+    }
     return result
 
 
-def run_scvi(spec: DatasetSpec, plan: Plan, runner: Runner, budget: Budget, d: Path, prep: Path, tok: Path, eval_real: Path,
-             n_eval: int, vae_epochs: float, ours_train_s: float, result: dict[str, Any]) -> dict[str, Any]:
+def run_scvi(
+    spec: DatasetSpec,
+    plan: Plan,
+    runner: Runner,
+    budget: Budget,
+    d: Path,
+    prep: Path,
+    tok: Path,
+    eval_real: Path,
+    n_eval: int,
+    vae_epochs: float,
+    ours_train_s: float,
+    result: dict[str, Any],
+) -> dict[str, Any]:
     """Train scVI at both budgets in one measured child process, then EVALUATE its generated cells."""
     budgets = [f"equal_epochs:epochs={max(1, math.ceil(vae_epochs))}"]
     if budget.allows(ours_train_s + 120):
         budgets.append(f"equal_time:seconds={ours_train_s:.1f}")
     else:
-        result["skipped"].append(f"scVI at equal wall time ({ours_train_s:.0f} s): not enough budget left ({budget.left():.0f} s)")
+        result["skipped"].append(
+            f"scVI at equal wall time ({ours_train_s:.0f} s): not enough budget left ({budget.left():.0f} s)"
+        )
     out = d / "scvi"
-    cmd = [sys.executable, str(HERE / "scvi_baseline.py"), "--train", str(prep / "train.h5ad"), "--test", str(prep / "test.h5ad"),
-           "--tokens", str(tok), "--outdir", str(out), "--keys", ",".join(spec.keys), "--replicates", str(plan.replicates),
-           "--n-generate", str(n_eval), "--seed", str(plan.seed), "--threads", str(plan.threads)]
+    cmd = [
+        sys.executable,
+        str(HERE / "scvi_baseline.py"),
+        "--train",
+        str(prep / "train.h5ad"),
+        "--test",
+        str(prep / "test.h5ad"),
+        "--tokens",
+        str(tok),
+        "--outdir",
+        str(out),
+        "--keys",
+        ",".join(spec.keys),
+        "--replicates",
+        str(plan.replicates),
+        "--n-generate",
+        str(n_eval),
+        "--seed",
+        str(plan.seed),
+        "--threads",
+        str(plan.threads),
+    ]
     for b in budgets:
         cmd += ["--budget", b]
     before = load_average()
     log_path = runner.logdir / f"scvi_{spec.name}.log"
     wall, rss, code = run_child(cmd, log_path=log_path, env=child_env(plan.threads))
     if code != 0:
-        raise BenchError(f"scVI baseline on {spec.name} failed (exit {code}); log {log_path}:\n{log_path.read_text()[-1500:]}")
+        raise BenchError(
+            f"scVI baseline on {spec.name} failed (exit {code}); log {log_path}:\n{log_path.read_text()[-1500:]}"
+        )
     infos = {b.split(":")[0]: json.loads((out / b.split(":")[0] / "scvi.json").read_text()) for b in budgets}
     first = next(iter(infos.values()))
-    runner.add(StepRecord("SCVI", spec.name, wall, rss, before, load_average(), " ".join(cmd[1:]), True,
-                          {"budgets": list(infos), "cells_per_s": first["cells_per_s"], "epochs": first["epochs"]}))
+    runner.add(
+        StepRecord(
+            "SCVI",
+            spec.name,
+            wall,
+            rss,
+            before,
+            load_average(),
+            " ".join(cmd[1:]),
+            True,
+            {"budgets": list(infos), "cells_per_s": first["cells_per_s"], "epochs": first["epochs"]},
+        )
+    )
     for budget_name, info in infos.items():
         gathered = out / budget_name / "generated.h5ad"
         evdir = out / budget_name / "evaluate"
-        runner.sclatent("EVALUATE", spec.name, ["evaluate", "--real", eval_real, "--generated", gathered, "--outdir", evdir,
-                                                "--condition-keys", ",".join(spec.keys), "--dataset", spec.name, "--seed", str(plan.seed)],
-                        child=False, variant=f"scvi_{budget_name}")
+        runner.sclatent(
+            "EVALUATE",
+            spec.name,
+            [
+                "evaluate",
+                "--real",
+                eval_real,
+                "--generated",
+                gathered,
+                "--outdir",
+                evdir,
+                "--condition-keys",
+                ",".join(spec.keys),
+                "--dataset",
+                spec.name,
+                "--seed",
+                str(plan.seed),
+            ],
+            child=False,
+            variant=f"scvi_{budget_name}",
+        )
         label, conditional = VARIANTS[f"scvi_{budget_name}"]
-        result["generation"][f"scvi_{budget_name}"] = _generation_entry(evdir / "metrics.json", label, conditional, {
-            "replicates": plan.replicates, "nfe_per_batch": None, "method": "prior N(0, I)"})
+        result["generation"][f"scvi_{budget_name}"] = _generation_entry(
+            evdir / "metrics.json",
+            label,
+            conditional,
+            {"replicates": plan.replicates, "nfe_per_batch": None, "method": "prior N(0, I)"},
+        )
     return infos
 
 
-def run_held_out(spec: DatasetSpec, plan: Plan, runner: Runner, d: Path, model: Path, test_all: Path,
-                 held_real: Path) -> dict[str, Any]:
+def run_held_out(
+    spec: DatasetSpec, plan: Plan, runner: Runner, d: Path, model: Path, test_all: Path, held_real: Path
+) -> dict[str, Any]:
     """Generate the held-out combination (joint and additive guidance) and its nearest seen combinations."""
     import anndata as ad
 
@@ -284,11 +491,21 @@ def run_held_out(spec: DatasetSpec, plan: Plan, runner: Runner, d: Path, model: 
     combos = [spec.held_out, *spec.nearest]
     request = ";".join(",".join(f"{k}={v}" for k, v in c.items()) for c in combos)
     base = ["sample", "--model", model, "--n-cells", n, "--seed", str(plan.seed), "--threads", str(plan.threads)]
-    runner.sclatent("SAMPLE", spec.name, [*base, "--conditions", request, "--guidance", "joint", "--out", out / "joint.h5ad"],
-                    child=False, variant="held_out_joint")
+    runner.sclatent(
+        "SAMPLE",
+        spec.name,
+        [*base, "--conditions", request, "--guidance", "joint", "--out", out / "joint.h5ad"],
+        child=False,
+        variant="held_out_joint",
+    )
     held_args = [a for k, v in spec.held_out.items() for a in ("--condition", f"{k}={v}")]
-    runner.sclatent("SAMPLE", spec.name, [*base, *held_args, "--guidance", "additive", "--out", out / "additive.h5ad"],
-                    child=False, variant="held_out_additive")
+    runner.sclatent(
+        "SAMPLE",
+        spec.name,
+        [*base, *held_args, "--guidance", "additive", "--out", out / "additive.h5ad"],
+        child=False,
+        variant="held_out_additive",
+    )
 
     real = ad.read_h5ad(test_all)
     joint, additive = ad.read_h5ad(out / "joint.h5ad"), ad.read_h5ad(out / "additive.h5ad")
@@ -313,21 +530,52 @@ def run_held_out(spec: DatasetSpec, plan: Plan, runner: Runner, d: Path, model: 
 
     real_held = real_pcs[mask_of(real.obs, spec.held_out)]
     rows = [
-        {"generated": f"{combo_name(spec.held_out)} (held out), joint", "reference": f"real {combo_name(spec.held_out)}",
-         "kind": "held out", **score(real_held, gen_joint[mask_of(joint.obs, spec.held_out)])},
-        {"generated": f"{combo_name(spec.held_out)} (held out), additive", "reference": f"real {combo_name(spec.held_out)}",
-         "kind": "held out", **score(real_held, gen_add)},
+        {
+            "generated": f"{combo_name(spec.held_out)} (held out), joint",
+            "reference": f"real {combo_name(spec.held_out)}",
+            "kind": "held out",
+            **score(real_held, gen_joint[mask_of(joint.obs, spec.held_out)]),
+        },
+        {
+            "generated": f"{combo_name(spec.held_out)} (held out), additive",
+            "reference": f"real {combo_name(spec.held_out)}",
+            "kind": "held out",
+            **score(real_held, gen_add),
+        },
     ]
     for combo in spec.nearest:
         g = gen_joint[mask_of(joint.obs, combo)]
-        rows.append({"generated": f"{combo_name(combo)} (seen), joint", "reference": f"real {combo_name(spec.held_out)}",
-                     "kind": "substitute", **score(real_held, g)})
+        rows.append(
+            {
+                "generated": f"{combo_name(combo)} (seen), joint",
+                "reference": f"real {combo_name(spec.held_out)}",
+                "kind": "substitute",
+                **score(real_held, g),
+            }
+        )
     for combo in spec.nearest:
         g = gen_joint[mask_of(joint.obs, combo)]
-        rows.append({"generated": f"{combo_name(combo)} (seen), joint", "reference": f"real {combo_name(combo)} (test cells)",
-                     "kind": "seen fit", **score(real_pcs[mask_of(real.obs, combo)], g)})
+        rows.append(
+            {
+                "generated": f"{combo_name(combo)} (seen), joint",
+                "reference": f"real {combo_name(combo)} (test cells)",
+                "kind": "seen fit",
+                **score(real_pcs[mask_of(real.obs, combo)], g),
+            }
+        )
     for combo in spec.nearest:
-        rows.append({"generated": f"real {combo_name(combo)} (test cells, no model)", "reference": f"real {combo_name(spec.held_out)}",
-                     "kind": "data", **score(real_held, real_pcs[mask_of(real.obs, combo)])})
-    return {"combination": spec.held_out, "n_real": n, "nearest": spec.nearest, "rows": rows,
-            "feature_space": "30 PCs of the real test cells of all combinations (log1p CP10k over the model genes)"}
+        rows.append(
+            {
+                "generated": f"real {combo_name(combo)} (test cells, no model)",
+                "reference": f"real {combo_name(spec.held_out)}",
+                "kind": "data",
+                **score(real_held, real_pcs[mask_of(real.obs, combo)]),
+            }
+        )
+    return {
+        "combination": spec.held_out,
+        "n_real": n,
+        "nearest": spec.nearest,
+        "rows": rows,
+        "feature_space": "30 PCs of the real test cells of all combinations (log1p CP10k over the model genes)",
+    }

@@ -12,13 +12,24 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-
 from common import fmt, markdown_table
 
-GENERATION_METRICS = [("w2", "W2 ↓"), ("mmd2_rbf", "MMD² ↓"), ("fd", "FD ↓"), ("one_nn_accuracy", "1-NN acc (0.5 best)"),
-                      ("precision", "precision ↑"), ("recall", "recall ↑")]
-RECON_METRICS = [("re_nll_gene_sum_cell_mean", "RE ↓"), ("pcc_gene_batch256_sample", "PCC ↑"), ("mse_sample", "MSE ↓"),
-                 ("pcc_gene_batch256_mean", "PCC (NB mean) ↑"), ("mse_mean", "MSE (NB mean) ↓"), ("pcc_cell_sample", "PCC per cell ↑")]
+GENERATION_METRICS = [
+    ("w2", "W2 ↓"),
+    ("mmd2_rbf", "MMD² ↓"),
+    ("fd", "FD ↓"),
+    ("one_nn_accuracy", "1-NN acc (0.5 best)"),
+    ("precision", "precision ↑"),
+    ("recall", "recall ↑"),
+]
+RECON_METRICS = [
+    ("re_nll_gene_sum_cell_mean", "RE ↓"),
+    ("pcc_gene_batch256_sample", "PCC ↑"),
+    ("mse_sample", "MSE ↓"),
+    ("pcc_gene_batch256_mean", "PCC (NB mean) ↑"),
+    ("mse_mean", "MSE (NB mean) ↓"),
+    ("pcc_cell_sample", "PCC per cell ↑"),
+]
 STEP_ORDER = ["PREPARE", "TOKENIZE", "TRAIN_VAE", "ENCODE", "TRAIN_PRIOR", "SAMPLE", "EVALUATE", "SCVI"]
 
 PREAMBLE = """# Benchmarks
@@ -77,14 +88,24 @@ def render_machine(res: dict[str, Any]) -> str:
     m = res["machine"]
     rows = [
         ["date", m["date_utc"]],
-        ["git commit", f"`{m['git_commit'][:12]}`" + (" (uncommitted changes in the tree)" if m.get("git_dirty") else "")],
+        [
+            "git commit",
+            f"`{m['git_commit'][:12]}`" + (" (uncommitted changes in the tree)" if m.get("git_dirty") else ""),
+        ],
         ["command", f"`{res['command']}`"],
         ["CPU", f"{m['cpu']}, {m['cores']} cores"],
         ["RAM", f"{m['ram_gb']} GB"],
         ["accelerator", m["gpu"] or "none (CPU only)"],
-        ["torch threads per step", f"{res['plan']['threads']} (chosen by `--threads`; 0 = 1 when the load exceeds the cores)"],
+        [
+            "torch threads per step",
+            f"{res['plan']['threads']} (chosen by `--threads`; 0 = 1 when the load exceeds the cores)",
+        ],
         ["load average", f"{m['load_at_start']} at start, {res.get('load_at_end', '—')} at end"],
-        ["versions", f"sclatent {m['sclatent']}, torch {m['torch']}, scvi-tools {m['scvi_tools'] or 'not installed'}, Python {m['python']}"],
+        [
+            "versions",
+            f"sclatent {m['sclatent']}, torch {m['torch']}, scvi-tools {m['scvi_tools'] or 'not installed'}, Python "
+            f"{m['python']}",
+        ],
         ["total wall time", f"{res.get('total_s', 0) / 60:.1f} min (budget {res['plan']['budget_s'] / 60:.0f} min)"],
     ]
     return markdown_table(["", ""], rows)
@@ -96,14 +117,43 @@ def render_budgets(datasets: dict[str, Any]) -> str:
         b = ds.get("budgets")
         if not b:
             continue
-        rows.append([name, f"sclatent VAE ({b['vae']['preset']})", f"{fmt(b['vae']['target_s'])} s", fmt(b["vae"]["epochs"]), b["vae"]["steps"],
-                     _secs(b["vae"]["train_s"]), fmt(b["vae"]["cells_per_s"]) + " cells/s"])
-        rows.append([name, f"sclatent prior ({b['prior']['preset']} DiT)", f"{fmt(b['prior']['target_s'])} s", fmt(b["prior"]["epochs"]),
-                     b["prior"]["steps"], _secs(b["prior"]["train_s"]), fmt(b["prior"]["samples_per_s"]) + " samples/s"])
+        rows.append(
+            [
+                name,
+                f"sclatent VAE ({b['vae']['preset']})",
+                f"{fmt(b['vae']['target_s'])} s",
+                fmt(b["vae"]["epochs"]),
+                b["vae"]["steps"],
+                _secs(b["vae"]["train_s"]),
+                fmt(b["vae"]["cells_per_s"]) + " cells/s",
+            ]
+        )
+        rows.append(
+            [
+                name,
+                f"sclatent prior ({b['prior']['preset']} DiT)",
+                f"{fmt(b['prior']['target_s'])} s",
+                fmt(b["prior"]["epochs"]),
+                b["prior"]["steps"],
+                _secs(b["prior"]["train_s"]),
+                fmt(b["prior"]["samples_per_s"]) + " samples/s",
+            ]
+        )
         for budget_name, info in (ds.get("scvi") or {}).items():
-            target = f"{info['budget_value']:.0f} epochs" if info["budget"] == "epochs" else f"{info['budget_value']:.0f} s"
-            rows.append([name, f"scVI, {budget_name.replace('_', ' ')}", target, fmt(info["epochs"]), "—", _secs(info["train_s"]),
-                         fmt(info["cells_per_s"]) + " cells/s"])
+            target = (
+                f"{info['budget_value']:.0f} epochs" if info["budget"] == "epochs" else f"{info['budget_value']:.0f} s"
+            )
+            rows.append(
+                [
+                    name,
+                    f"scVI, {budget_name.replace('_', ' ')}",
+                    target,
+                    fmt(info["epochs"]),
+                    "—",
+                    _secs(info["train_s"]),
+                    fmt(info["cells_per_s"]) + " cells/s",
+                ]
+            )
     return markdown_table(["dataset", "model", "budget", "epochs", "steps", "training s", "throughput"], rows)
 
 
@@ -131,7 +181,11 @@ def render_generation(ds: dict[str, Any]) -> str:
             f1 = [fmt(*_mean_sem(entry["summary"]["labels"].get(k, {}).get("knn_f1"))) for k in keys]
         else:
             f1 = ["— (uncond.)" for _ in keys]
-        nfe = "—" if entry.get("nfe_per_batch") in (None, 0, 0.0) else f"{entry['nfe_per_batch']:.0f} ({entry.get('method')})"
+        nfe = (
+            "—"
+            if entry.get("nfe_per_batch") in (None, 0, 0.0)
+            else f"{entry['nfe_per_batch']:.0f} ({entry.get('method')})"
+        )
         rows.append([entry["label"], entry["replicates"], nfe, *cells, *f1])
     headers = ["model", "replicates", "NFE", *[h for _, h in GENERATION_METRICS], *[f"kNN-F1 {k} ↑" for k in keys]]
     return markdown_table(headers, rows)
@@ -144,32 +198,77 @@ def render_per_class(ds: dict[str, Any]) -> str:
             continue
         for group, metrics in entry["summary"]["per_class"].items():
             n_classes = metrics.get("n_classes")
-            rows.append([entry["label"], group, ", ".join(str(c) for c in n_classes) if isinstance(n_classes, list) else n_classes,
-                         *[fmt(*_mean_sem(metrics.get(m))) for m in ("w2", "mmd2_rbf", "fd")]])
-    return markdown_table(["model", "classes of", "classes scored (per replicate)", "mean W2 ↓", "mean MMD² ↓", "mean FD ↓"], rows)
+            rows.append(
+                [
+                    entry["label"],
+                    group,
+                    ", ".join(str(c) for c in n_classes) if isinstance(n_classes, list) else n_classes,
+                    *[fmt(*_mean_sem(metrics.get(m))) for m in ("w2", "mmd2_rbf", "fd")],
+                ]
+            )
+    return markdown_table(
+        ["model", "classes of", "classes scored (per replicate)", "mean W2 ↓", "mean MMD² ↓", "mean FD ↓"], rows
+    )
 
 
 def render_matched(ds: dict[str, Any]) -> str:
     floor = ds.get("floor")
     rows = []
     if floor:
-        rows.append(["**real vs real (floor)**", floor["n_real"], floor["n_generated"], *[fmt(floor.get(m)) for m, _ in GENERATION_METRICS]])
+        rows.append(
+            [
+                "**real vs real (floor)**",
+                floor["n_real"],
+                floor["n_generated"],
+                *[fmt(floor.get(m)) for m, _ in GENERATION_METRICS],
+            ]
+        )
     for entry in ds["generation"].values():
         half = entry.get("half")
         if half:
-            rows.append([entry["label"], half["n_real"], half["n_generated"], *[fmt(half.get(m)) for m, _ in GENERATION_METRICS]])
+            rows.append(
+                [
+                    entry["label"],
+                    half["n_real"],
+                    half["n_generated"],
+                    *[fmt(half.get(m)) for m, _ in GENERATION_METRICS],
+                ]
+            )
     if not rows:
         return "Not computed: too few test cells for two halves (see EVALUATE's log)."
-    return markdown_table(["compared with real half B", "cells in B", "cells compared", *[h for _, h in GENERATION_METRICS]], rows)
+    return markdown_table(
+        ["compared with real half B", "cells in B", "cells compared", *[h for _, h in GENERATION_METRICS]], rows
+    )
 
 
 def render_held_out(h: dict[str, Any]) -> str:
     rows = []
     for r in h["rows"]:
         if "error" in r:
-            rows.append([r["generated"], r["reference"], r["n_real"], r["n_generated"], f"not scored: {r['error']}", "", "", "", "", ""])
+            rows.append(
+                [
+                    r["generated"],
+                    r["reference"],
+                    r["n_real"],
+                    r["n_generated"],
+                    f"not scored: {r['error']}",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                ]
+            )
             continue
-        rows.append([r["generated"], r["reference"], r["n_real"], r["n_generated"], *[fmt(r.get(m)) for m, _ in GENERATION_METRICS]])
+        rows.append(
+            [
+                r["generated"],
+                r["reference"],
+                r["n_real"],
+                r["n_generated"],
+                *[fmt(r.get(m)) for m, _ in GENERATION_METRICS],
+            ]
+        )
     return markdown_table(["cells", "compared with", "n real", "n compared", *[h for _, h in GENERATION_METRICS]], rows)
 
 
@@ -177,9 +276,21 @@ def render_sampler(s: dict[str, Any]) -> str:
     rows = []
     for r in s["rows"]:
         steps = "adaptive (atol = rtol = 1e-5)" if r["method"] == "dopri5" else r["n_steps"]
-        rows.append([r["method"], steps, r.get("precision", "fp32"), f"{r['nfe']:.0f}", fmt(r["w2"], digits=4),
-                     f"{100 * r['w2_rel_diff']:+.2f}%", fmt(r["cells_per_s"]), r["load"]])
-    return markdown_table(["method", "steps", "DiT precision", "NFE per batch", "W2 ↓", "vs dopri5", "cells/s (in step)", "load"], rows)
+        rows.append(
+            [
+                r["method"],
+                steps,
+                r.get("precision", "fp32"),
+                f"{r['nfe']:.0f}",
+                fmt(r["w2"], digits=4),
+                f"{100 * r['w2_rel_diff']:+.2f}%",
+                fmt(r["cells_per_s"]),
+                r["load"],
+            ]
+        )
+    return markdown_table(
+        ["method", "steps", "DiT precision", "NFE per batch", "W2 ↓", "vs dopri5", "cells/s (in step)", "load"], rows
+    )
 
 
 def _throughput(rec: dict[str, Any]) -> str:
@@ -206,14 +317,27 @@ def render_steps(records: Sequence[dict[str, Any]]) -> str:
     measured = [r for r in records if r["child"]]
     measured.sort(key=lambda r: (r["dataset"], STEP_ORDER.index(r["step"]) if r["step"] in STEP_ORDER else 99))
     for r in measured:
-        rows.append([r["dataset"], r["step"], f"{r['wall_s']:.1f}", _throughput(r),
-                     "—" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:,.0f}", r["load"]])
+        rows.append(
+            [
+                r["dataset"],
+                r["step"],
+                f"{r['wall_s']:.1f}",
+                _throughput(r),
+                "—" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:,.0f}",
+                r["load"],
+            ]
+        )
     return markdown_table(["dataset", "step", "wall s", "throughput", "peak RSS MB", "load"], rows)
 
 
 def render_presets(rows: Sequence[dict[str, Any]]) -> str:
-    return markdown_table(["preset", "threads", "steps", "cells/s ↑", "peak RSS MB", "load"],
-                          [[r["preset"], r["threads"], r["steps"], fmt(r["cells_per_s"]), _mb(r["peak_rss_mb"]), r["load"]] for r in rows])
+    return markdown_table(
+        ["preset", "threads", "steps", "cells/s ↑", "peak RSS MB", "load"],
+        [
+            [r["preset"], r["threads"], r["steps"], fmt(r["cells_per_s"]), _mb(r["peak_rss_mb"]), r["load"]]
+            for r in rows
+        ],
+    )
 
 
 def render_tokenize(rows: Sequence[dict[str, Any]]) -> str:
@@ -240,23 +364,50 @@ def growth_sentence(rows: Sequence[dict[str, Any]], axis: str) -> str:
         rss = [r["peak_rss_mb"] - r["rss_after_imports_mb"] for r in rows]
         a_mem = _slope(x, [max(v, 1.0) for v in rss])
     what = "genes G" if axis == "genes" else "tokens per cell S"
-    return (f"From {x[0]:,} to {x[-1]:,} {what}, the training step time goes from {rows[0]['step_ms']:,.0f} to "
-            f"{rows[-1]['step_ms']:,.0f} ms (log-log slope {a_step:.2f}, i.e. ~{what.split()[-1]}^{a_step:.2f}), the full decode per "
-            f"cell grows with slope {a_dec:.2f}, and the memory above the imports (peak RSS − RSS after imports: "
-            f"{rss[0]:,.0f} → {rss[-1]:,.0f} MB) with slope {a_mem:.2f}.")
+    return (
+        f"From {x[0]:,} to {x[-1]:,} {what}, the training step time goes from {rows[0]['step_ms']:,.0f} to "
+        f"{rows[-1]['step_ms']:,.0f} ms (log-log slope {a_step:.2f}, i.e. ~{what.split()[-1]}^{a_step:.2f}), the full "
+        "decode per "
+        f"cell grows with slope {a_dec:.2f}, and the memory above the imports (peak RSS − RSS after imports: "
+        f"{rss[0]:,.0f} → {rss[-1]:,.0f} MB) with slope {a_mem:.2f}."
+    )
 
 
 def render_scaling(s: dict[str, Any], axis: str) -> str:
-    rows = [[r["genes"], r["tokens"], f"{r['step_ms']:,.0f}", fmt(r["cells_per_s"]), f"{r['full_decode_ms_per_cell']:.2f}",
-             _mb(r["peak_rss_mb"]), _mb(r["rss_after_imports_mb"]), r["load"]] for r in s[axis]]
-    return markdown_table(["genes G", "tokens/cell S", "train step ms", "cells/s", "full decode ms/cell", "peak RSS MB",
-                           "RSS after imports MB", "load"], rows)
+    rows = [
+        [
+            r["genes"],
+            r["tokens"],
+            f"{r['step_ms']:,.0f}",
+            fmt(r["cells_per_s"]),
+            f"{r['full_decode_ms_per_cell']:.2f}",
+            _mb(r["peak_rss_mb"]),
+            _mb(r["rss_after_imports_mb"]),
+            r["load"],
+        ]
+        for r in s[axis]
+    ]
+    return markdown_table(
+        [
+            "genes G",
+            "tokens/cell S",
+            "train step ms",
+            "cells/s",
+            "full decode ms/cell",
+            "peak RSS MB",
+            "RSS after imports MB",
+            "load",
+        ],
+        rows,
+    )
 
 
 def render(res: dict[str, Any]) -> str:
     """The markdown section of one run."""
     mode = res["plan"]["mode"]
-    title = {"full": "`make bench` (`run_all.py --full`)", "quick": "`make bench-quick` (`run_all.py --quick`)"}.get(mode, f"`run_all.py --{mode}`")
+    title = {"full": "`make bench` (`run_all.py --full`)", "quick": "`make bench-quick` (`run_all.py --quick`)"}.get(
+        mode, f"`run_all.py --{mode}`"
+    )
     out = [f"## {title}", "", render_machine(res), ""]
     datasets = res.get("datasets", {})
     for note in res.get("notes", []):
@@ -268,79 +419,176 @@ def render(res: dict[str, Any]) -> str:
     if datasets and plan["prior_preset"] != "default" and dsz:
         n_train = next(iter(datasets.values()))["n_train"]
         minutes = 100 * n_train / dsz["prior"]["samples_per_s"] / 60
-        out += [f"- The prior of the quality rows is the **{plan['prior_preset']} DiT**: the default DiT trains at "
-                f"{fmt(dsz['prior']['samples_per_s'])} samples/s here (speed section), i.e. ~{minutes:.0f} min for 100 epochs of "
-                f"{next(iter(datasets))} alone, which does not fit this run's budget.", ""]
+        out += [
+            f"- The prior of the quality rows is the **{plan['prior_preset']} DiT**: the default DiT trains at "
+            f"{fmt(dsz['prior']['samples_per_s'])} samples/s here (speed section), i.e. ~{minutes:.0f} min for 100 "
+            "epochs of "
+            f"{next(iter(datasets))} alone, which does not fit this run's budget.",
+            "",
+        ]
     if datasets:
-        out += ["### Training budgets", "",
-                "Each budget is seconds of training loop on this machine, turned into epochs by a short calibration run; "
-                "scVI's equal-time budget is our VAE + prior training time.", "", render_budgets(datasets), ""]
+        out += [
+            "### Training budgets",
+            "",
+            "Each budget is seconds of training loop on this machine, turned into epochs by a short calibration run; "
+            "scVI's equal-time budget is our VAE + prior training time.",
+            "",
+            render_budgets(datasets),
+            "",
+        ]
     for name, ds in datasets.items():
-        out += [f"### {name}: {ds['note']}", "",
-                f"{ds['n_train']:,} training cells, {ds['n_test']:,} test cells ({ds['n_eval']:,} evaluated for generation), "
-                f"{ds['n_genes']:,} genes, median {ds['tokens_per_cell_median']} expressed genes (tokens) per cell; "
-                f"condition keys: {', '.join(ds['keys'])}.", ""]
-        out += ["**Reconstruction of the test cells** (ENCODE's definitions: RE = NB NLL summed over genes, mean over cells; "
-                "PCC per gene across 256-cell batches and MSE, on log1p CP10k of one NB sample; also of the NB mean):", "",
-                render_reconstruction(ds), ""]
-        out += [f"**Generation, all {ds['n_eval']:,} evaluation cells** (mean ± SEM over replicates):", "", render_generation(ds), ""]
+        out += [
+            f"### {name}: {ds['note']}",
+            "",
+            f"{ds['n_train']:,} training cells, {ds['n_test']:,} test cells ({ds['n_eval']:,} evaluated for "
+            "generation), "
+            f"{ds['n_genes']:,} genes, median {ds['tokens_per_cell_median']} expressed genes (tokens) per cell; "
+            f"condition keys: {', '.join(ds['keys'])}.",
+            "",
+        ]
+        out += [
+            "**Reconstruction of the test cells** (ENCODE's definitions: RE = NB NLL summed over genes, mean over "
+            "cells; "
+            "PCC per gene across 256-cell batches and MSE, on log1p CP10k of one NB sample; also of the NB mean):",
+            "",
+            render_reconstruction(ds),
+            "",
+        ]
+        out += [
+            f"**Generation, all {ds['n_eval']:,} evaluation cells** (mean ± SEM over replicates):",
+            "",
+            render_generation(ds),
+            "",
+        ]
         per_class = render_per_class(ds)
-        out += ["**Per class** (conditional rows; classes with < 20 cells on a side are not scored):", "", per_class, ""]
-        out += ["**Matched size against the real-vs-real floor** (replicate 0; half A of the real cells, or as many "
-                "generated cells, against half B):", "", render_matched(ds), ""]
+        out += [
+            "**Per class** (conditional rows; classes with < 20 cells on a side are not scored):",
+            "",
+            per_class,
+            "",
+        ]
+        out += [
+            "**Matched size against the real-vs-real floor** (replicate 0; half A of the real cells, or as many "
+            "generated cells, against half B):",
+            "",
+            render_matched(ds),
+            "",
+        ]
         if ds.get("held_out"):
             h = ds["held_out"]
-            out += [f"**Held-out combination {' x '.join(h['combination'].values())}** ({h['n_real']} real cells, never seen "
-                    f"in training; {h['feature_space']}). `held out` rows are the test of generalisation; `substitute` rows "
-                    "generate a seen neighbour instead (what the held-out row must beat); `seen fit` rows score the seen "
-                    "neighbours against their own test cells (fewer real cells: larger W2/FD by size alone); `data` rows "
-                    "compare real cells of the neighbours with the held-out cells (no model).", "", render_held_out(h), ""]
+            out += [
+                f"**Held-out combination {' x '.join(h['combination'].values())}** ({h['n_real']} real cells, never "
+                "seen "
+                f"in training; {h['feature_space']}). `held out` rows are the test of generalisation; `substitute` "
+                "rows "
+                "generate a seen neighbour instead (what the held-out row must beat); `seen fit` rows score the seen "
+                "neighbours against their own test cells (fewer real cells: larger W2/FD by size alone); `data` rows "
+                "compare real cells of the neighbours with the held-out cells (no model).",
+                "",
+                render_held_out(h),
+                "",
+            ]
         if ds.get("skipped"):
             out += ["Not run: " + "; ".join(ds["skipped"]) + ".", ""]
     s = res.get("sampler")
     if s:
         best = s["best"]
-        verdict = ("none of the fixed-step settings is within 2%" if best is None else
-                   f"**{best['method']} with {best['n_steps']} steps (NFE {best['nfe']:.0f}, DiT in {best.get('precision', 'fp32')})** is the "
-                   "fewest-NFE setting within 2% of dopri5 (fp32)")
-        out += [f"### Sampler study ({s['dataset']}, {s['n_cells']} generated cells vs {s['n_real']} real, same seed for every setting)", "",
-                f"W2 in the 30-PC space of the real cells; every setting uses the same noise, library sizes and NB random "
-                f"stream, so the differences are the ODE error. Result: {verdict}.", "", render_sampler(s), ""]
+        verdict = (
+            "none of the fixed-step settings is within 2%"
+            if best is None
+            else f"**{best['method']} with {best['n_steps']} steps (NFE {best['nfe']:.0f}, "
+            f"DiT in {best.get('precision', 'fp32')})** is the "
+            "fewest-NFE setting within 2% of dopri5 (fp32)"
+        )
+        out += [
+            f"### Sampler study ({s['dataset']}, {s['n_cells']} generated cells vs {s['n_real']} real, same seed for "
+            "every setting)",
+            "",
+            f"W2 in the 30-PC space of the real cells; every setting uses the same noise, library sizes and NB random "
+            f"stream, so the differences are the ODE error. Result: {verdict}.",
+            "",
+            render_sampler(s),
+            "",
+        ]
     speed = res.get("speed", {})
     if res.get("steps"):
-        out += ["### Speed and cost of each step", "",
-                "Measured child processes (wall time includes start-up and file I/O; peak RSS of the child).", "",
-                render_steps(res["steps"]), ""]
+        out += [
+            "### Speed and cost of each step",
+            "",
+            "Measured child processes (wall time includes start-up and file I/O; peak RSS of the child).",
+            "",
+            render_steps(res["steps"]),
+            "",
+        ]
     if speed.get("presets"):
-        out += [f"**TRAIN_VAE throughput by preset** ({speed['presets_dataset']} tokens, short runs):", "", render_presets(speed["presets"]), ""]
+        out += [
+            f"**TRAIN_VAE throughput by preset** ({speed['presets_dataset']} tokens, short runs):",
+            "",
+            render_presets(speed["presets"]),
+            "",
+        ]
     if speed.get("default_size"):
         dsz = speed["default_size"]
-        out += [f"**At the default DiT size** ({speed['presets_dataset']}): TRAIN_PRIOR {fmt(dsz['prior']['samples_per_s'])} samples/s "
-                f"(peak RSS {_mb(dsz['prior']['peak_rss_mb'])} MB, load {dsz['prior']['load']}); SAMPLE {dsz['sample']['cells']} cells: "
-                f"{fmt(dsz['sample']['cells_per_s'])} cells/s end to end, {fmt(dsz['sample']['in_step_cells_per_s'])} cells/s in step, "
-                f"NFE {dsz['sample']['nfe_per_batch']:.0f} per batch ({dsz['sample']['method']}, DiT in {dsz['sample'].get('precision', 'fp32')}), peak RSS "
-                f"{_mb(dsz['sample']['peak_rss_mb'])} MB, load {dsz['sample']['load']}.", ""]
+        out += [
+            f"**At the default DiT size** ({speed['presets_dataset']}): TRAIN_PRIOR "
+            f"{fmt(dsz['prior']['samples_per_s'])} samples/s "
+            f"(peak RSS {_mb(dsz['prior']['peak_rss_mb'])} MB, load {dsz['prior']['load']}); SAMPLE "
+            f"{dsz['sample']['cells']} cells: "
+            f"{fmt(dsz['sample']['cells_per_s'])} cells/s end to end, {fmt(dsz['sample']['in_step_cells_per_s'])} "
+            "cells/s in step, "
+            f"NFE {dsz['sample']['nfe_per_batch']:.0f} per batch ({dsz['sample']['method']}, DiT in "
+            f"{dsz['sample'].get('precision', 'fp32')}), peak RSS "
+            f"{_mb(dsz['sample']['peak_rss_mb'])} MB, load {dsz['sample']['load']}.",
+            "",
+        ]
     if speed.get("tokenize"):
-        out += ["**TOKENIZE on synthetic sparse data** (bench_tokenize.py's data: `synthetic_sparse_counts`, `--genes all`):", "",
-                render_tokenize(speed["tokenize"]), ""]
+        out += [
+            "**TOKENIZE on synthetic sparse data** (bench_tokenize.py's data: `synthetic_sparse_counts`, `--genes "
+            "all`):",
+            "",
+            render_tokenize(speed["tokenize"]),
+            "",
+        ]
     nf = speed.get("nextflow")
     if nf:
         if "skipped" in nf:
             out += [f"**Nextflow test profile**: not run ({nf['skipped']}).", ""]
         else:
             what = "wiring only (`-stub-run`)" if nf["mode"] == "stub" else "real run"
-            out += [f"**Nextflow** `{nf['command']}` ({what}): {nf['wall_s']:.0f} s end to end, exit {nf['exit_code']}, peak RSS of "
-                    f"any process of the run {_mb(nf['peak_rss_mb'])} MB, load {nf['load']}" + (f"; {nf['note']}" if nf.get("note") else "") + ".", ""]
+            out += [
+                f"**Nextflow** `{nf['command']}` ({what}): {nf['wall_s']:.0f} s end to end, exit {nf['exit_code']}, "
+                "peak RSS of "
+                f"any process of the run {_mb(nf['peak_rss_mb'])} MB, load {nf['load']}"
+                + (f"; {nf['note']}" if nf.get("note") else "")
+                + ".",
+                "",
+            ]
     sc = speed.get("scaling")
     if sc:
-        out += [f"### Scaling of the VAE ({sc['preset']} preset, batch {sc['batch']}, {sc['decode_genes']} decoded genes per cell "
-                f"in the training step, {sc['device']})", ""]
+        out += [
+            f"### Scaling of the VAE ({sc['preset']} preset, batch {sc['batch']}, {sc['decode_genes']} decoded genes "
+            "per cell "
+            f"in the training step, {sc['device']})",
+            "",
+        ]
         if sc["genes"]:
-            out += [f"Against the number of genes (S = {sc['fixed_tokens']} tokens per cell):", "", render_scaling(sc, "genes"), "",
-                    growth_sentence(sc["genes"], "genes"), ""]
+            out += [
+                f"Against the number of genes (S = {sc['fixed_tokens']} tokens per cell):",
+                "",
+                render_scaling(sc, "genes"),
+                "",
+                growth_sentence(sc["genes"], "genes"),
+                "",
+            ]
         if sc["tokens"]:
-            out += [f"Against tokens per cell (G = {sc['fixed_genes']:,} genes):", "", render_scaling(sc, "tokens"), "",
-                    growth_sentence(sc["tokens"], "tokens"), ""]
+            out += [
+                f"Against tokens per cell (G = {sc['fixed_genes']:,} genes):",
+                "",
+                render_scaling(sc, "tokens"),
+                "",
+                growth_sentence(sc["tokens"], "tokens"),
+                "",
+            ]
         if sc.get("skipped"):
             out += ["Not run: " + "; ".join(sc["skipped"]) + ".", ""]
     if res.get("skipped"):

@@ -33,8 +33,9 @@ def _rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def measure_point(n_genes: int, n_tokens: int, *, preset: str, batch: int, steps: int, decode_genes: int,
-                  seed: int, device: str) -> dict[str, Any]:
+def measure_point(
+    n_genes: int, n_tokens: int, *, preset: str, batch: int, steps: int, decode_genes: int, seed: int, device: str
+) -> dict[str, Any]:
     """One point, in this process (the child side): see the module docstring."""
     import torch
 
@@ -53,8 +54,11 @@ def measure_point(n_genes: int, n_tokens: int, *, preset: str, batch: int, steps
     target = torch.zeros((batch, n_genes))  # (B, G)
     target.scatter_(1, genes - 1, counts)
     data = {
-        "genes": genes.to(dev), "counts": counts.to(dev), "mask": torch.ones((batch, n_tokens), dtype=torch.bool, device=dev),
-        "library_size": counts.sum(dim=1).to(dev), "target": target.to(dev),
+        "genes": genes.to(dev),
+        "counts": counts.to(dev),
+        "mask": torch.ones((batch, n_tokens), dtype=torch.bool, device=dev),
+        "library_size": counts.sum(dim=1).to(dev),
+        "target": target.to(dev),
     }
     model = TransformerVAE(VAEConfig.preset(preset, n_genes), seed=seed).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -84,9 +88,17 @@ def measure_point(n_genes: int, n_tokens: int, *, preset: str, batch: int, steps
         _ = lik.mean.sum().item()
         decode_s = time.perf_counter() - start
     out = {
-        "genes": n_genes, "tokens": n_tokens, "batch": batch, "preset": preset, "decode_genes": decode_genes,
-        "step_ms": step_s * 1e3, "cells_per_s": batch / step_s, "full_decode_ms_per_cell": decode_s * 1e3 / nd,
-        "rss_after_imports_mb": rss_imports, "device": str(dev), "threads": torch.get_num_threads(),
+        "genes": n_genes,
+        "tokens": n_tokens,
+        "batch": batch,
+        "preset": preset,
+        "decode_genes": decode_genes,
+        "step_ms": step_s * 1e3,
+        "cells_per_s": batch / step_s,
+        "full_decode_ms_per_cell": decode_s * 1e3 / nd,
+        "rss_after_imports_mb": rss_imports,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
     }
     if dev.type == "cuda":
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -94,8 +106,19 @@ def measure_point(n_genes: int, n_tokens: int, *, preset: str, batch: int, steps
 
 
 def run_scaling(
-    genes: Sequence[int], tokens: Sequence[int], *, fixed_tokens: int, fixed_genes: int, preset: str, batch: int,
-    steps: int, decode_genes: int, threads: int, logdir: Path, device: str = "auto", deadline_s: float | None = None,
+    genes: Sequence[int],
+    tokens: Sequence[int],
+    *,
+    fixed_tokens: int,
+    fixed_genes: int,
+    preset: str,
+    batch: int,
+    steps: int,
+    decode_genes: int,
+    threads: int,
+    logdir: Path,
+    device: str = "auto",
+    deadline_s: float | None = None,
     children: bool = True,
 ) -> dict[str, Any]:
     """All points: {"genes": rows at S = fixed_tokens, "tokens": rows at G = fixed_genes}.
@@ -109,8 +132,18 @@ def run_scaling(
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
-    out: dict[str, Any] = {"genes": [], "tokens": [], "skipped": [], "fixed_tokens": fixed_tokens, "fixed_genes": fixed_genes,
-                           "preset": preset, "batch": batch, "steps": steps, "decode_genes": decode_genes, "device": device}
+    out: dict[str, Any] = {
+        "genes": [],
+        "tokens": [],
+        "skipped": [],
+        "fixed_tokens": fixed_tokens,
+        "fixed_genes": fixed_genes,
+        "preset": preset,
+        "batch": batch,
+        "steps": steps,
+        "decode_genes": decode_genes,
+        "device": device,
+    }
     points = [("genes", g, min(fixed_tokens, g)) for g in genes] + [("tokens", fixed_genes, s) for s in tokens]
     for axis, g, s in points:
         if deadline_s is not None and time.perf_counter() - start > deadline_s:
@@ -118,14 +151,34 @@ def run_scaling(
             continue
         if not children:
             before = load_average()
-            row = measure_point(g, s, preset=preset, batch=batch, steps=steps, decode_genes=decode_genes, seed=0, device=device)
+            row = measure_point(
+                g, s, preset=preset, batch=batch, steps=steps, decode_genes=decode_genes, seed=0, device=device
+            )
             row.update(peak_rss_mb=None, load=f"{before:.1f}→{load_average():.1f}", wall_s=None)
             out[axis].append(row)
             continue
         result = logdir / f"scaling_{axis}_{g}_{s}.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--genes", str(g), "--tokens", str(s),
-               "--preset", preset, "--batch", str(batch), "--steps", str(steps), "--decode-genes", str(decode_genes),
-               "--device", device, "--json", str(result)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            "--genes",
+            str(g),
+            "--tokens",
+            str(s),
+            "--preset",
+            preset,
+            "--batch",
+            str(batch),
+            "--steps",
+            str(steps),
+            "--decode-genes",
+            str(decode_genes),
+            "--device",
+            device,
+            "--json",
+            str(result),
+        ]
         before = load_average()
         wall, rss, code = run_child(cmd, log_path=logdir / f"scaling_{axis}_{g}_{s}.log", env=child_env(threads))
         if code != 0:
@@ -161,8 +214,16 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", args.threads)))
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        row = measure_point(args.genes[0], args.tokens[0], preset=args.preset, batch=args.batch, steps=args.steps,
-                            decode_genes=args.decode_genes, seed=args.seed, device=device)
+        row = measure_point(
+            args.genes[0],
+            args.tokens[0],
+            preset=args.preset,
+            batch=args.batch,
+            steps=args.steps,
+            decode_genes=args.decode_genes,
+            seed=args.seed,
+            device=device,
+        )
         text = json.dumps(row)
         if args.json:
             args.json.write_text(text)
@@ -173,9 +234,19 @@ def main(argv: list[str] | None = None) -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     with tempfile.TemporaryDirectory() as tmp:
-        res = run_scaling(args.genes, args.tokens, fixed_tokens=args.fixed_tokens, fixed_genes=args.fixed_genes,
-                          preset=args.preset, batch=args.batch, steps=args.steps, decode_genes=args.decode_genes,
-                          threads=args.threads, logdir=Path(tmp), device=args.device)
+        res = run_scaling(
+            args.genes,
+            args.tokens,
+            fixed_tokens=args.fixed_tokens,
+            fixed_genes=args.fixed_genes,
+            preset=args.preset,
+            batch=args.batch,
+            steps=args.steps,
+            decode_genes=args.decode_genes,
+            threads=args.threads,
+            logdir=Path(tmp),
+            device=args.device,
+        )
     text = json.dumps(res, indent=1)
     if args.json:
         args.json.write_text(text)

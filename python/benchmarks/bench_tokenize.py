@@ -19,7 +19,6 @@ from pathlib import Path
 
 def run_one(n_cells: int, n_genes: int, nnz: int, workdir: Path) -> dict:
 
-
     from sclatent.synthetic import synthetic_sparse_counts
 
     h5ad = workdir / f"synth_{n_cells}.h5ad"

@@ -33,6 +33,7 @@ from typing import Any
 
 from common import markdown_table, run_logged
 
+
 def parse_grid(text: str) -> list[dict[str, str]]:
     """'a=1,2;b=x' -> [{'a': '1', 'b': 'x'}, {'a': '2', 'b': 'x'}]; an empty text is one empty point."""
     axes: list[tuple[str, list[str]]] = []
@@ -78,26 +79,78 @@ def write_train_sample(train: Path, n: int, out: Path, seed: int = 0) -> int:
 
 def _metrics(encode_dir: Path) -> dict[str, float]:
     m = json.loads((encode_dir / "reconstruction.json").read_text())["metrics"]
-    return {"re": m["re_nll_gene_sum_cell_mean"], "pcc": m["pcc_gene_batch256_sample"],
-            "pcc_mean": m["pcc_gene_batch256_mean"], "mse": m["mse_sample"]}
+    return {
+        "re": m["re_nll_gene_sum_cell_mean"],
+        "pcc": m["pcc_gene_batch256_sample"],
+        "pcc_mean": m["pcc_gene_batch256_mean"],
+        "mse": m["mse_sample"],
+    }
 
 
-def one_run(data: Path, tokens: Path, work: Path, preset: str, steps: int, point: dict[str, str], seed: int,
-            train_tokens: Path | None = None) -> dict[str, Any]:
+def one_run(
+    data: Path,
+    tokens: Path,
+    work: Path,
+    preset: str,
+    steps: int,
+    point: dict[str, str],
+    seed: int,
+    train_tokens: Path | None = None,
+) -> dict[str, Any]:
     """Train one VAE and encode the test cells (and, with train_tokens, the sampled training cells); one result row."""
     name = "_".join(f"{k}-{v}" for k, v in point.items()) or "defaults"
     steps = point_steps(point, steps)
     vae = work / f"{name}_s{seed}"
     log = work / f"{name}_s{seed}.log"
     extra = [x for k, v in point.items() if k != "max-steps" for x in _option(k, v)]  # steps: --max-steps above
-    wall = run_logged(["train-vae", "--tokens", tokens, "--outdir", vae, "--preset", preset, "--max-steps", steps,
-                 "--threads", 1, "--no-progress", "--seed", seed, *extra], log)
-    run_logged(["encode", "--model", vae, "--tokens", tokens, "--outdir", vae / "encode", "--threads", 1, "--seed", 0], log)
-    row = {"dataset": data.name, "point": name, "seed": seed, "steps": steps, "train_s": round(wall, 1),
-           **_metrics(vae / "encode")}
+    wall = run_logged(
+        [
+            "train-vae",
+            "--tokens",
+            tokens,
+            "--outdir",
+            vae,
+            "--preset",
+            preset,
+            "--max-steps",
+            steps,
+            "--threads",
+            1,
+            "--no-progress",
+            "--seed",
+            seed,
+            *extra,
+        ],
+        log,
+    )
+    run_logged(
+        ["encode", "--model", vae, "--tokens", tokens, "--outdir", vae / "encode", "--threads", 1, "--seed", 0], log
+    )
+    row = {
+        "dataset": data.name,
+        "point": name,
+        "seed": seed,
+        "steps": steps,
+        "train_s": round(wall, 1),
+        **_metrics(vae / "encode"),
+    }
     if train_tokens is not None:
-        run_logged(["encode", "--model", vae, "--tokens", train_tokens, "--outdir", vae / "encode_train", "--threads", 1,
-                    "--seed", 0], log)
+        run_logged(
+            [
+                "encode",
+                "--model",
+                vae,
+                "--tokens",
+                train_tokens,
+                "--outdir",
+                vae / "encode_train",
+                "--threads",
+                1,
+                "--seed",
+                0,
+            ],
+            log,
+        )
         m = _metrics(vae / "encode_train")
         row.update(re_train=m["re"], pcc_train=m["pcc"])
     return row
@@ -112,11 +165,22 @@ def table(rows: list[dict[str, Any]]) -> str:
     body = []
     for (ds, point), rs in groups.items():
         mean = {k: statistics.fmean(r[k] for r in rs) for k in ("train_s", "re", "pcc", "pcc_mean", "mse")}
-        line = [ds, point, f"{rs[0]['steps']:,}", len(rs), f"{mean['train_s']:.0f}", f"{mean['re']:,.1f}",
-                f"{mean['pcc']:.4f}", f"{mean['pcc_mean']:.3f}", f"{mean['mse']:.3f}"]
+        line = [
+            ds,
+            point,
+            f"{rs[0]['steps']:,}",
+            len(rs),
+            f"{mean['train_s']:.0f}",
+            f"{mean['re']:,.1f}",
+            f"{mean['pcc']:.4f}",
+            f"{mean['pcc_mean']:.3f}",
+            f"{mean['mse']:.3f}",
+        ]
         if gap:
-            line += [f"{statistics.fmean(r['re_train'] for r in rs):,.1f}",
-                     f"{statistics.fmean(r['pcc_train'] for r in rs):.4f}"]
+            line += [
+                f"{statistics.fmean(r['re_train'] for r in rs):,.1f}",
+                f"{statistics.fmean(r['pcc_train'] for r in rs):.4f}",
+            ]
         body.append(line)
     headers = ["dataset", "setting", "steps", "seeds", "training s", "RE ↓", "PCC ↑", "PCC (NB mean) ↑", "MSE ↓"]
     if gap:
@@ -127,15 +191,21 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, required=True, help="folder holding one PREPARE output folder per dataset")
-    ap.add_argument("--datasets", required=True, help="comma list of sub-folders of --data (each with train.h5ad, test.h5ad)")
+    ap.add_argument(
+        "--datasets", required=True, help="comma list of sub-folders of --data (each with train.h5ad, test.h5ad)"
+    )
     ap.add_argument("--grid", default="", help="';'-separated 'option=v1,v2' axes of train-vae options")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--seeds", default="0", help="comma list of training seeds")
     ap.add_argument("--preset", default="default", choices=["tiny", "default"])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--workdir", type=Path, required=True)
-    ap.add_argument("--train-cells", type=int, default=0,
-                    help="also encode this many (seeded) training cells with every model: the train-test gap")
+    ap.add_argument(
+        "--train-cells",
+        type=int,
+        default=0,
+        help="also encode this many (seeded) training cells with every model: the train-test gap",
+    )
     args = ap.parse_args()
     if args.train_cells < 0:
         sys.exit(f"bench_vae_settings: --train-cells must be >= 0, got {args.train_cells}")
@@ -152,8 +222,19 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         tokens = work / "tokens"
         if not (tokens / "manifest.json").exists():
-            run_logged(["tokenize", "--train", args.data / n / "train.h5ad", "--test", args.data / n / "test.h5ad",
-                  "--outdir", tokens, "--no-progress"], work / "tokenize.log")
+            run_logged(
+                [
+                    "tokenize",
+                    "--train",
+                    args.data / n / "train.h5ad",
+                    "--test",
+                    args.data / n / "test.h5ad",
+                    "--outdir",
+                    tokens,
+                    "--no-progress",
+                ],
+                work / "tokenize.log",
+            )
         train_tokens = None
         if args.train_cells > 0:
             train_tokens = work / "tokens_train_cells"
@@ -161,9 +242,22 @@ def main() -> None:
                 sample = work / "train_cells.h5ad"
                 write_train_sample(args.data / n / "train.h5ad", args.train_cells, sample)
                 # the same --train as `tokens`, so the same vocabulary; its test split is the sampled training cells
-                run_logged(["tokenize", "--train", args.data / n / "train.h5ad", "--test", sample,
-                            "--outdir", train_tokens, "--no-progress"], work / "tokenize.log")
-        jobs += [(args.data / n, tokens, work, args.preset, args.steps, p, s, train_tokens) for p in points for s in seeds]
+                run_logged(
+                    [
+                        "tokenize",
+                        "--train",
+                        args.data / n / "train.h5ad",
+                        "--test",
+                        sample,
+                        "--outdir",
+                        train_tokens,
+                        "--no-progress",
+                    ],
+                    work / "tokenize.log",
+                )
+        jobs += [
+            (args.data / n, tokens, work, args.preset, args.steps, p, s, train_tokens) for p in points for s in seeds
+        ]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         futures = [pool.submit(one_run, *job) for job in jobs]
         rows = []

@@ -32,8 +32,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", type=Path, required=True)
-    ap.add_argument("--variant", action="append", default=[],
-                    help="NAME='train-vae options' added to every run of this variant; repeatable [default: the preset alone]")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME='train-vae options' added to every run of this variant; repeatable [default: the preset alone]",
+    )
     args = ap.parse_args()
     datasets = [tuple(x.split("=", 1)) for x in args.tokens.split(",") if x]
     configs = [tuple(x.split(":", 1)) for x in args.configs.split(",") if x]
@@ -60,18 +64,66 @@ def main() -> None:
             for preset, precision in configs:
                 for variant, options in variants:
                     out = args.workdir / f"{name}_{preset}_{precision}_{variant}_r{rep}"
-                    run_logged(["train-vae", "--tokens", tokens, "--outdir", out, "--preset", preset, "--precision",
-                                precision, "--max-steps", args.steps, "--threads", args.threads, "--no-progress",
-                                "--seed", 0, *options], args.workdir / f"{out.name}.log")
+                    run_logged(
+                        [
+                            "train-vae",
+                            "--tokens",
+                            tokens,
+                            "--outdir",
+                            out,
+                            "--preset",
+                            preset,
+                            "--precision",
+                            precision,
+                            "--max-steps",
+                            args.steps,
+                            "--threads",
+                            args.threads,
+                            "--no-progress",
+                            "--seed",
+                            0,
+                            *options,
+                        ],
+                        args.workdir / f"{out.name}.log",
+                    )
                     rate = training_summary(out, steady=True)["items_per_s"]
                     rates.setdefault((name, preset, precision, variant), []).append(rate)
-                    print(json.dumps({"dataset": name, "preset": preset, "precision": precision, "variant": variant,
-                                      "repeat": rep, "cells_per_s": round(rate, 1)}), file=sys.stderr, flush=True)
-    (args.workdir / "results.json").write_text(json.dumps(
-        [{"dataset": k[0], "preset": k[1], "precision": k[2], "variant": k[3], "options": dict(variants)[k[3]],
-          "cells_per_s": v} for k, v in rates.items()], indent=1))
-    print(markdown_table(["dataset", "preset", "precision", "variant", "cells/s per repeat"],
-                         [[*k, " / ".join(f"{r:,.0f}" for r in v)] for k, v in rates.items()]))
+                    print(
+                        json.dumps(
+                            {
+                                "dataset": name,
+                                "preset": preset,
+                                "precision": precision,
+                                "variant": variant,
+                                "repeat": rep,
+                                "cells_per_s": round(rate, 1),
+                            }
+                        ),
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    (args.workdir / "results.json").write_text(
+        json.dumps(
+            [
+                {
+                    "dataset": k[0],
+                    "preset": k[1],
+                    "precision": k[2],
+                    "variant": k[3],
+                    "options": dict(variants)[k[3]],
+                    "cells_per_s": v,
+                }
+                for k, v in rates.items()
+            ],
+            indent=1,
+        )
+    )
+    print(
+        markdown_table(
+            ["dataset", "preset", "precision", "variant", "cells/s per repeat"],
+            [[*k, " / ".join(f"{r:,.0f}" for r in v)] for k, v in rates.items()],
+        )
+    )
 
 
 if __name__ == "__main__":

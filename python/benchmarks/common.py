@@ -87,7 +87,11 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 
 def run_child(
-    cmd: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None,
+    cmd: Sequence[str],
+    *,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
     timeout_s: float | None = None,
 ) -> tuple[float, float, int]:
     """Run `cmd` as a child process, output to `log_path`; returns (wall seconds, peak RSS in MB, exit code).
@@ -101,8 +105,14 @@ def run_child(
     rss_file.unlink(missing_ok=True)
     with open(log_path, "w") as fh:
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(rss_file), *cmd], stdout=fh, stderr=subprocess.STDOUT,
-                                env=env, cwd=cwd, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _LAUNCHER, str(rss_file), *cmd],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
         try:
             code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -166,7 +176,14 @@ class Runner:
             wall, rss = self._in_process(step, dataset, args, log_path), None
         rec = StepRecord(step, dataset, wall, rss, before, load_average(), command, child, dict(extra))
         self.records.append(rec)
-        log.info("%-12s %-12s %7.1fs %s load %s", step, dataset, wall, "" if rss is None else f"{rss:6.0f} MB", rec.load_text())
+        log.info(
+            "%-12s %-12s %7.1fs %s load %s",
+            step,
+            dataset,
+            wall,
+            "" if rss is None else f"{rss:6.0f} MB",
+            rec.load_text(),
+        )
         return rec
 
     def _in_process(self, step: str, dataset: str, args: list[str], log_path: Path) -> float:
@@ -192,7 +209,10 @@ class Runner:
 def read_history(run_dir: Path) -> list[dict[str, float]]:
     """Rows of a training run's history.csv as floats."""
     with open(run_dir / "history.csv") as fh:
-        return [{k: float(v) if v not in ("", "nan") else float("nan") for k, v in row.items()} for row in csv.DictReader(fh)]
+        return [
+            {k: float(v) if v not in ("", "nan") else float("nan") for k, v in row.items()}
+            for row in csv.DictReader(fh)
+        ]
 
 
 def training_summary(run_dir: Path, steady: bool = False) -> dict[str, float]:
@@ -215,8 +235,12 @@ def training_summary(run_dir: Path, steady: bool = False) -> dict[str, float]:
     last = rows[-1]
     secs = float(last["elapsed_s"])
     span = secs - start
-    return {"steps": int(last["step"]), "train_s": secs, "items_per_s": items / span if span > 0 else float("nan"),
-            "final_loss": float(last["loss"])}
+    return {
+        "steps": int(last["step"]),
+        "train_s": secs,
+        "items_per_s": items / span if span > 0 else float("nan"),
+        "final_loss": float(last["loss"]),
+    }
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -246,7 +270,18 @@ class Plan:
     scvi: bool = True
     # sampler study (issue 4)
     sampler_cells: int = 200
-    sampler_grid: list[tuple[str, int]] = field(default_factory=lambda: [("euler", 4), ("euler", 8), ("euler", 16), ("euler", 32), ("heun", 2), ("heun", 4), ("heun", 8), ("heun", 16)])
+    sampler_grid: list[tuple[str, int]] = field(
+        default_factory=lambda: [
+            ("euler", 4),
+            ("euler", 8),
+            ("euler", 16),
+            ("euler", 32),
+            ("heun", 2),
+            ("heun", 4),
+            ("heun", 8),
+            ("heun", 16),
+        ]
+    )
     # speed
     speed_steps: int = 30  # TRAIN_VAE steps of the preset throughput runs
     threads_comparison: bool = True
@@ -343,6 +378,7 @@ def machine_info() -> dict[str, Any]:
 
 def git_state() -> dict[str, Any]:
     """Commit and whether the tree has uncommitted changes (read-only: no index refresh)."""
+
     def git(*args: str) -> str:
         out = subprocess.run(["git", "--no-optional-locks", "-C", str(REPO), *args], capture_output=True, text=True)
         return out.stdout.strip() if out.returncode == 0 else ""
@@ -418,7 +454,12 @@ def make_dataset_inputs(which: str, workdir: Path, shared: Path = SHARED_DATASET
         adata.obs = adata.obs[["cell_line", "protocol"]].astype(str).astype("category")
         sheet, n_held = _held_out_sheet(adata, held, out, "sc_mixology")
         return DatasetSpec(
-            "sc_mixology", ["cell_line", "protocol"], sheet, 2000, held_out=held, nearest=nearest,
+            "sc_mixology",
+            ["cell_line", "protocol"],
+            sheet,
+            2000,
+            held_out=held,
+            nearest=nearest,
             note=f"{adata.n_obs} singlets (demuxlet SNG); HCC827 x Drop-seq ({n_held} cells) held out of training",
         )
     if which == "synthetic":
@@ -428,7 +469,11 @@ def make_dataset_inputs(which: str, workdir: Path, shared: Path = SHARED_DATASET
         held = {"cell_type": "type_0", "batch": "batch_1"}
         sheet, _ = _held_out_sheet(adata, held, out, "synthetic")
         return DatasetSpec(
-            "synthetic", ["cell_type", "batch"], sheet, 60, held_out=held,
+            "synthetic",
+            ["cell_type", "batch"],
+            sheet,
+            60,
+            held_out=held,
             nearest=[{"cell_type": "type_0", "batch": "batch_0"}, {"cell_type": "type_1", "batch": "batch_1"}],
             note="seeded synthetic NB counts (tests only)",
         )
@@ -452,7 +497,7 @@ def fmt(value: Any, sem: Any = None, digits: int = 3) -> str:
     if isinstance(value, (int,)) and not isinstance(value, bool):
         return f"{value:,}"
     if isinstance(value, float):
-        text = f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:,.0f}"
+        text = f"{value:.{digits}g}" if abs(value) < 10**digits else f"{value:,.0f}"
         if sem is not None and sem == sem:
             text += f" ± {sem:.2g}"
         return text
@@ -461,6 +506,7 @@ def fmt(value: Any, sem: Any = None, digits: int = 3) -> str:
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-flavoured markdown table (cells are str() of the values; '|' escaped)."""
+
     def cell(v: Any) -> str:
         return str(v).replace("|", "\\|")
 

@@ -30,7 +30,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import (  # noqa: E402
-    REPO, SHARED_DATASETS, BenchError, Budget, Plan, Runner, choose_threads, dump_json, load_average, machine_info,
+    REPO,
+    SHARED_DATASETS,
+    BenchError,
+    Budget,
+    Plan,
+    Runner,
+    choose_threads,
+    dump_json,
+    load_average,
+    machine_info,
     make_dataset_inputs,
 )
 
@@ -41,34 +50,99 @@ def make_plan(mode: str, threads: int, budget_minutes: float | None, datasets: l
     """The settings of one mode (see BENCHMARKS.md for what each budget bought)."""
     if mode == "full":
         plan = Plan(
-            mode="full", budget_s=3600.0, datasets=["pbmc3k", "sc_mixology"], threads=threads,
-            vae_preset="default", prior_preset="tiny", vae_seconds=240.0, prior_seconds=90.0, replicates=2,
+            mode="full",
+            budget_s=3600.0,
+            datasets=["pbmc3k", "sc_mixology"],
+            threads=threads,
+            vae_preset="default",
+            prior_preset="tiny",
+            vae_seconds=240.0,
+            prior_seconds=90.0,
+            replicates=2,
             # 100 calibration steps (9 measured windows): 30 mis-estimated the VAE's rate by -20% / +19% at 1dab755
             calibration_steps=100,
-            uncond_replicates=1, sampler_cells=200, speed_steps=20, threads_comparison=True, default_size_sample_cells=128,
-            tokenize_cells=[20_000, 50_000], tokenize_genes=20_000, tokenize_nnz=1_000,
-            scaling_genes=[1_000, 2_000, 5_000, 10_000, 20_000], scaling_tokens=[128, 256, 512, 1_024, 2_048], scaling_steps=2,
-            scaling_batch=64, nextflow="run", nextflow_timeout_s=1200.0,
+            uncond_replicates=1,
+            sampler_cells=200,
+            speed_steps=20,
+            threads_comparison=True,
+            default_size_sample_cells=128,
+            tokenize_cells=[20_000, 50_000],
+            tokenize_genes=20_000,
+            tokenize_nnz=1_000,
+            scaling_genes=[1_000, 2_000, 5_000, 10_000, 20_000],
+            scaling_tokens=[128, 256, 512, 1_024, 2_048],
+            scaling_steps=2,
+            scaling_batch=64,
+            nextflow="run",
+            nextflow_timeout_s=1200.0,
         )
     elif mode == "quick":
         plan = Plan(
-            mode="quick", budget_s=300.0, datasets=["pbmc3k", "sc_mixology"], threads=threads,
-            vae_preset="tiny", prior_preset="tiny", vae_seconds=6.0, prior_seconds=4.0, vae_epochs_range=(1.0, 20.0),
-            prior_epochs_range=(1.0, 30.0), calibration_steps=20, replicates=1, uncond_replicates=1, sampler_cells=64,
-            sampler_grid=[("euler", 4), ("heun", 2)], speed_steps=6, threads_comparison=False, children_datasets=1,
-            default_size_sample_cells=16, tokenize_cells=[5_000], tokenize_genes=5_000, tokenize_nnz=300,
-            scaling_genes=[1_000, 5_000], scaling_tokens=[128, 512], scaling_steps=1, scaling_batch=16, scaling_fixed_tokens=128,
-            nextflow="stub", nextflow_timeout_s=120.0,
+            mode="quick",
+            budget_s=300.0,
+            datasets=["pbmc3k", "sc_mixology"],
+            threads=threads,
+            vae_preset="tiny",
+            prior_preset="tiny",
+            vae_seconds=6.0,
+            prior_seconds=4.0,
+            vae_epochs_range=(1.0, 20.0),
+            prior_epochs_range=(1.0, 30.0),
+            calibration_steps=20,
+            replicates=1,
+            uncond_replicates=1,
+            sampler_cells=64,
+            sampler_grid=[("euler", 4), ("heun", 2)],
+            speed_steps=6,
+            threads_comparison=False,
+            children_datasets=1,
+            default_size_sample_cells=16,
+            tokenize_cells=[5_000],
+            tokenize_genes=5_000,
+            tokenize_nnz=300,
+            scaling_genes=[1_000, 5_000],
+            scaling_tokens=[128, 512],
+            scaling_steps=1,
+            scaling_batch=16,
+            scaling_fixed_tokens=128,
+            nextflow="stub",
+            nextflow_timeout_s=120.0,
         )
     elif mode == "smoke":
         plan = Plan(
-            mode="smoke", budget_s=600.0, datasets=["synthetic"], threads=threads,
-            vae_preset="tiny", prior_preset="tiny", vae_seconds=0.5, prior_seconds=0.5, vae_epochs_range=(1.0, 2.0),
-            prior_epochs_range=(1.0, 2.0), calibration_steps=2, replicates=1, uncond_replicates=1, scvi=False, sampler_cells=24,
-            sampler_grid=[("euler", 2), ("heun", 1)], speed_steps=2, threads_comparison=False, default_size_sample_cells=0,
-            tokenize_cells=[300], tokenize_genes=200, tokenize_nnz=20, scaling_genes=[32, 64], scaling_tokens=[8, 16], scaling_steps=1,
-            scaling_batch=8, scaling_fixed_tokens=16, scaling_fixed_genes=64, scaling_preset="tiny", scaling_decode_genes=16,
-            nextflow="skip", children=False, children_datasets=0,
+            mode="smoke",
+            budget_s=600.0,
+            datasets=["synthetic"],
+            threads=threads,
+            vae_preset="tiny",
+            prior_preset="tiny",
+            vae_seconds=0.5,
+            prior_seconds=0.5,
+            vae_epochs_range=(1.0, 2.0),
+            prior_epochs_range=(1.0, 2.0),
+            calibration_steps=2,
+            replicates=1,
+            uncond_replicates=1,
+            scvi=False,
+            sampler_cells=24,
+            sampler_grid=[("euler", 2), ("heun", 1)],
+            speed_steps=2,
+            threads_comparison=False,
+            default_size_sample_cells=0,
+            tokenize_cells=[300],
+            tokenize_genes=200,
+            tokenize_nnz=20,
+            scaling_genes=[32, 64],
+            scaling_tokens=[8, 16],
+            scaling_steps=1,
+            scaling_batch=8,
+            scaling_fixed_tokens=16,
+            scaling_fixed_genes=64,
+            scaling_preset="tiny",
+            scaling_decode_genes=16,
+            nextflow="skip",
+            children=False,
+            children_datasets=0,
         )
     else:
         raise ValueError(f"unknown mode '{mode}' (expected full, quick or smoke)")
@@ -91,28 +165,45 @@ def _scvi_available() -> bool:
 def run(plan: Plan, workdir: Path, out_md: Path | None, command: str) -> dict[str, Any]:
     """Run every stage of `plan`; returns the results dict (also written to workdir/results.json)."""
     import torch
-
     from bench_quality import run_dataset
     from bench_sampler import run_sampler_study
     from bench_scaling import run_scaling
-    from bench_speed import default_size_prior_and_sample, nextflow_test, preset_throughput, step_record, tokenize_synthetic
+    from bench_speed import (
+        default_size_prior_and_sample,
+        nextflow_test,
+        preset_throughput,
+        step_record,
+        tokenize_synthetic,
+    )
 
     budget = Budget(plan.budget_s)
     torch.set_num_threads(plan.threads)
     logdir = workdir / "logs"
     runner = Runner(logdir, plan.threads, children=plan.children)
-    res: dict[str, Any] = {"plan": plan, "command": command, "machine": machine_info(), "datasets": {}, "speed": {},
-                           "skipped": [], "notes": []}
+    res: dict[str, Any] = {
+        "plan": plan,
+        "command": command,
+        "machine": machine_info(),
+        "datasets": {},
+        "speed": {},
+        "skipped": [],
+        "notes": [],
+    }
     if plan.scvi and not _scvi_available():
         plan.scvi = False
-        res["notes"].append("scvi-tools is not installed (`make bench` installs the `bench` extra): the scVI rows are missing")
+        res["notes"].append(
+            "scvi-tools is not installed (`make bench` installs the `bench` extra): the scVI rows are missing"
+        )
 
     # ---- quality per dataset (the first `children_datasets` run their pipeline steps as measured children)
     for index, name in enumerate(plan.datasets):
         try:
             spec = make_dataset_inputs(name, workdir)
         except FileNotFoundError as exc:
-            msg = f"{name}: skipped, dataset file {exc} not found (the real datasets live in ../shared/datasets beside the repository)"
+            msg = (
+                f"{name}: skipped, dataset file {exc} not found (the real datasets live in ../shared/datasets "
+                "beside the repository)"
+            )
             log.warning(msg)
             res["notes"].append(msg)
             continue
@@ -129,8 +220,16 @@ def run(plan: Plan, workdir: Path, out_md: Path | None, command: str) -> dict[st
         if budget.allows(120 if plan.mode == "full" else 20):
             p = first["paths"]
             res["sampler"] = run_sampler_study(
-                runner, first["dataset"], Path(p["model"]), Path(p["eval_real"]), workdir / first["dataset"] / "sampler",
-                n_cells=plan.sampler_cells, grid=plan.sampler_grid, seed=plan.seed, threads=plan.threads)
+                runner,
+                first["dataset"],
+                Path(p["model"]),
+                Path(p["eval_real"]),
+                workdir / first["dataset"] / "sampler",
+                n_cells=plan.sampler_cells,
+                grid=plan.sampler_grid,
+                seed=plan.seed,
+                threads=plan.threads,
+            )
         else:
             res["skipped"].append(f"sampler study: not enough budget left ({budget.left():.0f} s)")
 
@@ -140,11 +239,42 @@ def run(plan: Plan, workdir: Path, out_md: Path | None, command: str) -> dict[st
     else:
         spec = make_dataset_inputs("synthetic", workdir)
         ddir, speed_ds = workdir / "synthetic", "synthetic"
-        runner.sclatent("PREPARE", speed_ds, ["prepare", "--samplesheet", spec.samplesheet, "--dataset", speed_ds, "--outdir", ddir / "prepare",
-                                              "--condition-keys", ",".join(spec.keys), "--n-hvg", spec.n_hvg, "--seed", plan.seed], child=False)
+        runner.sclatent(
+            "PREPARE",
+            speed_ds,
+            [
+                "prepare",
+                "--samplesheet",
+                spec.samplesheet,
+                "--dataset",
+                speed_ds,
+                "--outdir",
+                ddir / "prepare",
+                "--condition-keys",
+                ",".join(spec.keys),
+                "--n-hvg",
+                spec.n_hvg,
+                "--seed",
+                plan.seed,
+            ],
+            child=False,
+        )
         tokens = ddir / "tokens"
-        runner.sclatent("TOKENIZE", speed_ds, ["tokenize", "--train", ddir / "prepare" / "train.h5ad", "--outdir", tokens,
-                                               "--genes", "hvg", "--no-progress"], child=False)
+        runner.sclatent(
+            "TOKENIZE",
+            speed_ds,
+            [
+                "tokenize",
+                "--train",
+                ddir / "prepare" / "train.h5ad",
+                "--outdir",
+                tokens,
+                "--genes",
+                "hvg",
+                "--no-progress",
+            ],
+            child=False,
+        )
     res["speed"]["presets_dataset"] = speed_ds
     if budget.allows(60 if plan.mode == "full" else 15):
         res["speed"]["presets"] = preset_throughput(runner, plan, tokens, speed_ds, ddir / "speed")
@@ -154,7 +284,14 @@ def run(plan: Plan, workdir: Path, out_md: Path | None, command: str) -> dict[st
         if budget.allows(120 if plan.mode == "full" else 25):
             p = first["paths"]
             res["speed"]["default_size"] = default_size_prior_and_sample(
-                runner, plan, speed_ds, Path(p["vae"]), ddir / "encode" / "latents.npz", Path(p["eval_real"]), ddir / "speed")
+                runner,
+                plan,
+                speed_ds,
+                Path(p["vae"]),
+                ddir / "encode" / "latents.npz",
+                Path(p["eval_real"]),
+                ddir / "speed",
+            )
         else:
             res["skipped"].append("TRAIN_PRIOR / SAMPLE at the default DiT size (budget)")
     if budget.allows(90 if plan.mode == "full" else 20):
@@ -167,15 +304,28 @@ def run(plan: Plan, workdir: Path, out_md: Path | None, command: str) -> dict[st
     scaling_time = budget.left() - reserve - 20
     if scaling_time > 0:
         res["speed"]["scaling"] = run_scaling(
-            plan.scaling_genes, plan.scaling_tokens, fixed_tokens=plan.scaling_fixed_tokens, fixed_genes=plan.scaling_fixed_genes,
-            preset=plan.scaling_preset, batch=plan.scaling_batch, steps=plan.scaling_steps, decode_genes=plan.scaling_decode_genes,
-            threads=plan.threads, logdir=logdir, deadline_s=scaling_time, children=plan.children)
+            plan.scaling_genes,
+            plan.scaling_tokens,
+            fixed_tokens=plan.scaling_fixed_tokens,
+            fixed_genes=plan.scaling_fixed_genes,
+            preset=plan.scaling_preset,
+            batch=plan.scaling_batch,
+            steps=plan.scaling_steps,
+            decode_genes=plan.scaling_decode_genes,
+            threads=plan.threads,
+            logdir=logdir,
+            deadline_s=scaling_time,
+            children=plan.children,
+        )
     else:
         res["skipped"].append(f"VAE scaling: not enough budget left ({budget.left():.0f} s)")
     if plan.nextflow != "skip":
         # the real test-profile run when it fits, else the wiring-only stub run (~60 s), else nothing
         if plan.nextflow == "run" and not budget.allows(reserve):
-            res["skipped"].append(f"the real Nextflow test-profile run (needs ~{reserve:.0f} s, {budget.left():.0f} s left): -stub-run instead")
+            res["skipped"].append(
+                f"the real Nextflow test-profile run (needs ~{reserve:.0f} s, {budget.left():.0f} s left): -stub-run "
+                "instead"
+            )
             plan.nextflow = "stub"
         if budget.allows(65.0):
             plan.nextflow_timeout_s = max(30.0, min(plan.nextflow_timeout_s, budget.left() - 10))
@@ -200,20 +350,38 @@ def run(plan: Plan, workdir: Path, out_md: Path | None, command: str) -> dict[st
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command line (see the module docstring)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--quick", action="store_const", const="quick", dest="mode", help="<= 5 minutes")
     mode.add_argument("--full", action="store_const", const="full", dest="mode", help="<= 60 minutes")
-    mode.add_argument("--smoke", action="store_const", const="smoke", dest="mode", help="seconds, synthetic data (tests)")
-    ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (emptied first) [default: .cache/bench/<mode>]")
-    ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md", help="markdown file whose section for this mode is rewritten")
+    mode.add_argument(
+        "--smoke", action="store_const", const="smoke", dest="mode", help="seconds, synthetic data (tests)"
+    )
+    ap.add_argument(
+        "--workdir", type=Path, default=None, help="scratch folder (emptied first) [default: .cache/bench/<mode>]"
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "BENCHMARKS.md",
+        help="markdown file whose section for this mode is rewritten",
+    )
     ap.add_argument("--no-write", action="store_true", help="print the tables only")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads per step (0 = 1 when the machine is busier than its cores, else all)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per step (0 = 1 when the machine is busier than its cores, else all)",
+    )
     ap.add_argument("--budget-minutes", type=float, default=None, help="override the mode's time budget")
     ap.add_argument("--datasets", default=None, help="comma list among pbmc3k, sc_mixology, synthetic")
     ap.add_argument("--no-scvi", action="store_true", help="leave out the scVI baseline")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[bench %(asctime)s] %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    logging.basicConfig(
+        level=logging.INFO, format="[bench %(asctime)s] %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
+    )
     for name in ("sclatent", "py.warnings", "anndata", "scanpy"):
         logging.getLogger(name).setLevel(logging.ERROR)
     threads = choose_threads(args.threads)
@@ -227,7 +395,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     if not SHARED_DATASETS.exists() and plan.mode != "smoke":
-        log.warning("%s is absent: the quality benchmarks are skipped; only the speed part runs (on synthetic data)", SHARED_DATASETS)
+        log.warning(
+            "%s is absent: the quality benchmarks are skipped; only the speed part runs (on synthetic data)",
+            SHARED_DATASETS,
+        )
     command = "python python/benchmarks/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:])
     start = time.perf_counter()
     try:

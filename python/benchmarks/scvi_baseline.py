@@ -131,8 +131,9 @@ def reconstruct(model: Any, test: ad.AnnData, seed: int, batch_size: int = 256) 
 
 
 @torch.no_grad()
-def generate(model: Any, n_cells: int, log_lib_mean: float, log_lib_sd: float, seed: int, replicate: int,
-             batch_size: int = 512) -> sp.csr_matrix:
+def generate(
+    model: Any, n_cells: int, log_lib_mean: float, log_lib_sd: float, seed: int, replicate: int, batch_size: int = 512
+) -> sp.csr_matrix:
     """Unconditional scVI cells: z ~ N(0, I), log L ~ N(mean, sd), NB counts; (n_cells, G)."""
     from sclatent.nn.likelihoods import NegativeBinomial
 
@@ -169,12 +170,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out = Path(args.outdir) / name
         out.mkdir(parents=True, exist_ok=True)
         model, info = train_scvi(train, label, kind, amount, args.seed)
-        log.info("scVI %s: %d epochs in %.1fs (%.0f cells/s)", name, info["epochs"], info["train_s"], info["cells_per_s"])
+        log.info(
+            "scVI %s: %d epochs in %.1fs (%.0f cells/s)", name, info["epochs"], info["train_s"], info["cells_per_s"]
+        )
         t0 = time.perf_counter()
         recon = reconstruct(model, test, args.seed)
         info["reconstruct_s"] = time.perf_counter() - t0
-        (out / "reconstruction.json").write_text(json.dumps(
-            {"metrics": recon, "split": "test", "likelihood": "nb", "model": "scVI (scvi-tools)", "budget": info}, indent=1))
+        (out / "reconstruction.json").write_text(
+            json.dumps(
+                {"metrics": recon, "split": "test", "likelihood": "nb", "model": "scVI (scvi-tools)", "budget": info},
+                indent=1,
+            )
+        )
         t0 = time.perf_counter()
         parts = []
         for r in range(args.replicates):

@@ -48,7 +48,10 @@ def token_batch(B: int, G: int, S: int, device, gen: torch.Generator):
     target = torch.zeros((B, G))
     target.scatter_(1, genes - 1, counts)
     mask = torch.ones((B, S), dtype=torch.bool)
-    return {k: v.to(device) for k, v in dict(genes=genes, counts=counts, mask=mask, library_size=target.sum(1), target=target).items()}
+    return {
+        k: v.to(device)
+        for k, v in dict(genes=genes, counts=counts, mask=mask, library_size=target.sum(1), target=target).items()
+    }
 
 
 def bench_vae(preset: str, G: int, S: int, Q: int, B: int, device, bf16: bool, repeats: int) -> dict:
@@ -70,8 +73,17 @@ def bench_vae(preset: str, G: int, S: int, Q: int, B: int, device, bf16: bool, r
         opt.step()
 
     sec = _time(step, device, repeats)
-    return {"bench": "vae_train", "preset": preset, "genes": G, "tokens": S, "decode_genes": Q if 0 < Q < G else G,
-            "batch": B, "bf16": bf16, "step_s": round(sec, 4), "cells_per_s": round(B / sec, 1)}
+    return {
+        "bench": "vae_train",
+        "preset": preset,
+        "genes": G,
+        "tokens": S,
+        "decode_genes": Q if 0 < Q < G else G,
+        "batch": B,
+        "bf16": bf16,
+        "step_s": round(sec, 4),
+        "cells_per_s": round(B / sec, 1),
+    }
 
 
 def bench_prior(preset: str, B: int, device, bf16: bool, repeats: int, m: int = 16, dl: int = 16) -> dict:
@@ -92,15 +104,32 @@ def bench_prior(preset: str, B: int, device, bf16: bool, repeats: int, m: int = 
         opt.step()
 
     sec = _time(step, device, repeats)
-    return {"bench": "prior_train", "preset": preset, "batch": B, "bf16": bf16, "step_s": round(sec, 4), "samples_per_s": round(B / sec, 1)}
+    return {
+        "bench": "prior_train",
+        "preset": preset,
+        "batch": B,
+        "bf16": bf16,
+        "step_s": round(sec, 4),
+        "samples_per_s": round(B / sec, 1),
+    }
 
 
 @torch.no_grad()
-def bench_sample(vae_preset: str, prior_preset: str, G: int, B: int, device, method: str, n_steps: int, w: float, repeats: int,
-                 bf16: bool = False) -> dict:
+def bench_sample(
+    vae_preset: str,
+    prior_preset: str,
+    G: int,
+    B: int,
+    device,
+    method: str,
+    n_steps: int,
+    w: float,
+    repeats: int,
+    bf16: bool = False,
+) -> dict:
     from sclatent.flow import guided_velocity, sample
-    from sclatent.nn.dit import DiT, DiTConfig
     from sclatent.inference import decode_chunks
+    from sclatent.nn.dit import DiT, DiTConfig
     from sclatent.nn.vae import TransformerVAE, VAEConfig
 
     vae = TransformerVAE(VAEConfig.preset(vae_preset, G)).to(device).eval()
@@ -122,8 +151,20 @@ def bench_sample(vae_preset: str, prior_preset: str, G: int, B: int, device, met
             vae.decode(z[rows], genes, lib[rows]).sample(gen)  # fp32, as SAMPLE
 
     sec = _time(run, device, repeats, warmup=1)
-    return {"bench": "sample", "vae": vae_preset, "prior": prior_preset, "genes": G, "batch": B, "method": method,
-            "n_steps": n_steps, "cfg_scale": w, "bf16": bf16, "nfe": info["nfe"], "batch_s": round(sec, 4), "cells_per_s": round(B / sec, 1)}
+    return {
+        "bench": "sample",
+        "vae": vae_preset,
+        "prior": prior_preset,
+        "genes": G,
+        "batch": B,
+        "method": method,
+        "n_steps": n_steps,
+        "cfg_scale": w,
+        "bf16": bf16,
+        "nfe": info["nfe"],
+        "batch_s": round(sec, 4),
+        "cells_per_s": round(B / sec, 1),
+    }
 
 
 def main() -> None:
@@ -142,8 +183,11 @@ def main() -> None:
     G, S = args.genes, args.tokens
     bf16s = [False, True]
     rows = []
-    vae_cases = [("tiny", 512), ("default", 512), ("default", 0)] if args.quick else [
-        ("tiny", 512), ("tiny", 0), ("default", 128), ("default", 256), ("default", 512), ("default", 0)]
+    vae_cases = (
+        [("tiny", 512), ("default", 512), ("default", 0)]
+        if args.quick
+        else [("tiny", 512), ("tiny", 0), ("default", 128), ("default", 256), ("default", 512), ("default", 0)]
+    )
     batches = [128] if device.type == "cpu" else [128, 512]
     for (preset, Q), bf16, B in ((c, b, bb) for c in vae_cases for b in bf16s for bb in batches):
         rows.append(bench_vae(preset, G, S, Q, B, device, bf16, args.repeats))
@@ -154,11 +198,27 @@ def main() -> None:
     sample_cases = [("heun", 2), ("heun", 4)] if args.quick else [("euler", 4), ("heun", 2), ("heun", 4), ("heun", 8)]
     for (method, n), bf16 in ((c, b) for c in sample_cases for b in bf16s):
         for w in (1.0, 2.0):
-            rows.append(bench_sample("default", "default", G, 512 if device.type == "cpu" else 4096, device, method, n, w,
-                                     max(2, args.repeats // 2), bf16=bf16))
+            rows.append(
+                bench_sample(
+                    "default",
+                    "default",
+                    G,
+                    512 if device.type == "cpu" else 4096,
+                    device,
+                    method,
+                    n,
+                    w,
+                    max(2, args.repeats // 2),
+                    bf16=bf16,
+                )
+            )
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    meta = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu x{os.cpu_count()}",
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "loadavg": os.getloadavg()}
+    meta = {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu x{os.cpu_count()}",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "loadavg": os.getloadavg(),
+    }
     out = {"meta": meta, "rows": rows}
     if args.json:
         with open(args.json, "w") as fh:

@@ -126,7 +126,7 @@ def test_attention_input_errors() -> None:
 
 
 def test_few_key_attention_matches_sdpa() -> None:
-    """The explicit CPU path used for few keys (the decoder's m latent tokens) is SDPA's function, and gradients agree."""
+    """The explicit CPU path for few keys (the decoder's m latent tokens) is SDPA's function; gradients agree."""
     g = _gen(7)
     q = torch.randn(3, 4, 50, 8, generator=g, requires_grad=True)  # (B, h, Q, dh)
     k = torch.randn(3, 4, 16, 8, generator=g, requires_grad=True)  # (B, h, S, dh), S <= _FEW_KEYS

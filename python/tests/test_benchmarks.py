@@ -27,7 +27,9 @@ def test_child_peak_rss_is_the_childs_own(tmp_path):
 
 
 def test_child_timeout_kills_and_reports(tmp_path):
-    wall, _, code = common.run_child([sys.executable, "-c", "import time; time.sleep(30)"], log_path=tmp_path / "c.log", timeout_s=1.0)
+    wall, _, code = common.run_child(
+        [sys.executable, "-c", "import time; time.sleep(30)"], log_path=tmp_path / "c.log", timeout_s=1.0
+    )
     assert code == -9 and wall < 15
 
 
@@ -48,8 +50,16 @@ def test_update_benchmarks_md_replaces_only_its_section(tmp_path):
 
 
 def test_growth_sentence_reports_the_loglog_slope():
-    rows = [{"genes": g, "step_ms": 2.0 * g, "full_decode_ms_per_cell": 0.01 * g, "peak_rss_mb": 600 + 0.1 * g,
-             "rss_after_imports_mb": 600} for g in (1_000, 2_000, 4_000)]
+    rows = [
+        {
+            "genes": g,
+            "step_ms": 2.0 * g,
+            "full_decode_ms_per_cell": 0.01 * g,
+            "peak_rss_mb": 600 + 0.1 * g,
+            "rss_after_imports_mb": 600,
+        }
+        for g in (1_000, 2_000, 4_000)
+    ]
     text = bench_report.growth_sentence(rows, "genes")
     assert "slope 1.00" in text and "2,000 to 8,000 ms" in text
 
@@ -90,7 +100,13 @@ def test_smoke_path_end_to_end(tmp_path):
     assert all(r["nfe"] >= 1 for r in sampler["rows"])
     assert res["speed"]["scaling"]["genes"] and res["speed"]["presets"]
     text = out.read_text()
-    for heading in ("Training budgets", "Generation, all", "Held-out combination", "Sampler study", "Scaling of the VAE"):
+    for heading in (
+        "Training budgets",
+        "Generation, all",
+        "Held-out combination",
+        "Sampler study",
+        "Scaling of the VAE",
+    ):
         assert heading in text
     assert "<!-- BEGIN smoke -->" in text and text.count("<!-- END smoke -->") == 1
 
@@ -107,7 +123,11 @@ def test_scvi_baseline_trains_reconstructs_and_generates(tmp_path):
     model, info = scvi_baseline.train_scvi(train, train.obs["cell_type"].astype(str).to_numpy(), "epochs", 2, seed=0)
     assert info["epochs"] == 2 and info["cells_per_s"] > 0
     recon = scvi_baseline.reconstruct(model, test, seed=0)
-    assert recon["n_cells"] == 30 and math.isfinite(recon["re_nll_gene_sum_cell_mean"]) and recon["re_nll_gene_sum_cell_mean"] > 0
+    assert (
+        recon["n_cells"] == 30
+        and math.isfinite(recon["re_nll_gene_sum_cell_mean"])
+        and recon["re_nll_gene_sum_cell_mean"] > 0
+    )
     a = scvi_baseline.generate(model, 25, 7.0, 0.3, seed=0, replicate=0)
     b = scvi_baseline.generate(model, 25, 7.0, 0.3, seed=0, replicate=0)
     assert a.shape == (25, 40) and (a != b).nnz == 0  # the same seed gives the same counts
@@ -115,7 +135,9 @@ def test_scvi_baseline_trains_reconstructs_and_generates(tmp_path):
 
 
 def test_run_all_rejects_two_modes():
-    proc = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--quick", "--full"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "run_all.py"), "--quick", "--full"], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
 
 
@@ -141,8 +163,12 @@ def test_vae_settings_grid_parsing():
     import bench_vae_settings
 
     points = bench_vae_settings.parse_grid("lr=1e-3,3e-3; gene-head=on,off")
-    assert points == [{"lr": "1e-3", "gene-head": "on"}, {"lr": "1e-3", "gene-head": "off"},
-                      {"lr": "3e-3", "gene-head": "on"}, {"lr": "3e-3", "gene-head": "off"}]
+    assert points == [
+        {"lr": "1e-3", "gene-head": "on"},
+        {"lr": "1e-3", "gene-head": "off"},
+        {"lr": "3e-3", "gene-head": "on"},
+        {"lr": "3e-3", "gene-head": "off"},
+    ]
     assert bench_vae_settings.parse_grid("") == [{}]
     assert bench_vae_settings._option("gene-head", "off") == ["--no-gene-head"]
     assert bench_vae_settings._option("lr", "1e-3") == ["--lr", "1e-3"]
@@ -151,8 +177,20 @@ def test_vae_settings_grid_parsing():
     assert bench_vae_settings.point_steps({"batch-size": "64", "max-steps": "1600"}, 400) == 1600
     with pytest.raises(ValueError, match="not 'option=v1,v2'"):
         bench_vae_settings.parse_grid("lr")
-    rows = [dict(dataset="pbmc", point="lr-1e-3", seed=s, steps=400, train_s=100.0 + 2 * s, re=700.0 + 2 * s,
-                 pcc=0.01, pcc_mean=0.02, mse=1.3) for s in (0, 1)]
+    rows = [
+        dict(
+            dataset="pbmc",
+            point="lr-1e-3",
+            seed=s,
+            steps=400,
+            train_s=100.0 + 2 * s,
+            re=700.0 + 2 * s,
+            pcc=0.01,
+            pcc_mean=0.02,
+            mse=1.3,
+        )
+        for s in (0, 1)
+    ]
     table = bench_vae_settings.table(rows).splitlines()
     assert len(table) == 3 and table[2] == "| pbmc | lr-1e-3 | 400 | 2 | 101 | 701.0 | 0.0100 | 0.020 | 1.300 |"
     # with --train-cells every row also has the training cells' RE and PCC: two more columns, means over seeds
@@ -194,14 +232,23 @@ def test_vae_bench_scripts_refuse_bad_arguments_naming_them(tmp_path, monkeypatc
     (tok / "manifest.json").write_text("{}")
 
     cases = [
-        (bench_vae_settings, ["--data", str(tmp_path), "--datasets", "x", "--workdir", str(tmp_path / "w"),
-                              "--train-cells", "-1"], "--train-cells must be >= 0, got -1"),
+        (
+            bench_vae_settings,
+            ["--data", str(tmp_path), "--datasets", "x", "--workdir", str(tmp_path / "w"), "--train-cells", "-1"],
+            "--train-cells must be >= 0, got -1",
+        ),
         (bench_vae_speed, ["--tokens", f"pbmc={tmp_path}", "--workdir", str(tmp_path / "w")], "pbmc="),
         (bench_vae_speed, ["--tokens", "pbmc", "--workdir", str(tmp_path / "w")], "'pbmc' is not name="),
-        (bench_vae_speed, ["--tokens", f"pbmc={tok}", "--workdir", str(tmp_path / "w"), "--variant", "--count-readout 4"],
-         "--variant '--count-readout 4' is not NAME="),
-        (bench_vae_speed, ["--tokens", f"pbmc={tok}", "--workdir", str(tmp_path / "w"), "--variant", "k4='--count-readout 4"],
-         "No closing quotation"),
+        (
+            bench_vae_speed,
+            ["--tokens", f"pbmc={tok}", "--workdir", str(tmp_path / "w"), "--variant", "--count-readout 4"],
+            "--variant '--count-readout 4' is not NAME=",
+        ),
+        (
+            bench_vae_speed,
+            ["--tokens", f"pbmc={tok}", "--workdir", str(tmp_path / "w"), "--variant", "k4='--count-readout 4"],
+            "No closing quotation",
+        ),
     ]
     for module, argv, message in cases:
         monkeypatch.setattr(sys, "argv", ["prog", *argv])

@@ -24,11 +24,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from click.testing import CliRunner
 
+from sclatent.checkpoint import load_checkpoint, load_run
 from sclatent.cli import main
+from sclatent.distributed import GlobalBatchDraws, distributed_job, shard_rows
 from sclatent.synthetic import synthetic_counts
 from sclatent.tokens import TokenLoader, tokenize
-from sclatent.checkpoint import load_checkpoint, load_run
-from sclatent.distributed import GlobalBatchDraws, distributed_job, shard_rows
 from sclatent.train import TrainConfig, default_split_batch
 from sclatent.train_prior import PriorTraining, train_prior
 from sclatent.train_vae import VAETraining, token_batch_rows, train_vae
@@ -45,9 +45,18 @@ OUTPUT_ATOL = 1e-6  # DiT velocities (order 0.1-1)
 def _train_config(batch_size: int, **kw) -> TrainConfig:
     # constant learning rate (no warmup, no decay), so that a run stopped at step 3 and resumed with
     # max_steps=6 is the same run as an uninterrupted one of 6 steps
-    base = dict(max_steps=1, batch_size=batch_size, lr=3e-3, warmup_frac=0.0, decay_frac=0.0, log_every=1,
-                checkpoint_every=3, seed=7, device="cpu",
-                precision="fp32")  # bf16 rounding would depend on how the batch is split across processes
+    base = dict(
+        max_steps=1,
+        batch_size=batch_size,
+        lr=3e-3,
+        warmup_frac=0.0,
+        decay_frac=0.0,
+        log_every=1,
+        checkpoint_every=3,
+        seed=7,
+        device="cpu",
+        precision="fp32",
+    )  # bf16 rounding would depend on how the batch is split across processes
     return TrainConfig(**{**base, **kw})
 
 
@@ -89,11 +98,19 @@ def _write_latents(folder: Path) -> Path:
     """A synthetic ENCODE output: 11 cells (batches of 5, 5, 1), 4 latent tokens of width 4, two labels."""
     rng = np.random.default_rng(3)
     path = folder / "latents.npz"
-    np.savez(path, train_z=rng.normal(size=(11, 4, 4)).astype(np.float32),
-             train_labels=np.stack([rng.integers(0, 3, 11), rng.integers(0, 2, 11)], axis=1).astype(np.int64))
-    sidecar = {"condition_keys": ["cell_type", "batch"],
-               "labels": {"cell_type": ["a", "b", "c"], "batch": ["x", "y"]},
-               "library_size": {}, "genes": ["g1"], "vocabulary_digest": "synthetic", "vae": "synthetic"}
+    np.savez(
+        path,
+        train_z=rng.normal(size=(11, 4, 4)).astype(np.float32),
+        train_labels=np.stack([rng.integers(0, 3, 11), rng.integers(0, 2, 11)], axis=1).astype(np.int64),
+    )
+    sidecar = {
+        "condition_keys": ["cell_type", "batch"],
+        "labels": {"cell_type": ["a", "b", "c"], "batch": ["x", "y"]},
+        "library_size": {},
+        "genes": ["g1"],
+        "vocabulary_digest": "synthetic",
+        "vae": "synthetic",
+    }
     path.with_suffix(".json").write_text(json.dumps(sidecar))
     return path
 
@@ -103,8 +120,15 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
     """Token shards (23 train cells, 40 genes) and synthetic latents."""
     folder = tmp_path_factory.mktemp("ddp_inputs")
     synthetic_counts(n_cells=23, n_genes=40, n_types=3, seed=5, mean_library=300).write_h5ad(folder / "train.h5ad")
-    tokenize(folder / "train.h5ad", folder / "tokens", genes="all", condition_keys=["cell_type"], shard_size=23,
-             max_tokens=24, progress=False)
+    tokenize(
+        folder / "train.h5ad",
+        folder / "tokens",
+        genes="all",
+        condition_keys=["cell_type"],
+        shard_size=23,
+        max_tokens=24,
+        progress=False,
+    )
     return folder / "tokens", _write_latents(folder)
 
 
@@ -122,8 +146,9 @@ def runs(inputs, tmp_path_factory) -> tuple[Path, Path]:
     multi = tmp_path_factory.mktemp("ddp")
     # fork (as DataLoader workers do; each rank runs on one thread): the ranks start with the modules this
     # process has imported, instead of spending ~10 s each importing them again
-    mp.start_processes(_worker, args=(_free_port(), str(multi), str(tokens), str(latents)), nprocs=WORLD,
-                       start_method="fork")
+    mp.start_processes(
+        _worker, args=(_free_port(), str(multi), str(tokens), str(latents)), nprocs=WORLD, start_method="fork"
+    )
     return single, multi
 
 
@@ -157,9 +182,12 @@ def test_vae_two_processes_match_one_process(runs, inputs) -> None:
     _assert_same_run(single / "vae", multi / "vae", ("nll", "kl"))
     batch = next(iter(TokenLoader(inputs[0], "train", batch_size=23, shuffle=False))).to_torch("cpu")
     genes = torch.arange(1, 41)  # (G,)
-    means = [load_run(run, "vae", weights="model")[0].reconstruct(batch["genes"], batch["counts"], batch["mask"], genes,
-                                                           batch["library_size"]).mean  # (23, G)
-             for run in (single / "vae", multi / "vae")]
+    means = [
+        load_run(run, "vae", weights="model")[0]
+        .reconstruct(batch["genes"], batch["counts"], batch["mask"], genes, batch["library_size"])
+        .mean  # (23, G)
+        for run in (single / "vae", multi / "vae")
+    ]
     torch.testing.assert_close(means[1], means[0], rtol=OUTPUT_RTOL, atol=0)
 
 
@@ -172,7 +200,9 @@ def test_prior_two_processes_match_one_process(runs) -> None:
     x, t = torch.randn(6, 4, 4, generator=g), torch.rand(6, generator=g)  # (B, m, dl), (B,)
     labels = torch.tensor([[0, 0], [1, 1], [2, 0], [3, 2], [0, 2], [3, 1]])  # (B, K), 3 and 2 are the null codes
     for which in ("model", "ema"):
-        velocities = [load_run(run, "prior", weights=which)[0](x, t, labels) for run in (single / "prior", multi / "prior")]
+        velocities = [
+            load_run(run, "prior", weights=which)[0](x, t, labels) for run in (single / "prior", multi / "prior")
+        ]
         torch.testing.assert_close(velocities[1], velocities[0], rtol=0, atol=OUTPUT_ATOL, msg=which)
 
 
@@ -196,8 +226,26 @@ def test_checkpoint_of_two_processes_resumes_in_one(runs, inputs, tmp_path) -> N
 def test_torchrun_command_line(inputs, tmp_path) -> None:
     """`torchrun --nproc_per_node 2 --no-python sclatent train-prior` trains the run of the plain command."""
     _, latents = inputs
-    args = ["train-prior", "--latents", str(latents), "--preset", "tiny", "--max-steps", "4", "--batch-size", "5",
-            "--device", "cpu", "--threads", "1", "--no-progress", "--seed", "3", "--precision", "fp32"]
+    args = [
+        "train-prior",
+        "--latents",
+        str(latents),
+        "--preset",
+        "tiny",
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "5",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--seed",
+        "3",
+        "--precision",
+        "fp32",
+    ]
     threads = torch.get_num_threads()
     try:  # the plain command in this process (a subprocess would only add start-up time)
         plain = CliRunner().invoke(main, [*args, "--outdir", str(tmp_path / "one")])
@@ -207,9 +255,23 @@ def test_torchrun_command_line(inputs, tmp_path) -> None:
     # launched as the TRAIN_PRIOR module does with 2 GPUs: every rank runs the bin/sclatent shim
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SCLATENT_PYTHON": sys.executable}
     launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-         "--no-python", str(REPO / "bin" / "sclatent"), *args, "--outdir", str(tmp_path / "two")],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(WORLD),
+            "--no-python",
+            str(REPO / "bin" / "sclatent"),
+            *args,
+            "--outdir",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
     h1, h2 = _history(tmp_path / "one" / "history.csv"), _history(tmp_path / "two" / "history.csv")
@@ -242,8 +304,13 @@ def test_shard_rows_tile_the_batch() -> None:
 
 def test_global_batch_draws_are_the_rows_of_one_process_draws() -> None:
     def draws(g: torch.Generator, rows: int) -> list[torch.Tensor]:
-        return [torch.rand((rows, 5), generator=g), torch.randn(rows, 2, 3, generator=g),
-                torch.randperm(9, generator=g), torch.rand(size=(5,), generator=g), torch.randn((rows,), generator=g)]
+        return [
+            torch.rand((rows, 5), generator=g),
+            torch.randn(rows, 2, 3, generator=g),
+            torch.randperm(9, generator=g),
+            torch.rand(size=(5,), generator=g),
+            torch.randn((rows,), generator=g),
+        ]
 
     g = torch.Generator().manual_seed(11)
     whole = draws(g, 7)  # one process, global batch of 7 cells

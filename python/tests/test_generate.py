@@ -34,13 +34,45 @@ def models(tmp_path_factory) -> dict[str, Path]:
     sheet = d / "s.csv"
     sheet.write_text(f"dataset,h5ad,split,batch,condition_keys\nmix,{MIXOLOGY},all,,cell_line;protocol\n")
     short = ("--max-steps", 20, "--no-progress", "--device", "cpu", "--threads", 1)
-    _ok("prepare", "--samplesheet", sheet, "--outdir", d / "p", "--n-hvg", 300, "--min-cells", 3, "--test-fraction", 0.5)
+    _ok(
+        "prepare", "--samplesheet", sheet, "--outdir", d / "p", "--n-hvg", 300, "--min-cells", 3, "--test-fraction", 0.5
+    )
     _ok("tokenize", "--train", d / "p/train.h5ad", "--outdir", d / "tok", "--max-tokens", 512, "--no-progress")
-    _ok("train-vae", "--tokens", d / "tok", "--outdir", d / "vae", "--preset", "tiny", "--batch-size", 32, "--decode-genes", 128, *short)
+    _ok(
+        "train-vae",
+        "--tokens",
+        d / "tok",
+        "--outdir",
+        d / "vae",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        32,
+        "--decode-genes",
+        128,
+        *short,
+    )
     _ok("encode", "--model", d / "vae", "--tokens", d / "tok", "--outdir", d / "enc", "--device", "cpu", "--threads", 1)
-    _ok("train-prior", "--latents", d / "enc/latents.npz", "--outdir", d / "prior", "--preset", "tiny", "--batch-size", 64, *short)
+    _ok(
+        "train-prior",
+        "--latents",
+        d / "enc/latents.npz",
+        "--outdir",
+        d / "prior",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        64,
+        *short,
+    )
     _ok("bundle", "--vae", d / "vae", "--prior", d / "prior", "--out", d / "model" / "model.pt")
-    return {"model": d / "model" / "model.pt", "vae": d / "vae", "prior": d / "prior", "test": d / "p/test.h5ad", "dir": d}
+    return {
+        "model": d / "model" / "model.pt",
+        "vae": d / "vae",
+        "prior": d / "prior",
+        "test": d / "p/test.h5ad",
+        "dir": d,
+    }
 
 
 def _sample(models: dict[str, Path], out: Path, *extra: Any) -> ad.AnnData:
@@ -64,10 +96,24 @@ def test_sample_contract_and_seed(models, assert_integer_counts) -> None:
 
 def test_unseen_label_is_a_clear_error(models) -> None:
     out = models["dir"] / "bad.h5ad"
-    result = _cli("sample", "--model", models["model"], "--out", out, "--n-cells", 5,
-                  "--condition", "cell_line=HeLa", "--device", "cpu")
+    result = _cli(
+        "sample",
+        "--model",
+        models["model"],
+        "--out",
+        out,
+        "--n-cells",
+        5,
+        "--condition",
+        "cell_line=HeLa",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code != 0
-    assert "cell_line=HeLa was never seen in training; known values of 'cell_line': A549, H1975, H2228, H838, HCC827" in result.output
+    assert (
+        "cell_line=HeLa was never seen in training; known values of 'cell_line': A549, H1975, H2228, H838, HCC827"
+        in result.output
+    )
     assert not out.exists()
 
 
@@ -84,7 +130,9 @@ def test_bf16_precision_is_recorded_and_close_to_fp32(models) -> None:
     assert np.linalg.norm(z16 - z32) / np.linalg.norm(z32) < 0.02
     same = np.mean(fp32.X.toarray() == bf16.X.toarray())
     assert same > 0.9  # the same NB stream: nearly every (cell, gene) count is identical
-    assert _cli("sample", "--model", models["model"], "--out", d / "auto.h5ad", *req, "--precision", "auto").exit_code != 0
+    assert (
+        _cli("sample", "--model", models["model"], "--out", d / "auto.h5ad", *req, "--precision", "auto").exit_code != 0
+    )
 
 
 def test_a_gene_subset_is_the_subset_of_a_full_generation(models) -> None:

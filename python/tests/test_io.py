@@ -63,14 +63,22 @@ def test_missing_samplesheet(tmp_path):
 def test_condition_keys_must_agree_within_dataset(make_h5ad, write_sheet):
     make_h5ad("a")
     make_h5ad("b")
-    sheet = write_sheet([["d", "a.h5ad", "", "", "cell_type"], ["d", "b.h5ad", "", "", "cell_type;batch"]], header="dataset,h5ad,split,batch,condition_keys")
+    sheet = write_sheet(
+        [["d", "a.h5ad", "", "", "cell_type"], ["d", "b.h5ad", "", "", "cell_type;batch"]],
+        header="dataset,h5ad,split,batch,condition_keys",
+    )
     with pytest.raises(InputError, match=r"row 2, column 'condition_keys': 'cell_type;batch' differs from row 1"):
         read_samplesheet(sheet)
 
 
 @pytest.mark.parametrize(
     "value,what",
-    [(1.5, "non-integer value 1.5"), (-2.0, "negative value -2.0"), (np.nan, "NaN value nan"), (np.inf, "infinite value inf")],
+    [
+        (1.5, "non-integer value 1.5"),
+        (-2.0, "negative value -2.0"),
+        (np.nan, "NaN value nan"),
+        (np.inf, "infinite value inf"),
+    ],
 )
 def test_check_counts_names_cell_gene_value(value, what):
     X = sp.csr_matrix(np.array([[1.0, 0.0, 3.0], [0.0, value, 2.0]]))
@@ -118,10 +126,15 @@ def _shard(start: int, stop: int, replicate: int):
     import pandas as pd
 
     n = stop - start
-    obs = pd.DataFrame({"cell_index": np.arange(start, stop), "replicate": replicate},
-                       index=[f"r{replicate}_c{i}" for i in range(start, stop)])
-    return ad.AnnData(X=sp.csr_matrix(np.full((n, 3), replicate + 1.0, np.float32)), obs=obs,
-                      var=pd.DataFrame(index=["g1", "g2", "g3"]))
+    obs = pd.DataFrame(
+        {"cell_index": np.arange(start, stop), "replicate": replicate},
+        index=[f"r{replicate}_c{i}" for i in range(start, stop)],
+    )
+    return ad.AnnData(
+        X=sp.csr_matrix(np.full((n, 3), replicate + 1.0, np.float32)),
+        obs=obs,
+        var=pd.DataFrame(index=["g1", "g2", "g3"]),
+    )
 
 
 def test_gather_orders_shards_and_rejects_non_shards(tmp_path) -> None:

@@ -52,8 +52,15 @@ def brute_prdc(x: np.ndarray, y: np.ndarray, k: int) -> dict[str, float]:
     }
 
 
-def make_counts_adata(n: int, seed: int, n_genes: int = 200, n_types: int = 4, scale: float = 1.0,
-                      sparse: bool = True, type_sizes: list[int] | None = None) -> ad.AnnData:
+def make_counts_adata(
+    n: int,
+    seed: int,
+    n_genes: int = 200,
+    n_types: int = 4,
+    scale: float = 1.0,
+    sparse: bool = True,
+    type_sizes: list[int] | None = None,
+) -> ad.AnnData:
     """Poisson counts from cluster-specific gene profiles; obs 'cell_type' and 'batch'."""
     rng = np.random.default_rng(seed)
     profiles = np.random.default_rng(1234).gamma(0.5, 1.0, size=(n_types, n_genes))
@@ -240,8 +247,12 @@ def test_evaluate_invariant_to_cell_order():
     kwargs = {"n_pcs": 8, "max_cells": 300, "w2_max_cells": 200, "min_cells_per_class": 20}
     a = M.evaluate(real, gen, ["cell_type", "batch"], **kwargs)
     rng = np.random.default_rng(0)
-    b = M.evaluate(real[rng.permutation(real.n_obs)].copy(), gen[rng.permutation(gen.n_obs)].copy(),
-                   ["cell_type", "batch"], **kwargs)
+    b = M.evaluate(
+        real[rng.permutation(real.n_obs)].copy(),
+        gen[rng.permutation(gen.n_obs)].copy(),
+        ["cell_type", "batch"],
+        **kwargs,
+    )
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
     assert json.dumps(a, allow_nan=False)  # JSON-able, no NaN
 
@@ -296,6 +307,7 @@ def test_feature_space_centres_generated_cells_on_the_real_mean():
     real_pcs, gen_pcs, info = M.feature_space(real.X, gen.X, mask, n_pcs=5)
     assert info["variant"] == "corrected: shared genes, real-mean centred"
     assert np.allclose(real_pcs.mean(axis=0), 0.0, atol=1e-10)
+
     # by hand: normalise each cell to 1e4 over all 50 genes, log1p, HVGs, subtract the real mean, project
     def lognorm(x):
         x = x.toarray().astype(np.float64)
@@ -344,8 +356,11 @@ def test_aggregate_replicates_by_hand():
         overall = {m: 0.0 for m in M.DISTRIBUTION_METRICS} | {"w2": w2_overall, "n_real": 10, "n_generated": 10}
         summary = {m: {"mean": 0.0, "sem": None, "n": 2} for m in M.DISTRIBUTION_METRICS}
         summary["w2"] = {"mean": w2_class_mean, "sem": 0.1, "n": 2}
-        return {"overall": overall, "labels": {"ct": {"knn_f1": f1}},
-                "per_class": {"ct": {"summary": summary, "n_classes": 2, "classes": {}, "skipped": []}}}
+        return {
+            "overall": overall,
+            "labels": {"ct": {"knn_f1": f1}},
+            "per_class": {"ct": {"summary": summary, "n_classes": 2, "classes": {}, "skipped": []}},
+        }
 
     out = M.aggregate_replicates([replicate(1.0, 2.0, 0.5), replicate(2.0, 4.0, 0.7), replicate(3.0, 6.0, 0.9)])
     assert out["n_replicates"] == 3
@@ -385,8 +400,10 @@ def test_reconstruction_tiny_example_by_hand():
     assert out["re_nll_gene_sum_cell_mean"] == 3.0
 
     def gene_pcc(a, b):  # per gene across rows, constant -> NaN, nanmean
-        r = [np.corrcoef(a[:, g], b[:, g])[0, 1] if np.ptp(a[:, g]) and np.ptp(b[:, g]) else np.nan
-             for g in range(a.shape[1])]
+        r = [
+            np.corrcoef(a[:, g], b[:, g])[0, 1] if np.ptp(a[:, g]) and np.ptp(b[:, g]) else np.nan
+            for g in range(a.shape[1])
+        ]
         return np.nanmean(r)
 
     # batch [0,1]: all three genes vary; batch [2,3]: gene 1 is constant in the sample -> dropped
@@ -417,6 +434,7 @@ def test_to_mqc_tsv_header_and_table():
     assert list(table.index) == ["overall", "per-class mean: cell_type"]
     assert table.loc["overall", "w2"] == pytest.approx(result["overall"]["w2"], rel=1e-5)
     assert table.loc["per-class mean: cell_type", "knn_f1"] == pytest.approx(
-        result["labels"]["cell_type"]["knn_f1"], rel=1e-5)
+        result["labels"]["cell_type"]["knn_f1"], rel=1e-5
+    )
     flat = M.to_mqc_tsv({"mse_sample": 0.25, "n_cells": 4})
     assert flat.splitlines()[-2:] == ["Sample\tmse_sample\tn_cells", "metrics\t0.25\t4"]

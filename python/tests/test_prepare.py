@@ -126,7 +126,10 @@ def _bad_case(tmp_path, write_sheet, case):
         X = good.X.toarray()
         X[5, 3] = -1
         good.X = sp.csr_matrix(X)
-        match = r"a.h5ad \[X\]: counts must be finite non-negative integers, found negative value -1.0 at cell 'cell_5', gene 'GENE00003'"
+        match = (
+            r"a.h5ad \[X\]: counts must be finite non-negative integers, found negative value -1.0 at cell "
+            r"'cell_5', gene 'GENE00003'"
+        )
     elif case == "nan":
         X = good.X.toarray()
         X[2, 1] = np.nan
@@ -152,7 +155,9 @@ def _bad_case(tmp_path, write_sheet, case):
     return write_sheet([["ds", "a.h5ad", "", ""]]), args, match
 
 
-@pytest.mark.parametrize("case", ["not_h5ad", "negative", "nan", "noninteger", "layer", "key", "dupgenes", "empty_train"])
+@pytest.mark.parametrize(
+    "case", ["not_h5ad", "negative", "nan", "noninteger", "layer", "key", "dupgenes", "empty_train"]
+)
 def test_bad_inputs_exit_2_one_line_no_output(tmp_path, write_sheet, case):
     sheet, args, match = _bad_case(tmp_path, write_sheet, case)
     out = tmp_path / "out"

@@ -26,23 +26,39 @@ import pytest
 from click.testing import CliRunner
 
 from sclatent import report as R
+from sclatent.cli import main
+from sclatent.evaluate import run_evaluate
 from sclatent.report import cells as RC
 from sclatent.report import html as RH
 from sclatent.report import inputs as RI
 from sclatent.report import sections as RS
-from sclatent.cli import main
-from sclatent.evaluate import run_evaluate
 
 REPO = Path(__file__).resolve().parents[2]
 MIXOLOGY = REPO / "assets" / "test_data" / "mixology.h5ad"
 SECTIONS = ("run-summary", "data-summary", "training", "reconstruction", "metrics", "per-class", "umap", "markers")
 FIGURES = (
-    "fig-training-vae", "fig-training-prior", "fig-per-class-cell-line", "fig-per-class-protocol",
-    "fig-per-class-cell-line-protocol", "fig-umap-source", "fig-umap-cell-line", "fig-umap-protocol", "fig-markers",
+    "fig-training-vae",
+    "fig-training-prior",
+    "fig-per-class-cell-line",
+    "fig-per-class-protocol",
+    "fig-per-class-cell-line-protocol",
+    "fig-umap-source",
+    "fig-umap-cell-line",
+    "fig-umap-protocol",
+    "fig-markers",
 )
 TABLES = (
-    "table-steps", "table-versions", "table-trace", "table-filters", "table-classes-cell-line", "table-classes-protocol",
-    "table-reconstruction", "table-overall", "table-labels", "table-per-class-cell-line", "table-per-class-protocol",
+    "table-steps",
+    "table-versions",
+    "table-trace",
+    "table-filters",
+    "table-classes-cell-line",
+    "table-classes-protocol",
+    "table-reconstruction",
+    "table-overall",
+    "table-labels",
+    "table-per-class-cell-line",
+    "table-per-class-protocol",
 )
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Tests on the pipeline's real outputs: the module's first such test pays ~30-45 s (training both stages,
@@ -69,42 +85,140 @@ def run(tmp_path_factory) -> dict[str, Path]:
     sheet = d / "s.csv"
     sheet.write_text(f"dataset,h5ad,split,batch,condition_keys\nmix,{MIXOLOGY},all,,cell_line;protocol\n")
     short = ("--max-steps", 20, "--no-progress", "--device", "cpu")
-    _ok("prepare", "--samplesheet", sheet, "--outdir", d / "p", "--n-hvg", 300, "--min-cells", 3, "--test-fraction", 0.5)
-    _ok("tokenize", "--train", d / "p/train.h5ad", "--test", d / "p/test.h5ad", "--outdir", d / "tok", "--max-tokens", 512, "--no-progress")
-    _ok("train-vae", "--tokens", d / "tok", "--outdir", d / "vae", "--preset", "tiny", "--batch-size", 32, "--decode-genes", 128, *short)
+    _ok(
+        "prepare", "--samplesheet", sheet, "--outdir", d / "p", "--n-hvg", 300, "--min-cells", 3, "--test-fraction", 0.5
+    )
+    _ok(
+        "tokenize",
+        "--train",
+        d / "p/train.h5ad",
+        "--test",
+        d / "p/test.h5ad",
+        "--outdir",
+        d / "tok",
+        "--max-tokens",
+        512,
+        "--no-progress",
+    )
+    _ok(
+        "train-vae",
+        "--tokens",
+        d / "tok",
+        "--outdir",
+        d / "vae",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        32,
+        "--decode-genes",
+        128,
+        *short,
+    )
     _ok("encode", "--model", d / "vae", "--tokens", d / "tok", "--outdir", d / "enc", "--device", "cpu")
-    _ok("train-prior", "--latents", d / "enc/latents.npz", "--outdir", d / "prior", "--preset", "tiny", "--batch-size", 64, *short)
+    _ok(
+        "train-prior",
+        "--latents",
+        d / "enc/latents.npz",
+        "--outdir",
+        d / "prior",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        64,
+        *short,
+    )
     _ok("bundle", "--vae", d / "vae", "--prior", d / "prior", "--out", d / "model.pt")
     for r in (0, 1):
-        _ok("sample", "--model", d / "model.pt", "--like", d / "p/test.h5ad", "--out", d / f"g{r}.h5ad", "--replicate", r,
-            "--device", "cpu")
+        _ok(
+            "sample",
+            "--model",
+            d / "model.pt",
+            "--like",
+            d / "p/test.h5ad",
+            "--out",
+            d / f"g{r}.h5ad",
+            "--replicate",
+            r,
+            "--device",
+            "cpu",
+        )
     _ok("gather", d / "g0.h5ad", d / "g1.h5ad", "--out", d / "gen.h5ad")
-    _ok("sample", "--model", d / "vae", "--prior-kind", "gaussian", "--like", d / "p/test.h5ad", "--out", d / "base.h5ad", "--device", "cpu")
+    _ok(
+        "sample",
+        "--model",
+        d / "vae",
+        "--prior-kind",
+        "gaussian",
+        "--like",
+        d / "p/test.h5ad",
+        "--out",
+        d / "base.h5ad",
+        "--device",
+        "cpu",
+    )
     # classes need >= 10 cells on both sides here (EVALUATE's default of 20 would skip most classes of 200 cells)
-    run_evaluate(d / "p/test.h5ad", d / "gen.h5ad", d / "ev", reconstruction=d / "enc/reconstruction.json", dataset="mix", min_cells_per_class=10)
+    run_evaluate(
+        d / "p/test.h5ad",
+        d / "gen.h5ad",
+        d / "ev",
+        reconstruction=d / "enc/reconstruction.json",
+        dataset="mix",
+        min_cells_per_class=10,
+    )
     run_evaluate(d / "p/test.h5ad", d / "base.h5ad", d / "evb", dataset="mix", min_cells_per_class=10, floor=False)
     trace = d / "trace.txt"  # the header and fields of nextflow.config's trace block
     trace.write_text(
         "task_id\thash\tnative_id\tprocess\ttag\tname\tstatus\texit\tcpus\tduration\trealtime\t%cpu\tpeak_rss\n"
         "1\tab/cdef12\t101\tSCLATENT:PREPARE\tmix\tSCLATENT:PREPARE (mix)\tCOMPLETED\t0\t2\t5.1s\t2.0s\t95.0%\t310 MB\n"
-        "2\t12/345678\t102\tSCLATENT:PREPARE\tother\tSCLATENT:PREPARE (other)\tCOMPLETED\t0\t2\t4.0s\t1.5s\t90.0%\t300 MB\n"
-        "3\tcd/ef0123\t103\tSCLATENT:TRAIN_VAE\tmix\tSCLATENT:TRAIN_VAE (mix)\tCOMPLETED\t0\t4\t1m 2s\t58.3s\t180.2%\t1.2 GB\n"
+        "2\t12/345678\t102\tSCLATENT:PREPARE\tother\tSCLATENT:PREPARE "
+        "(other)\tCOMPLETED\t0\t2\t4.0s\t1.5s\t90.0%\t300 MB\n"
+        "3\tcd/ef0123\t103\tSCLATENT:TRAIN_VAE\tmix\tSCLATENT:TRAIN_VAE (mix)\tCOMPLETED\t0\t4\t1m "
+        "2s\t58.3s\t180.2%\t1.2 GB\n"
     )
     return {
-        "prepare": d / "p/prepare.json", "manifest": d / "tok/manifest.json", "vae_history": d / "vae/history.csv",
-        "prior_history": d / "prior/history.csv", "reconstruction": d / "enc/reconstruction.json",
-        "metrics": d / "ev/metrics.json", "real": d / "p/test.h5ad", "generated": d / "gen.h5ad",
-        "baseline": d / "evb/metrics.json", "trace": trace, "dir": d,
+        "prepare": d / "p/prepare.json",
+        "manifest": d / "tok/manifest.json",
+        "vae_history": d / "vae/history.csv",
+        "prior_history": d / "prior/history.csv",
+        "reconstruction": d / "enc/reconstruction.json",
+        "metrics": d / "ev/metrics.json",
+        "real": d / "p/test.h5ad",
+        "generated": d / "gen.h5ad",
+        "baseline": d / "evb/metrics.json",
+        "trace": trace,
+        "dir": d,
     }
 
 
 def _full_args(run: dict[str, Path], out: Path) -> list[Any]:
     return [
-        "report", "--out", out, "--prepare", run["prepare"], "--manifest", run["manifest"].parent,
-        "--vae-history", run["vae_history"], "--prior-history", run["prior_history"].parent,
-        "--reconstruction", run["reconstruction"], "--metrics", run["metrics"], "--real", run["real"],
-        "--generated", run["generated"], "--baseline", f"gaussian_prior={run['baseline']}", "--trace", run["trace"],
-        "--max-cells", 150, "--seed", 0,
+        "report",
+        "--out",
+        out,
+        "--prepare",
+        run["prepare"],
+        "--manifest",
+        run["manifest"].parent,
+        "--vae-history",
+        run["vae_history"],
+        "--prior-history",
+        run["prior_history"].parent,
+        "--reconstruction",
+        run["reconstruction"],
+        "--metrics",
+        run["metrics"],
+        "--real",
+        run["real"],
+        "--generated",
+        run["generated"],
+        "--baseline",
+        f"gaussian_prior={run['baseline']}",
+        "--trace",
+        run["trace"],
+        "--max-cells",
+        150,
+        "--seed",
+        0,
     ]
 
 
@@ -224,8 +338,16 @@ def test_umap_embedding_is_seeded(run):
 # rendering in headless Chromium, driven over the DevTools protocol (a pipe; standard library only)
 # ----------------------------------------------------------------------------------------------------------
 CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--hide-scrollbars", "--remote-debugging-pipe",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--remote-debugging-pipe",
 )
 FIGURE_STATUS_JS = """JSON.stringify(Array.from(document.querySelectorAll('figure')).map(f => {
   const img = f.querySelector('img');
@@ -247,8 +369,18 @@ class _DevTools:
         moves += [f"{fd}<&-" for fd in (to_child_r, from_child_w) if fd not in (3, 4)]
         moves += [f"3<&{spare_r}", f"4>&{spare_w}", f"{spare_r}<&-", f"{spare_w}>&-"]
         self.proc = subprocess.Popen(
-            ["bash", "-c", f'exec "$0" "$@" {" ".join(moves)}', exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-            pass_fds=(to_child_r, from_child_w), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "bash",
+                "-c",
+                f'exec "$0" "$@" {" ".join(moves)}',
+                exe,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={profile}",
+                "about:blank",
+            ],
+            pass_fds=(to_child_r, from_child_w),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         os.close(to_child_r)
         os.close(from_child_w)
@@ -313,13 +445,31 @@ def render_in_chromium(page: Path, screenshot: Path | None = None) -> dict[str, 
             sid = cdp.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
             for domain in ("Runtime", "Log", "Network", "Page"):
                 cdp.call(f"{domain}.enable", session=sid)
-            cdp.call("Emulation.setDeviceMetricsOverride", session=sid, width=1280, height=900, deviceScaleFactor=1, mobile=False)
+            cdp.call(
+                "Emulation.setDeviceMetricsOverride",
+                session=sid,
+                width=1280,
+                height=900,
+                deviceScaleFactor=1,
+                mobile=False,
+            )
             cdp.call("Page.navigate", session=sid, url=page.resolve().as_uri())
             cdp.wait_event("Page.loadEventFired")
-            status = json.loads(cdp.call("Runtime.evaluate", session=sid, expression=FIGURE_STATUS_JS, returnByValue=True)["result"]["value"])
+            status = json.loads(
+                cdp.call("Runtime.evaluate", session=sid, expression=FIGURE_STATUS_JS, returnByValue=True)["result"][
+                    "value"
+                ]
+            )
             if screenshot is not None:
                 height = int(cdp.call("Page.getLayoutMetrics", session=sid)["cssContentSize"]["height"])
-                cdp.call("Emulation.setDeviceMetricsOverride", session=sid, width=1280, height=min(height, 16_000), deviceScaleFactor=1, mobile=False)
+                cdp.call(
+                    "Emulation.setDeviceMetricsOverride",
+                    session=sid,
+                    width=1280,
+                    height=min(height, 16_000),
+                    deviceScaleFactor=1,
+                    mobile=False,
+                )
                 shot = cdp.call("Page.captureScreenshot", session=sid, format="png")
                 screenshot.write_bytes(base64.b64decode(shot["data"]))
             time.sleep(0.3)  # let late console / log events arrive
@@ -331,11 +481,16 @@ def render_in_chromium(page: Path, screenshot: Path | None = None) -> dict[str, 
         return [e["params"] for e in cdp.events if e.get("method") == method]
 
     return {
-        "console_errors": [p for p in params("Runtime.consoleAPICalled") if p["type"] in ("error", "assert", "warning")],
+        "console_errors": [
+            p for p in params("Runtime.consoleAPICalled") if p["type"] in ("error", "assert", "warning")
+        ],
         "exceptions": params("Runtime.exceptionThrown"),
         "log_errors": [p["entry"] for p in params("Log.entryAdded") if p["entry"]["level"] in ("error", "warning")],
-        "remote_requests": [p["request"]["url"] for p in params("Network.requestWillBeSent")
-                            if not p["request"]["url"].startswith(("data:", "file:"))],
+        "remote_requests": [
+            p["request"]["url"]
+            for p in params("Network.requestWillBeSent")
+            if not p["request"]["url"].startswith(("data:", "file:"))
+        ],
         "failed_loads": params("Network.loadingFailed"),
         "figures": status,
     }
@@ -351,8 +506,10 @@ needs_chromium = pytest.mark.skipif(
 def test_chromium_harness_sees_errors(tmp_path):
     """The harness itself: a page with a console error, an exception and a broken image is caught."""
     bad = tmp_path / "bad.html"
-    bad.write_text('<html><body><figure id="f"><img src="data:image/png;base64,AAAA"></figure>'
-                   '<script>console.error("boom"); undefinedFunction();</script></body></html>')
+    bad.write_text(
+        '<html><body><figure id="f"><img src="data:image/png;base64,AAAA"></figure>'
+        '<script>console.error("boom"); undefinedFunction();</script></body></html>'
+    )
     result = render_in_chromium(bad)
     assert result["console_errors"] and result["exceptions"]
     assert result["figures"] == [{"id": "f", "loaded": False, "width": 0, "shown": True}]
@@ -427,7 +584,9 @@ def test_no_condition_keys(run, tmp_path):
     # built from the full metrics.json: metrics.evaluate(condition_keys=[]) currently fails (reported to the lead)
     (tmp_path / "m.json").write_text(json.dumps(_without_keys(json.loads(run["metrics"].read_text()))))
     out = tmp_path / "r.html"
-    summary = R.make_report(out, metrics=tmp_path / "m.json", real=run["real"], generated=run["generated"], max_cells=80)
+    summary = R.make_report(
+        out, metrics=tmp_path / "m.json", real=run["real"], generated=run["generated"], max_cells=80
+    )
     text, _ = _parse(out)
     assert summary["figures"] == ["fig-umap-source"]
     assert "No condition keys: no label metrics." in _section(text, "metrics")
@@ -440,9 +599,17 @@ def test_single_class(run, tmp_path):
     for name in ("real", "generated"):
         adata = ad.read_h5ad(run[name])
         adata[adata.obs["cell_line"] == "H1975"].copy().write_h5ad(tmp_path / f"{name}.h5ad")
-    run_evaluate(tmp_path / "real.h5ad", tmp_path / "generated.h5ad", tmp_path / "ev", condition_keys=["cell_line"], min_cells_per_class=10)
+    run_evaluate(
+        tmp_path / "real.h5ad",
+        tmp_path / "generated.h5ad",
+        tmp_path / "ev",
+        condition_keys=["cell_line"],
+        min_cells_per_class=10,
+    )
     out = tmp_path / "r.html"
-    summary = R.make_report(out, metrics=tmp_path / "ev/metrics.json", real=tmp_path / "real.h5ad", generated=tmp_path / "generated.h5ad")
+    summary = R.make_report(
+        out, metrics=tmp_path / "ev/metrics.json", real=tmp_path / "real.h5ad", generated=tmp_path / "generated.h5ad"
+    )
     text, _ = _parse(out)
     assert {"fig-per-class-cell-line", "fig-umap-source", "fig-umap-cell-line"} <= set(summary["figures"])
     assert "fig-markers" not in summary["figures"]
@@ -469,18 +636,34 @@ def _no_overall(d: Path) -> Path:
         (lambda run, d: ["--metrics", d / "absent.json"], "absent.json: file does not exist"),
         (lambda run, d: ["--metrics", _bad_json(d)], "bad.json: not valid JSON"),
         (lambda run, d: ["--metrics", run["prepare"]], "not a valid EVALUATE metrics.json (no 'generation' entry)"),
-        (lambda run, d: ["--metrics", _no_overall(d)], "m.json: not a valid EVALUATE metrics.json ('generation' has no 'overall' metrics)"),
+        (
+            lambda run, d: ["--metrics", _no_overall(d)],
+            "m.json: not a valid EVALUATE metrics.json ('generation' has no 'overall' metrics)",
+        ),
         (lambda run, d: ["--baseline", run["baseline"]], "expected NAME=metrics.json"),
         (lambda run, d: ["--baseline", f"b={run['prepare']}"], "not a valid EVALUATE metrics.json (baseline 'b')"),
         (lambda run, d: ["--vae-history", run["prepare"]], "not a training history CSV"),
         (lambda run, d: ["--trace", run["prepare"]], "not a Nextflow execution trace"),
         (lambda run, d: ["--real", run["prepare"], "--generated", run["generated"]], "not a readable .h5ad file"),
         (lambda run, d: ["--max-cells", 5], "--max-cells must be at least 10, got 5"),
-        (lambda run, d: ["--real", run["real"], "--generated", run["generated"], "--marker-key", "tissue"],
-         "--marker-key 'tissue' is not a condition key"),
+        (
+            lambda run, d: ["--real", run["real"], "--generated", run["generated"], "--marker-key", "tissue"],
+            "--marker-key 'tissue' is not a condition key",
+        ),
     ],
-    ids=["missing-file", "invalid-json", "wrong-json", "no-overall", "baseline-format", "baseline-content", "history", "trace", "h5ad",
-         "max-cells", "marker-key"],
+    ids=[
+        "missing-file",
+        "invalid-json",
+        "wrong-json",
+        "no-overall",
+        "baseline-format",
+        "baseline-content",
+        "history",
+        "trace",
+        "h5ad",
+        "max-cells",
+        "marker-key",
+    ],
 )
 def test_bad_input_is_one_line(run, tmp_path, case, expected):
     out = tmp_path / "r.html"

@@ -63,7 +63,22 @@ def test_shards_are_lossless_and_manifest_consistent(prepared):
 
 def test_genes_all_and_cli(prepared):
     tmp, train, _ = prepared
-    r = CliRunner().invoke(main, ["-q", "tokenize", "--train", str(tmp / "train.h5ad"), "--outdir", str(tmp / "tok"), "--genes", "all", "--condition-keys", "cell_type", "--no-progress"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "-q",
+            "tokenize",
+            "--train",
+            str(tmp / "train.h5ad"),
+            "--outdir",
+            str(tmp / "tok"),
+            "--genes",
+            "all",
+            "--condition-keys",
+            "cell_type",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 0, r.output
     m = read_manifest(tmp / "tok")
     assert m["n_genes"] == train.n_vars and m["condition_keys"] == ["cell_type"] and "test" not in m["splits"]
@@ -86,7 +101,9 @@ def test_loader_epoch_covers_every_cell_once_and_is_seeded(prepared):
     order0 = np.concatenate([b.cell_index for b in loader.iter_epoch(0)])
     assert sorted(order0.tolist()) == list(range(320))
     assert loader.n_batches() == sum(-(-s["n_cells"] // 16) for s in loader.shards) == len(list(loader.iter_epoch(1)))
-    again = np.concatenate([b.cell_index for b in TokenLoader(tmp / "tokens", "train", batch_size=16, seed=7).iter_epoch(0)])
+    again = np.concatenate(
+        [b.cell_index for b in TokenLoader(tmp / "tokens", "train", batch_size=16, seed=7).iter_epoch(0)]
+    )
     np.testing.assert_array_equal(order0, again)
     order1 = np.concatenate([b.cell_index for b in loader.iter_epoch(1)])
     assert not np.array_equal(order0, order1)
@@ -144,7 +161,13 @@ def test_unseen_test_labels_are_counted(tmp_path):
     test = a.copy()
     train.write_h5ad(tmp_path / "train.h5ad")
     test.write_h5ad(tmp_path / "test.h5ad")
-    m = tokenize(tmp_path / "train.h5ad", tmp_path / "t", test_path=tmp_path / "test.h5ad", condition_keys=["cell_type"], progress=False)
+    m = tokenize(
+        tmp_path / "train.h5ad",
+        tmp_path / "t",
+        test_path=tmp_path / "test.h5ad",
+        condition_keys=["cell_type"],
+        progress=False,
+    )
     n2 = int((a.obs["cell_type"] == "type_2").sum())
     assert m["splits"]["test"]["n_cells_unseen_labels"] == n2 and "type_2" not in m["labels"]["cell_type"]
     labels = np.concatenate([b.labels for b in TokenLoader(tmp_path / "t", "test", shuffle=False).iter_epoch(0)])
@@ -165,9 +188,16 @@ def test_errors(tmp_path, prepared):
     # an empty shard is a clear error
     tokenize(tmp / "train.h5ad", tmp / "tokens", progress=False)
     shard = tmp / "tokens" / "train" / "shard-00000.npz"
-    np.savez(shard, indptr=np.zeros(1, np.int64), genes=np.zeros(0, np.int32), counts=np.zeros(0, np.float32),
-             library_size=np.zeros(0, np.float32), labels=np.zeros((0, 2), np.int32), cell_index=np.zeros(0, np.int64),
-             obs_names=np.zeros(0, str))
+    np.savez(
+        shard,
+        indptr=np.zeros(1, np.int64),
+        genes=np.zeros(0, np.int32),
+        counts=np.zeros(0, np.float32),
+        library_size=np.zeros(0, np.float32),
+        labels=np.zeros((0, 2), np.int32),
+        cell_index=np.zeros(0, np.int64),
+        obs_names=np.zeros(0, str),
+    )
     with pytest.raises(InputError, match=r"shard-00000.npz: the token shard is empty"):
         next(TokenLoader(tmp / "tokens", "train").iter_epoch(0))
 
@@ -178,7 +208,13 @@ def test_real_pbmc_tokens(tmp_path, shared_datasets):
 
     rows = [SampleRow(1, "pbmc", str(shared_datasets / "pbmc3k_counts_celltype.h5ad"), "all", None)]
     prepare(rows, PrepareConfig(dataset="pbmc", condition_keys=["cell_type"], min_cells=3), tmp_path / "p")
-    m = tokenize(tmp_path / "p" / "train.h5ad", tmp_path / "tok", test_path=tmp_path / "p" / "test.h5ad", genes="all", progress=False)
+    m = tokenize(
+        tmp_path / "p" / "train.h5ad",
+        tmp_path / "tok",
+        test_path=tmp_path / "p" / "test.h5ad",
+        genes="all",
+        progress=False,
+    )
     assert m["splits"]["train"]["n_cells"] == 2160 and m["splits"]["test"]["n_cells"] == 540
     train = ad.read_h5ad(tmp_path / "p" / "train.h5ad")
     assert m["splits"]["train"]["nnz"] == train.X.nnz

@@ -40,7 +40,7 @@ class ToyData:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(self.x.shape[0], generator=g)
         for b in range(start_batch, self.n_batches(epoch)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield self.x[idx], self.y[idx]
 
 
@@ -90,8 +90,9 @@ def cfg_for(**kw) -> TrainConfig:
 
 @pytest.mark.parametrize("shape", ["sqrt", "cosine", "linear"])
 def test_lr_factor_key_steps(shape: str) -> None:
-    cfg = TrainConfig(max_steps=100, batch_size=1, warmup_frac=0.1, decay_frac=0.2, decay_shape=shape,
-                      final_lr_factor=0.1)
+    cfg = TrainConfig(
+        max_steps=100, batch_size=1, warmup_frac=0.1, decay_frac=0.2, decay_shape=shape, final_lr_factor=0.1
+    )
     assert lr_factor(0, cfg) == pytest.approx(0.01)  # warmup starts at lr/100
     assert lr_factor(5, cfg) == pytest.approx(0.5 + 0.5 / 100)  # halfway up the linear ramp
     assert lr_factor(10, cfg) == 1.0  # end of warmup
@@ -160,8 +161,15 @@ def test_lr_scales_multiply_the_learning_rate_of_the_named_parameters(tmp_path: 
 
     handle = register_optimizer_step_pre_hook(pre_step_hook)
     try:
-        train(make_model(), toy_loss, ToyData(), cfg_for(max_steps=6, lr_scales={"net.3": 10.0}), tmp_path,
-              model_config=MODEL_CONFIG, progress=False)
+        train(
+            make_model(),
+            toy_loss,
+            ToyData(),
+            cfg_for(max_steps=6, lr_scales={"net.3": 10.0}),
+            tmp_path,
+            model_config=MODEL_CONFIG,
+            progress=False,
+        )
     finally:
         handle.remove()
     assert len(seen) == 6
@@ -177,8 +185,15 @@ def test_bf16_autocast_trains_on_cpu_and_fp32_is_the_default_everywhere(tmp_path
     assert TrainConfig(max_steps=1, batch_size=1).precision == "fp32"
     with pytest.raises(ValueError, match="'auto'"):
         TrainConfig(max_steps=1, batch_size=1, precision="auto")
-    result = train(make_model(), toy_loss, ToyData(), cfg_for(precision="bf16"), tmp_path,
-                   model_config=MODEL_CONFIG, progress=False)
+    result = train(
+        make_model(),
+        toy_loss,
+        ToyData(),
+        cfg_for(precision="bf16"),
+        tmp_path,
+        model_config=MODEL_CONFIG,
+        progress=False,
+    )
     rows = list(csv.DictReader(open(tmp_path / "history.csv")))
     assert result.step == cfg_for().max_steps and all(math.isfinite(float(r["loss"])) for r in rows)
     assert json.loads((tmp_path / "config.json").read_text())["precision_used"] == "bf16"
@@ -190,8 +205,9 @@ def test_bf16_autocast_trains_on_cpu_and_fp32_is_the_default_everywhere(tmp_path
 
 def test_toy_regression_loss_falls(tmp_path: Path) -> None:
     cfg = cfg_for(max_steps=150, log_every=10, checkpoint_every=1000)
-    result = train(make_model(dropout=0.0), toy_loss, ToyData(), cfg, tmp_path, model_config=MODEL_CONFIG,
-                   progress=False)
+    result = train(
+        make_model(dropout=0.0), toy_loss, ToyData(), cfg, tmp_path, model_config=MODEL_CONFIG, progress=False
+    )
     _, rows = read_history(result.history_path)
     losses = [float(r["loss"]) for r in rows]
     assert [int(r["step"]) for r in rows] == list(range(10, 151, 10))
@@ -274,8 +290,15 @@ def test_grad_clip_bounds_applied_norm(tmp_path: Path) -> None:
 
     handle = register_optimizer_step_pre_hook(pre_step_hook)
     try:
-        result = train(model, big_loss, ToyData(), cfg_for(max_steps=5, grad_clip=0.5), tmp_path,
-                       model_config=MODEL_CONFIG, progress=False)
+        result = train(
+            model,
+            big_loss,
+            ToyData(),
+            cfg_for(max_steps=5, grad_clip=0.5),
+            tmp_path,
+            model_config=MODEL_CONFIG,
+            progress=False,
+        )
     finally:
         handle.remove()
     assert len(applied) == 5
@@ -289,11 +312,28 @@ def test_grad_clip_bounds_applied_norm(tmp_path: Path) -> None:
 
 
 def test_checkpoint_loads_weights_only_and_history_columns(tmp_path: Path) -> None:
-    result = train(make_model(), toy_loss, ToyData(), cfg_for(max_steps=10, ema_decay=0.99, log_every=3),
-                   tmp_path, model_config=MODEL_CONFIG, metadata={"inputs": {"x": "abc123"}}, progress=False)
+    result = train(
+        make_model(),
+        toy_loss,
+        ToyData(),
+        cfg_for(max_steps=10, ema_decay=0.99, log_every=3),
+        tmp_path,
+        model_config=MODEL_CONFIG,
+        metadata={"inputs": {"x": "abc123"}},
+        progress=False,
+    )
     ckpt = torch.load(result.checkpoint_path, map_location="cpu", weights_only=True)
-    for key in ("model", "ema", "optimizer", "step", "epoch", "batch_in_epoch", "generator", "torch_rng",
-                "history_len"):
+    for key in (
+        "model",
+        "ema",
+        "optimizer",
+        "step",
+        "epoch",
+        "batch_in_epoch",
+        "generator",
+        "torch_rng",
+        "history_len",
+    ):
         assert key in ckpt
     assert ckpt["step"] == 10 and (ckpt["epoch"], ckpt["batch_in_epoch"]) == (1, 4)  # 6 batches per epoch
     assert isinstance(ckpt["generator"], torch.Tensor)
@@ -323,8 +363,9 @@ class Interrupted(Exception):
 @pytest.mark.parametrize("log_every", [1, 3])
 def test_resume_equals_uninterrupted(tmp_path: Path, log_every: int) -> None:
     cfg = cfg_for(max_steps=20, checkpoint_every=10, log_every=log_every, ema_decay=0.9, weight_decay=0.01)
-    straight = train(make_model(), toy_loss, ToyData(), cfg, tmp_path / "straight", model_config=MODEL_CONFIG,
-                     progress=False)
+    straight = train(
+        make_model(), toy_loss, ToyData(), cfg, tmp_path / "straight", model_config=MODEL_CONFIG, progress=False
+    )
 
     calls = {"n": 0}
 
@@ -342,8 +383,9 @@ def test_resume_equals_uninterrupted(tmp_path: Path, log_every: int) -> None:
     assert int(rows_before[-1]["step"]) > 10  # rows past the checkpoint exist and must be dropped on resume
 
     torch.manual_seed(12345)  # the resume must not depend on the caller's global RNG state
-    resumed = train(make_model(seed=7), toy_loss, ToyData(), cfg, run_dir, resume=True, model_config=MODEL_CONFIG,
-                    progress=False)
+    resumed = train(
+        make_model(seed=7), toy_loss, ToyData(), cfg, run_dir, resume=True, model_config=MODEL_CONFIG, progress=False
+    )
 
     _, rows_a = read_history(straight.history_path)
     _, rows_b = read_history(resumed.history_path)
@@ -358,12 +400,19 @@ def test_resume_equals_uninterrupted(tmp_path: Path, log_every: int) -> None:
 
 
 def test_resume_refuses_different_model_config(tmp_path: Path) -> None:
-    train(make_model(), toy_loss, ToyData(), cfg_for(max_steps=3), tmp_path, model_config=MODEL_CONFIG,
-          progress=False)
+    train(make_model(), toy_loss, ToyData(), cfg_for(max_steps=3), tmp_path, model_config=MODEL_CONFIG, progress=False)
     other = {**MODEL_CONFIG, "hidden": 32, "blocks": {"n": 2}}
     with pytest.raises(ValueError, match=r"blocks\.n, hidden"):
-        train(make_model(), toy_loss, ToyData(), cfg_for(max_steps=3), tmp_path, resume=True, model_config=other,
-              progress=False)
+        train(
+            make_model(),
+            toy_loss,
+            ToyData(),
+            cfg_for(max_steps=3),
+            tmp_path,
+            resume=True,
+            model_config=other,
+            progress=False,
+        )
 
 
 def test_resume_refuses_different_lr_scales(tmp_path: Path) -> None:
@@ -372,26 +421,58 @@ def test_resume_refuses_different_lr_scales(tmp_path: Path) -> None:
     train(make_model(), toy_loss, ToyData(), cfg, tmp_path, model_config=MODEL_CONFIG, progress=False)
     for other in ({}, {"net.0": 3.0}, {"net.0": 10.0, "net.3": 10.0}):
         with pytest.raises(ValueError, match=r"learning-rate scales were \{net\.0: 10\}"):
-            train(make_model(), toy_loss, ToyData(), cfg_for(max_steps=6, lr_scales=other), tmp_path, resume=True,
-                  model_config=MODEL_CONFIG, progress=False)
+            train(
+                make_model(),
+                toy_loss,
+                ToyData(),
+                cfg_for(max_steps=6, lr_scales=other),
+                tmp_path,
+                resume=True,
+                model_config=MODEL_CONFIG,
+                progress=False,
+            )
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3  # the refused resumes wrote nothing
-    done = train(make_model(), toy_loss, ToyData(), cfg_for(max_steps=6, lr_scales={"net.0": 10.0}), tmp_path,
-                 resume=True, model_config=MODEL_CONFIG, progress=False)
+    done = train(
+        make_model(),
+        toy_loss,
+        ToyData(),
+        cfg_for(max_steps=6, lr_scales={"net.0": 10.0}),
+        tmp_path,
+        resume=True,
+        model_config=MODEL_CONFIG,
+        progress=False,
+    )
     assert done.step == 6
 
 
 def test_fresh_run_refuses_existing_checkpoint_and_resume_needs_one(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
-        train(make_model(), toy_loss, ToyData(), cfg_for(max_steps=3), tmp_path, resume=True,
-              model_config=MODEL_CONFIG, progress=False)
-    train(make_model(), toy_loss, ToyData(), cfg_for(max_steps=3), tmp_path, model_config=MODEL_CONFIG,
-          progress=False)
+        train(
+            make_model(),
+            toy_loss,
+            ToyData(),
+            cfg_for(max_steps=3),
+            tmp_path,
+            resume=True,
+            model_config=MODEL_CONFIG,
+            progress=False,
+        )
+    train(make_model(), toy_loss, ToyData(), cfg_for(max_steps=3), tmp_path, model_config=MODEL_CONFIG, progress=False)
     with pytest.raises(ValueError, match="resume=True"):
-        train(make_model(), toy_loss, ToyData(), cfg_for(max_steps=3), tmp_path, model_config=MODEL_CONFIG,
-              progress=False)
+        train(
+            make_model(), toy_loss, ToyData(), cfg_for(max_steps=3), tmp_path, model_config=MODEL_CONFIG, progress=False
+        )
     # resuming a finished run is a no-op that returns the trained weights
-    done = train(make_model(seed=5), toy_loss, ToyData(), cfg_for(max_steps=3), tmp_path, resume=True,
-                 model_config=MODEL_CONFIG, progress=False)
+    done = train(
+        make_model(seed=5),
+        toy_loss,
+        ToyData(),
+        cfg_for(max_steps=3),
+        tmp_path,
+        resume=True,
+        model_config=MODEL_CONFIG,
+        progress=False,
+    )
     saved = load_checkpoint(tmp_path / "checkpoint.pt")["model"]
     assert done.step == 3
     assert all(torch.equal(saved[k], v) for k, v in done.model_state().items())
@@ -411,8 +492,15 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path) -> None:
         return loss, terms
 
     with pytest.raises(NonFiniteLossError, match=r"nan at step 7") as info:
-        train(make_model(), nan_at_7, ToyData(), cfg_for(max_steps=20, checkpoint_every=5), tmp_path,
-              model_config=MODEL_CONFIG, progress=False)
+        train(
+            make_model(),
+            nan_at_7,
+            ToyData(),
+            cfg_for(max_steps=20, checkpoint_every=5),
+            tmp_path,
+            model_config=MODEL_CONFIG,
+            progress=False,
+        )
     assert info.value.step == 7 and math.isnan(info.value.value)
     assert (tmp_path / "checkpoint.pt").read_bytes() == snapshot["bytes"]
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
@@ -430,8 +518,15 @@ def test_short_epoch_is_reported(tmp_path: Path) -> None:
             return itertools.islice(super().iter_epoch(epoch, start_batch), 6 - start_batch)
 
     with pytest.raises(RuntimeError, match="stopped after 6 batches"):
-        train(make_model(), toy_loss, LyingData(), cfg_for(max_steps=20), tmp_path, model_config=MODEL_CONFIG,
-              progress=False)
+        train(
+            make_model(),
+            toy_loss,
+            LyingData(),
+            cfg_for(max_steps=20),
+            tmp_path,
+            model_config=MODEL_CONFIG,
+            progress=False,
+        )
 
 
 def test_atomic_helpers_roundtrip(tmp_path: Path) -> None:
@@ -474,16 +569,56 @@ def test_min_steps_raises_a_short_epoch_budget_end_to_end(tmp_path: Path) -> Non
     _synthetic_tokens(tmp_path, condition_keys=["cell_type"])
     common = ["--epochs", "1", "--batch-size", "20", "--device", "cpu", "--no-progress", "--preset", "tiny"]
     runner = CliRunner()
-    res = runner.invoke(main, ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--outdir", str(tmp_path / "v"),
-                               "--min-steps", "5", "--decode-genes", "8", *common])
+    res = runner.invoke(
+        main,
+        [
+            "-q",
+            "train-vae",
+            "--tokens",
+            str(tmp_path / "tok"),
+            "--outdir",
+            str(tmp_path / "v"),
+            "--min-steps",
+            "5",
+            "--decode-genes",
+            "8",
+            *common,
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "v" / "config.json").read_text())["train_config"]["max_steps"] == 5
-    res = runner.invoke(main, ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--outdir", str(tmp_path / "v0"),
-                               "--min-steps", "0", "--decode-genes", "8", *common])
+    res = runner.invoke(
+        main,
+        [
+            "-q",
+            "train-vae",
+            "--tokens",
+            str(tmp_path / "tok"),
+            "--outdir",
+            str(tmp_path / "v0"),
+            "--min-steps",
+            "0",
+            "--decode-genes",
+            "8",
+            *common,
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "v0" / "config.json").read_text())["train_config"]["max_steps"] == 2
-    res = runner.invoke(main, ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--outdir", str(tmp_path / "bad"),
-                               "--min-steps", "-1", *common])
+    res = runner.invoke(
+        main,
+        [
+            "-q",
+            "train-vae",
+            "--tokens",
+            str(tmp_path / "tok"),
+            "--outdir",
+            str(tmp_path / "bad"),
+            "--min-steps",
+            "-1",
+            *common,
+        ],
+    )
     assert res.exit_code != 0 and "--min-steps must be >= 0, got -1" in res.output
     assert not (tmp_path / "bad" / "checkpoint.pt").exists()
 
@@ -497,8 +632,19 @@ def test_train_vae_trains_the_same_model_on_every_device_and_records_its_setting
     from sclatent.nn.vae import VAEConfig
 
     _synthetic_tokens(tmp_path)
-    common = ["-q", "train-vae", "--tokens", str(tmp_path / "tok"), "--max-steps", "1", "--device", "cpu",
-              "--no-progress", "--preset", "tiny"]
+    common = [
+        "-q",
+        "train-vae",
+        "--tokens",
+        str(tmp_path / "tok"),
+        "--max-steps",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--preset",
+        "tiny",
+    ]
     runner = CliRunner()
     res = runner.invoke(main, [*common, "--outdir", str(tmp_path / "cpu")])
     assert res.exit_code == 0, res.output
@@ -525,7 +671,9 @@ def test_train_vae_theta_lr_scale_speeds_up_the_dispersions_only(tmp_path: Path)
 
     def run(name: str, **kw: object) -> dict:
         tcfg = TrainConfig(max_steps=1, batch_size=20, warmup_frac=0.0, device="cpu")
-        train_vae(tmp_path / "tok", tmp_path / name, VAETraining(preset="tiny", max_steps=10, **kw), tcfg, progress=False)
+        train_vae(
+            tmp_path / "tok", tmp_path / name, VAETraining(preset="tiny", max_steps=10, **kw), tcfg, progress=False
+        )
         return json.loads((tmp_path / name / "config.json").read_text())
 
     moved = {}

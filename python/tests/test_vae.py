@@ -44,8 +44,14 @@ def synthetic_batch(B: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
     order = torch.argsort((x == 0).float(), dim=1, stable=True)  # expressed genes first
     counts = x.gather(1, order)  # (B, G)
     mask = counts > 0
-    return {"genes": (order + 1) * mask, "counts": counts, "mask": mask, "library_size": x.sum(dim=1),
-            "target_genes": torch.arange(1, G + 1), "target_counts": x}
+    return {
+        "genes": (order + 1) * mask,
+        "counts": counts,
+        "mask": mask,
+        "library_size": x.sum(dim=1),
+        "target_genes": torch.arange(1, G + 1),
+        "target_counts": x,
+    }
 
 
 def _pad(batch: dict[str, torch.Tensor], extra: int) -> dict[str, torch.Tensor]:
@@ -66,8 +72,9 @@ def _without(extended: TransformerVAE, **plain: object) -> TransformerVAE:
     return base
 
 
-@pytest.mark.parametrize("overrides", [{}, {"embedding": "multiplicative"}, {"embedding": "concat"}, {"beta": 0.1},
-                                       {"count_readout": 0}])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"embedding": "multiplicative"}, {"embedding": "concat"}, {"beta": 0.1}, {"count_readout": 0}]
+)
 def test_encoder_invariant_to_token_order_and_padding(overrides: dict) -> None:
     model = _tiny(**overrides)
     b = synthetic_batch(8)
@@ -167,14 +174,18 @@ def test_count_means_sum_to_library_size(likelihood: str) -> None:
     model = _tiny(likelihood=likelihood)
     z = torch.randn(4, 4, 4, generator=torch.Generator().manual_seed(0))
     L = torch.tensor([1.0, 250.0, 3e4, 1e5])
-    torch.testing.assert_close(_count_mean(model.decode(z, torch.arange(1, G + 1), L)).sum(dim=1), L, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(
+        _count_mean(model.decode(z, torch.arange(1, G + 1), L)).sum(dim=1), L, rtol=1e-5, atol=0.0
+    )
 
 
 def test_likelihood_types_and_log_probs() -> None:
     expected = {"nb": NegativeBinomial, "zinb": ZeroInflatedNegativeBinomial, "poisson": Poisson, "gaussian": Gaussian}
     b = synthetic_batch(6)
     for name, cls in expected.items():
-        lik = _tiny(likelihood=name).reconstruct(b["genes"], b["counts"], b["mask"], b["target_genes"], b["library_size"])
+        lik = _tiny(likelihood=name).reconstruct(
+            b["genes"], b["counts"], b["mask"], b["target_genes"], b["library_size"]
+        )
         assert isinstance(lik, cls)
         lp = lik.log_prob(b["target_counts"])
         assert lp.shape == (6, G) and torch.isfinite(lp).all()
@@ -234,8 +245,17 @@ def test_weighted_loss_is_the_full_loss_with_unit_weights_and_estimates_it_from_
         draws = []
         for _ in range(200):
             idx, w = stratified_subset(b["target_counts"], q, 0.25, g)
-            draws.append(model.loss(b["genes"], b["counts"], b["mask"], b["library_size"], idx + 1,
-                                    b["target_counts"].gather(1, idx), target_weights=w)["nll"])
+            draws.append(
+                model.loss(
+                    b["genes"],
+                    b["counts"],
+                    b["mask"],
+                    b["library_size"],
+                    idx + 1,
+                    b["target_counts"].gather(1, idx),
+                    target_weights=w,
+                )["nll"]
+            )
         return (torch.stack(draws).mean() / full).item()
 
     r16, r32 = mean_estimate(16), mean_estimate(32)
@@ -312,7 +332,11 @@ def test_state_dict_round_trip_and_seeded_init() -> None:
     b = synthetic_batch(5)
     assert torch.equal(model.loss(**b, sample_posterior=False)["loss"], clone.loss(**b, sample_posterior=False)["loss"])
     torch.manual_seed(123)  # same seed -> same weights whatever the global RNG; another seed -> other weights
-    sd, same, other = model.state_dict(), TransformerVAE(cfg, seed=3).state_dict(), TransformerVAE(cfg, seed=4).state_dict()
+    sd, same, other = (
+        model.state_dict(),
+        TransformerVAE(cfg, seed=3).state_dict(),
+        TransformerVAE(cfg, seed=4).state_dict(),
+    )
     assert all(torch.equal(sd[k], same[k]) for k in sd)
     assert not all(torch.equal(sd[k], other[k]) for k in sd)
 
@@ -320,20 +344,42 @@ def test_state_dict_round_trip_and_seeded_init() -> None:
 def test_presets_paper_defaults_and_config_errors() -> None:
     default, scldm = VAEConfig.preset("default", 2000), VAEConfig.preset("scldm", 2000)
     for cfg in (default, scldm):  # the authors' sizes (reference/scldm_official.md §3)
-        assert (cfg.d_model, cfg.n_latent_tokens, cfg.d_latent, cfg.n_enc_blocks, cfg.n_dec_blocks) == (32, 16, 16, 8, 8)
+        assert (cfg.d_model, cfg.n_latent_tokens, cfg.d_latent, cfg.n_enc_blocks, cfg.n_dec_blocks) == (
+            32,
+            16,
+            16,
+            8,
+            8,
+        )
         assert (cfg.n_heads, cfg.n_cross_heads, cfg.beta, cfg.likelihood) == (8, 4, 0.0, "nb")
     # scldm: the released model exactly, E_g * log1p(x) tokens and no per-gene addition
-    assert (scldm.embedding, scldm.gene_head, scldm.count_readout, scldm.readout_dropout) == ("multiplicative", False, 0, 0.0)
-    assert (default.embedding, default.gene_head, default.count_readout, default.readout_dropout) == ("gene_count", True, 64, 0.2)
+    assert (scldm.embedding, scldm.gene_head, scldm.count_readout, scldm.readout_dropout) == (
+        "multiplicative",
+        False,
+        0,
+        0.0,
+    )
+    assert (default.embedding, default.gene_head, default.count_readout, default.readout_dropout) == (
+        "gene_count",
+        True,
+        64,
+        0.2,
+    )
     paper = VAEConfig(n_genes=2000)  # the dataclass defaults: the paper's eq. 9 model
     assert (paper.embedding, paper.gene_head, paper.count_readout) == ("concat", False, 0)
     # the authors' model has no per-gene tables beyond E and the dispersions: exactly 2 tables of G + 1 rows
     tables = [m for m in TransformerVAE(scldm).modules() if isinstance(m, torch.nn.Embedding)]
     assert [t.num_embeddings for t in tables] == [2001, 2001] and set(PRESETS) == {"default", "scldm", "tiny"}
     assert VAEConfig.from_dict(default.to_dict()) == default
-    for bad, match in (({"likelihood": "negbin"}, "'negbin'"), ({"embedding": "additive"}, "'additive'"),
-                       ({"n_heads": 3}, "n_heads=3"), ({"n_genes": 0}, "n_genes"), ({"beta": -1.0}, "beta"),
-                       ({"count_readout": -1}, "count_readout"), ({"readout_dropout": 1.0}, "readout_dropout")):
+    for bad, match in (
+        ({"likelihood": "negbin"}, "'negbin'"),
+        ({"embedding": "additive"}, "'additive'"),
+        ({"n_heads": 3}, "n_heads=3"),
+        ({"n_genes": 0}, "n_genes"),
+        ({"beta": -1.0}, "beta"),
+        ({"count_readout": -1}, "count_readout"),
+        ({"readout_dropout": 1.0}, "readout_dropout"),
+    ):
         with pytest.raises(ValueError, match=match):
             VAEConfig(**{"n_genes": 10, **bad})
     with pytest.raises(ValueError, match="'huge'"):
@@ -367,13 +413,15 @@ def test_gene_head_starts_as_the_shared_head_and_reaches_only_the_decoded_genes(
     """w_g . o_g with w = 0 at initialisation: the same decoder as without it; set, it changes the decode, each
     gene still depends only on z and its id, and its gradient reaches the decoded genes' rows only."""
     extended = _plain(likelihood=likelihood, gene_head=True)
-    base = _without(extended, likelihood=likelihood, embedding="concat", gene_head=False, count_readout=0,
-                    readout_dropout=0.0)
+    base = _without(
+        extended, likelihood=likelihood, embedding="concat", gene_head=False, count_readout=0, readout_dropout=0.0
+    )
     first = "m" if likelihood == "gaussian" else "logits"
     z = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0))
     all_genes = torch.arange(1, G + 1)
-    torch.testing.assert_close(extended.decode_parameters(z, all_genes)[first],
-                               base.decode_parameters(z, all_genes)[first], atol=0, rtol=0)
+    torch.testing.assert_close(
+        extended.decode_parameters(z, all_genes)[first], base.decode_parameters(z, all_genes)[first], atol=0, rtol=0
+    )
     table = extended.head.gene_weight
     with torch.no_grad():
         table.weight.normal_(generator=torch.Generator().manual_seed(3))
@@ -434,8 +482,9 @@ def test_readout_dropout_acts_in_training_only_and_keeps_the_sum_unbiased() -> N
         for _ in range(400):
             drop.encode(*args, generator=g)
     hook.remove()
-    full = torch.einsum("bs,bsk->bk", torch.log1p(b["counts"]) * b["mask"],
-                        drop.encoder.readout.table.weight[b["genes"]])  # (8, 3)
+    full = torch.einsum(
+        "bs,bsk->bk", torch.log1p(b["counts"]) * b["mask"], drop.encoder.readout.table.weight[b["genes"]]
+    )  # (8, 3)
     assert not torch.equal(seen[0], seen[1]) and not torch.allclose(seen[0], full)
     assert (torch.stack(seen).mean(0) - full).abs().max() < 0.15 * full.abs().max()
     runs = [drop.encode(*args, generator=torch.Generator().manual_seed(s))[0] for s in (1, 1, 2)]

@@ -1,16 +1,9 @@
 """Keep large CPU tensor buffers in the process instead of returning them to the kernel after every step.
 
-A CPU training step of the default VAE allocates and frees tens of (cell, gene) tensors of 8-23 MB (batch 128,
-512 decoded genes, the decoder MLP's 88-wide hidden layer). glibc's malloc serves blocks above its mmap
-threshold with mmap and gives them back with munmap, and trims the top of the heap when more than the trim
-threshold is free: either way the next step gets fresh pages, and the kernel zero-fills every one of them on
-first touch (~15k page faults per step here). Raising both thresholds lets freed blocks be reused. Measured on
-the 2-core CPU of BENCHMARKS.md (`sclatent train-vae --preset default --threads 2 --max-steps 100
---batch-size 128` on pbmc3k's tokens, three runs each, steady throughput): 592 -> 623 cells/s (+5%), peak RSS 1.33 -> 1.45 GB.
-
-PyTorch's CPU allocator is plain malloc, so this is a process-wide malloc setting (`mallopt`, glibc only; a
-no-op elsewhere and on CUDA tensors, which have their own caching allocator). Set SCLATENT_MALLOC_TUNING=0 to
-keep glibc's defaults.
+A CPU training step allocates and frees tens of (cell, gene) tensors of several MB. glibc's malloc serves blocks
+above its mmap threshold with mmap and trims the heap top when much is free, so the next step gets fresh pages
+that the kernel zero-fills on first touch; raising both thresholds lets freed blocks be reused (`mallopt`, glibc
+only; a no-op elsewhere and for CUDA tensors). Set SCLATENT_MALLOC_TUNING=0 to keep glibc's defaults.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The Python API: a trained model you load, embed AnnData with, reconstruct with and sample from.
 
-    import sclatent
-    model = sclatent.Model.load("results/pbmc/model")          # a model bundle (model.pt) or its folder
-    model.embed(adata)                                           # adata.obsm["X_sclatent"]
-    cells = model.sample(n=500, conditions={"cell_type": "B"}, cfg_scale=2.0)   # an AnnData of counts
-    model = sclatent.Model.train(adata, condition_keys=["cell_type"])           # or train one from an AnnData
+import sclatent
+model = sclatent.Model.load("results/pbmc/model")          # a model bundle (model.pt) or its folder
+model.embed(adata)                                           # adata.obsm["X_sclatent"]
+cells = model.sample(n=500, conditions={"cell_type": "B"}, cfg_scale=2.0)   # an AnnData of counts
+model = sclatent.Model.train(adata, condition_keys=["cell_type"])           # or train one from an AnnData
 """
 
 from __future__ import annotations
@@ -72,8 +72,10 @@ class Model:
     def __repr__(self) -> str:
         c = self.bundle.vae.config
         prior = "DiT prior" if self.bundle.prior is not None else "no prior"
-        return (f"sclatent.Model({len(self.genes)} genes, latent {c.n_latent_tokens}x{c.d_latent}, {prior}, "
-                f"condition keys {self.condition_keys}, device {self.device})")
+        return (
+            f"sclatent.Model({len(self.genes)} genes, latent {c.n_latent_tokens}x{c.d_latent}, {prior}, "
+            f"condition keys {self.condition_keys}, device {self.device})"
+        )
 
     # ---------------------------------------------------------------------------------------------- VAE
     def _tokens(self, adata: ad.AnnData, layer: str, gene_key: str | None) -> tuple[dict[str, np.ndarray], dict]:
@@ -84,8 +86,15 @@ class Model:
         return tokens_of(counts_matrix(adata, layer, source="adata"), ids), panel
 
     @torch.no_grad()
-    def embed(self, adata: ad.AnnData, *, layer: str = "X", gene_key: str | None = None, key: str = EMBEDDING_KEY,
-              batch_size: int = 256) -> np.ndarray:
+    def embed(
+        self,
+        adata: ad.AnnData,
+        *,
+        layer: str = "X",
+        gene_key: str | None = None,
+        key: str = EMBEDDING_KEY,
+        batch_size: int = 256,
+    ) -> np.ndarray:
         """Latent representation of every cell of `adata` (raw counts in `layer`), flattened to (n, m * d_latent),
         stored in `adata.obsm[key]` with the model's provenance in `adata.uns[key]`.
 
@@ -97,14 +106,18 @@ class Model:
         z = encode_batches(self.bundle.vae, batches, self.device)["z"]  # (n, m, d_latent)
         z = z.reshape(len(z), -1)
         adata.obsm[key] = z
-        adata.uns[key] = {"sclatent_version": __version__, "model": str(self.bundle.info.get("path", "")),
-                          "latent_shape": [self.bundle.vae.config.n_latent_tokens, self.bundle.vae.config.d_latent],
-                          **panel}
+        adata.uns[key] = {
+            "sclatent_version": __version__,
+            "model": str(self.bundle.info.get("path", "")),
+            "latent_shape": [self.bundle.vae.config.n_latent_tokens, self.bundle.vae.config.d_latent],
+            **panel,
+        }
         return z
 
     @torch.no_grad()
-    def reconstruct(self, adata: ad.AnnData, *, layer: str = "X", gene_key: str | None = None,
-                    batch_size: int = 256) -> ad.AnnData:
+    def reconstruct(
+        self, adata: ad.AnnData, *, layer: str = "X", gene_key: str | None = None, batch_size: int = 256
+    ) -> ad.AnnData:
         """The VAE's reconstruction (NB means) of the cells of `adata` over the vocabulary genes its panel holds,
         each cell decoded with its observed total over them; obs is copied from `adata`."""
         shard, _ = self._tokens(adata, layer, gene_key)
@@ -119,37 +132,71 @@ class Model:
         return ad.AnnData(X=np.concatenate(means), obs=adata.obs.copy(), var=var)
 
     # ---------------------------------------------------------------------------------------------- generation
-    def sample(self, n: int | None = None, conditions: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None,
-               *, like: ad.AnnData | None = None, guidance: str = "joint", cfg_scale: float | Mapping[str, float] = 1.0,
-               genes: Sequence[str] | None = None, seed: int = 0, **options: Any) -> ad.AnnData:
+    def sample(
+        self,
+        n: int | None = None,
+        conditions: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None,
+        *,
+        like: ad.AnnData | None = None,
+        guidance: str = "joint",
+        cfg_scale: float | Mapping[str, float] = 1.0,
+        genes: Sequence[str] | None = None,
+        seed: int = 0,
+        **options: Any,
+    ) -> ad.AnnData:
         """Generate cells: `n` per request in `conditions` ({key: value}, or a list of them; keys not given are
         marginalised), or one per cell of `like` with its labels. Returns counts over the model genes (or `genes`).
 
         `options` are further SampleConfig fields (method, n_steps, counts, prior, precision, batch_size, ...).
         """
         per_key = dict(cfg_scale) if isinstance(cfg_scale, Mapping) else None
-        cfg = SampleConfig(guidance=guidance, cfg_scale=1.0 if per_key else float(cfg_scale), cfg_scales=per_key,
-                           seed=seed, **options)
+        cfg = SampleConfig(
+            guidance=guidance, cfg_scale=1.0 if per_key else float(cfg_scale), cfg_scales=per_key, seed=seed, **options
+        )
         sampler = Sampler(self.bundle, cfg, self.device)
         if (like is None) == (n is None):
             raise InputError("give either n (with optional conditions) or like=<AnnData with the condition columns>")
         if like is not None:
             codes = label_codes(like.obs, sampler.keys, sampler.labels, source="like")
         else:
-            codes = request_codes(sampler, n_cells=n, conditions=dict(conditions) if isinstance(conditions, Mapping)
-                                  else None if conditions is None else [dict(c) for c in conditions])
+            codes = request_codes(
+                sampler,
+                n_cells=n,
+                conditions=dict(conditions)
+                if isinstance(conditions, Mapping)
+                else None
+                if conditions is None
+                else [dict(c) for c in conditions],
+            )
         X, latents, _ = sampler.generate(codes, None, sampler.gene_columns(genes))
         out = generated_anndata(X, codes, sampler, genes or self.genes, latents=latents)
-        out.uns["sclatent"] = {"sclatent_version": __version__, "guidance": guidance, "seed": seed,
-                               "method": cfg.method, "n_steps": cfg.n_steps}
+        out.uns["sclatent"] = {
+            "sclatent_version": __version__,
+            "guidance": guidance,
+            "seed": seed,
+            "method": cfg.method,
+            "n_steps": cfg.n_steps,
+        }
         return out
 
     # ---------------------------------------------------------------------------------------------- training
     @classmethod
-    def train(cls, adata: ad.AnnData, *, condition_keys: Sequence[str] = (), layer: str = "X",
-              genes: str = "all", vae: VAETraining | None = None, prior: PriorTraining | None = None,
-              vae_batch_size: int = 128, prior_batch_size: int = 256, seed: int = 0, device: str = "auto",
-              workdir: str | Path | None = None, progress: bool = True) -> Model:
+    def train(
+        cls,
+        adata: ad.AnnData,
+        *,
+        condition_keys: Sequence[str] = (),
+        layer: str = "X",
+        genes: str = "all",
+        vae: VAETraining | None = None,
+        prior: PriorTraining | None = None,
+        vae_batch_size: int = 128,
+        prior_batch_size: int = 256,
+        seed: int = 0,
+        device: str = "auto",
+        workdir: str | Path | None = None,
+        progress: bool = True,
+    ) -> Model:
         """Train a model on the cells of `adata` (raw counts in `layer`) and return it.
 
         genes: "all" (every var) or "hvg" (var['highly_variable']). The steps are the pipeline's (TOKENIZE,
@@ -169,13 +216,15 @@ class Model:
             work = Path(workdir) if workdir is not None else Path(tmp)
             work.mkdir(parents=True, exist_ok=True)
             X = counts_matrix(adata, layer, source="adata")
-            obs = pd.DataFrame({k: adata.obs[k].astype(str).to_numpy() for k in condition_keys},
-                               index=adata.obs_names.astype(str))
+            obs = pd.DataFrame(
+                {k: adata.obs[k].astype(str).to_numpy() for k in condition_keys}, index=adata.obs_names.astype(str)
+            )
             var = pd.DataFrame(index=adata.var_names.astype(str))
             if genes == "hvg":
                 if "highly_variable" not in adata.var.columns:
-                    raise InputError("genes='hvg' needs var['highly_variable'] (e.g. from scanpy's "
-                                     "highly_variable_genes)")
+                    raise InputError(
+                        "genes='hvg' needs var['highly_variable'] (e.g. from scanpy's highly_variable_genes)"
+                    )
                 var["highly_variable"] = adata.var["highly_variable"].to_numpy(dtype=bool)
             elif genes != "all":
                 raise InputError(f"genes must be 'all' or 'hvg', got '{genes}'")
@@ -185,8 +234,17 @@ class Model:
             tcfg = TrainConfig(max_steps=1, batch_size=vae_batch_size, seed=seed, device=device)
             train_vae(work / "tokens", work / "vae", vae, tcfg, progress=progress)
             encode(work / "vae", work / "tokens", work / "encode", EncodeConfig(seed=seed, device=device))
-            pcfg = TrainConfig(max_steps=1, batch_size=prior_batch_size, lr=5e-4, betas=(0.9, 0.999),
-                               decay_frac=1.0, decay_shape="cosine", ema_decay=0.999, seed=seed, device=device)
+            pcfg = TrainConfig(
+                max_steps=1,
+                batch_size=prior_batch_size,
+                lr=5e-4,
+                betas=(0.9, 0.999),
+                decay_frac=1.0,
+                decay_shape="cosine",
+                ema_decay=0.999,
+                seed=seed,
+                device=device,
+            )
             train_prior(work / "encode" / "latents.npz", work / "prior", prior, pcfg, progress=progress)
             bundle = bundle_from_runs(work / "vae", work / "prior")
         return cls(bundle, device=device)

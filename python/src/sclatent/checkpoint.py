@@ -49,8 +49,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, zipfile errors, ...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: not a readable sclatent checkpoint (truncated or not written by torch.save: "
-                         f"{reason[:200]})") from None
+        raise InputError(
+            f"{path}: not a readable sclatent checkpoint (truncated or not written by torch.save: {reason[:200]})"
+        ) from None
     if not isinstance(obj, dict):
         raise InputError(f"{path}: not a sclatent checkpoint (holds a {type(obj).__name__}, not a dict)")
     return obj
@@ -66,8 +67,9 @@ def build_model(stage: str, model_config: dict[str, Any]) -> nn.Module:
         raise InputError(f"the {stage} configuration cannot be built by sclatent {__version__}: {exc}") from None
 
 
-def load_run(run_dir: str | os.PathLike, stage: str, *, weights: str = "auto",
-             map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_run(
+    run_dir: str | os.PathLike, stage: str, *, weights: str = "auto", map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
     """A finished training run of `stage` ("vae" | "prior"): (model in eval mode, config.json content).
 
     weights: "ema", "model", or "auto" (the EMA when the run kept one).
@@ -101,12 +103,14 @@ def check_vocabulary(meta: dict[str, Any], manifest: dict[str, Any], *, what: st
             detail = f"gene {i + 1} is '{genes[i]}' in the model but '{theirs[i]}' in the tokens"
         raise InputError(f"{what}: the gene vocabulary differs from the model's ({detail})")
     if meta["condition_keys"] != manifest["condition_keys"]:
-        raise InputError(f"{what}: condition keys {manifest['condition_keys']} differ from the model's "
-                         f"{meta['condition_keys']}")
+        raise InputError(
+            f"{what}: condition keys {manifest['condition_keys']} differ from the model's {meta['condition_keys']}"
+        )
     for key, cats in meta["labels"].items():
         if manifest["labels"].get(key) != cats:
-            raise InputError(f"{what}: the categories of '{key}' differ from the model's "
-                             f"({manifest['labels'].get(key)} vs {cats})")
+            raise InputError(
+                f"{what}: the categories of '{key}' differ from the model's ({manifest['labels'].get(key)} vs {cats})"
+            )
 
 
 @dataclass
@@ -134,6 +138,7 @@ class Bundle:
 
     def payload(self) -> dict[str, Any]:
         """The bundle as tensors and plain values (what `save` writes)."""
+
         def part(model: nn.Module | None, stage: str) -> dict[str, Any] | None:
             if model is None:
                 return None
@@ -166,30 +171,51 @@ class Bundle:
         return path
 
 
-def bundle_from_runs(vae_dir: str | os.PathLike, prior_dir: str | os.PathLike | None = None, *,
-                     weights: str = "auto") -> Bundle:
+def bundle_from_runs(
+    vae_dir: str | os.PathLike, prior_dir: str | os.PathLike | None = None, *, weights: str = "auto"
+) -> Bundle:
     """Assemble a bundle from a TRAIN_VAE run folder and, optionally, the TRAIN_PRIOR run trained on its latents."""
     vae, vcfg = load_run(vae_dir, "vae", weights=weights)
     meta = vcfg["metadata"]
     info: dict[str, Any] = {
-        "vae": {"train_config": vcfg["train_config"], "weights": vcfg["weights_used"],
-                "sclatent_version": vcfg.get("sclatent_version"), "run": meta.get("run", {})},
+        "vae": {
+            "train_config": vcfg["train_config"],
+            "weights": vcfg["weights_used"],
+            "sclatent_version": vcfg.get("sclatent_version"),
+            "run": meta.get("run", {}),
+        },
         "provenance": {"tokens": meta.get("tokens_provenance", {}), "vae_dir": str(vae_dir)},
     }
-    bundle = Bundle(vae=vae, prior=None, genes=meta["genes"], condition_keys=meta["condition_keys"],
-                    labels=meta["labels"], library_size=meta["library_size"], info=info)
+    bundle = Bundle(
+        vae=vae,
+        prior=None,
+        genes=meta["genes"],
+        condition_keys=meta["condition_keys"],
+        labels=meta["labels"],
+        library_size=meta["library_size"],
+        info=info,
+    )
     if prior_dir is not None:
         prior, pcfg = load_run(prior_dir, "prior", weights=weights)
         pm = pcfg["metadata"]
-        if pm["vocabulary_digest"] != meta["vocabulary_digest"] or pm["condition_keys"] != meta["condition_keys"] \
-                or pm["labels"] != meta["labels"]:
-            raise InputError(f"prior {prior_dir} was trained on the latents of another VAE "
-                             f"(vocabulary or labels differ from {vae_dir})")
+        if (
+            pm["vocabulary_digest"] != meta["vocabulary_digest"]
+            or pm["condition_keys"] != meta["condition_keys"]
+            or pm["labels"] != meta["labels"]
+        ):
+            raise InputError(
+                f"prior {prior_dir} was trained on the latents of another VAE "
+                f"(vocabulary or labels differ from {vae_dir})"
+            )
         bundle.prior = prior
         bundle.latent_mean = torch.tensor(pm["latent_mean"], dtype=torch.float32)
         bundle.latent_std = torch.tensor(pm["latent_std"], dtype=torch.float32)
-        info["prior"] = {"train_config": pcfg["train_config"], "weights": pcfg["weights_used"],
-                         "sclatent_version": pcfg.get("sclatent_version"), "run": pm.get("run", {})}
+        info["prior"] = {
+            "train_config": pcfg["train_config"],
+            "weights": pcfg["weights_used"],
+            "sclatent_version": pcfg.get("sclatent_version"),
+            "run": pm.get("run", {}),
+        }
         info["provenance"]["prior_dir"] = str(prior_dir)
     return bundle
 
@@ -212,12 +238,15 @@ def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu
         path = path / BUNDLE_NAME
     data = load_checkpoint(path, map_location=map_location)
     if data.get("format") != BUNDLE_FORMAT:
-        raise InputError(f"{path}: not a sclatent model bundle (a training checkpoint? export one with "
-                         "`sclatent bundle`)")
+        raise InputError(
+            f"{path}: not a sclatent model bundle (a training checkpoint? export one with `sclatent bundle`)"
+        )
     version = data.get("format_version")
     if not isinstance(version, int) or version > BUNDLE_VERSION:
-        raise InputError(f"{path}: bundle format {version!r} was written by sclatent {data.get('sclatent_version')}; "
-                         f"this sclatent {__version__} reads formats up to {BUNDLE_VERSION}: upgrade sclatent")
+        raise InputError(
+            f"{path}: bundle format {version!r} was written by sclatent {data.get('sclatent_version')}; "
+            f"this sclatent {__version__} reads formats up to {BUNDLE_VERSION}: upgrade sclatent"
+        )
     absent = [k for k in _REQUIRED if k not in data]
     if absent or not isinstance(data["vae"], dict):
         raise InputError(f"{path}: incomplete model bundle (missing {', '.join(absent) or 'the VAE'})")
@@ -230,17 +259,34 @@ def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu
         try:
             net.load_state_dict(part["state_dict"])
         except RuntimeError as exc:
-            raise InputError(f"{path}: the {stage} weights do not fit its configuration "
-                             f"({str(exc).splitlines()[0]})") from None
+            raise InputError(
+                f"{path}: the {stage} weights do not fit its configuration ({str(exc).splitlines()[0]})"
+            ) from None
         return net.eval()
 
-    info = {s: {k: v for k, v in data[s].items() if k not in ("config", "state_dict")}
-            for s in ("vae", "prior") if data[s] is not None}
-    info.update(provenance=data.get("provenance", {}), sclatent_version=data.get("sclatent_version"),
-                torch_version=data.get("torch_version"), created=data.get("created"), path=str(path))
+    info = {
+        s: {k: v for k, v in data[s].items() if k not in ("config", "state_dict")}
+        for s in ("vae", "prior")
+        if data[s] is not None
+    }
+    info.update(
+        provenance=data.get("provenance", {}),
+        sclatent_version=data.get("sclatent_version"),
+        torch_version=data.get("torch_version"),
+        created=data.get("created"),
+        path=str(path),
+    )
     vae = model("vae")
     if len(data["genes"]) != vae.config.n_genes:
         raise InputError(f"{path}: {len(data['genes'])} genes in the vocabulary but the VAE has {vae.config.n_genes}")
-    return Bundle(vae=vae, prior=model("prior"), genes=list(data["genes"]), condition_keys=list(data["condition_keys"]),
-                  labels={k: list(v) for k, v in data["labels"].items()}, library_size=data["library_size"],
-                  latent_mean=data["latent_mean"], latent_std=data["latent_std"], info=info)
+    return Bundle(
+        vae=vae,
+        prior=model("prior"),
+        genes=list(data["genes"]),
+        condition_keys=list(data["condition_keys"]),
+        labels={k: list(v) for k, v in data["labels"].items()},
+        library_size=data["library_size"],
+        latent_mean=data["latent_mean"],
+        latent_std=data["latent_std"],
+        info=info,
+    )

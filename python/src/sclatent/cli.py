@@ -27,8 +27,9 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"  # no progress bars either
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="[sclatent %(asctime)s] %(levelname)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="[sclatent %(asctime)s] %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
+    )
 
 
 def _user_errors(fn):
@@ -91,8 +92,11 @@ def version_cmd(package: str) -> None:
 
 @main.command("check-samplesheet")
 @click.argument("samplesheet", type=FILE)
-@click.option("--base-dir", default=None, help="Folder or URI prefix that relative h5ad paths are resolved against "
-              "[default: the samplesheet's folder].")
+@click.option(
+    "--base-dir",
+    default=None,
+    help="Folder or URI prefix that relative h5ad paths are resolved against [default: the samplesheet's folder].",
+)
 @click.option("--check-exists/--no-check-exists", default=True, help="Require local h5ad paths to exist.")
 @click.option("--out", default=None, type=FILE, help="Write the normalised samplesheet (absolute paths) here.")
 @_user_errors
@@ -108,24 +112,45 @@ def check_samplesheet(samplesheet: str, base_dir: str | None, check_exists: bool
 
 
 @main.command()
-@click.option("--samplesheet", required=True, type=FILE, help="Samplesheet CSV: dataset,h5ad[,split][,batch]"
-              "[,condition_keys].")
+@click.option(
+    "--samplesheet", required=True, type=FILE, help="Samplesheet CSV: dataset,h5ad[,split][,batch][,condition_keys]."
+)
 @click.option("--dataset", default=None, help="Which dataset of the samplesheet [default: the only one].")
 @click.option("--outdir", required=True, type=DIR, help="Where train.h5ad, test.h5ad and prepare.json go.")
 @click.option("--counts-layer", default="X", help="Where the raw counts are: X or a layer name.")
-@click.option("--condition-keys", default="", help="Comma list of obs columns to condition on (the samplesheet's "
-              "condition_keys column, when given, takes precedence).")
+@click.option(
+    "--condition-keys",
+    default="",
+    help="Comma list of obs columns to condition on (the samplesheet's "
+    "condition_keys column, when given, takes precedence).",
+)
 @click.option("--n-hvg", default=2000, type=int, help="Number of highly variable genes to flag (seurat_v3).")
 @click.option("--test-fraction", default=0.2, type=float, help="Fraction of the cells of split=all files held out.")
 @click.option("--seed", default=0, type=int, help="Seed of the train/test split and the training-cell order.")
 @click.option("--min-genes", default=0, type=int, help="QC: drop cells with fewer expressed genes.")
 @click.option("--min-cells", default=0, type=int, help="QC: drop genes expressed in fewer cells.")
 @click.option("--min-counts", default=0, type=int, help="QC: drop cells with fewer total counts.")
-@click.option("--gene-join", type=click.Choice(["inner", "outer"]), default="inner",
-              help="Combine files on their shared genes (inner) or all genes (outer, zeros where absent).")
+@click.option(
+    "--gene-join",
+    type=click.Choice(["inner", "outer"]),
+    default="inner",
+    help="Combine files on their shared genes (inner) or all genes (outer, zeros where absent).",
+)
 @_user_errors
-def prepare(samplesheet, dataset, outdir, counts_layer, condition_keys, n_hvg, test_fraction, seed, min_genes,
-            min_cells, min_counts, gene_join) -> None:
+def prepare(
+    samplesheet,
+    dataset,
+    outdir,
+    counts_layer,
+    condition_keys,
+    n_hvg,
+    test_fraction,
+    seed,
+    min_genes,
+    min_cells,
+    min_counts,
+    gene_join,
+) -> None:
     """PREPARE: validate, combine, QC, split and flag HVGs for one dataset."""
     from .io import read_samplesheet
     from .prepare import PrepareConfig
@@ -135,16 +160,26 @@ def prepare(samplesheet, dataset, outdir, counts_layer, condition_keys, n_hvg, t
     names = sorted({r.dataset for r in rows})
     if dataset is None:
         if len(names) > 1:
-            raise InputError(f"samplesheet {samplesheet} has {len(names)} datasets ({', '.join(names)}); "
-                             "choose one with --dataset")
+            raise InputError(
+                f"samplesheet {samplesheet} has {len(names)} datasets ({', '.join(names)}); choose one with --dataset"
+            )
         dataset = names[0]
     elif dataset not in names:
         raise InputError(f"samplesheet {samplesheet} has no dataset '{dataset}' (has: {', '.join(names)})")
     sheet_keys = next(r.condition_keys for r in rows if r.dataset == dataset)
     keys = list(sheet_keys) if sheet_keys is not None else _keys(condition_keys)
-    cfg = PrepareConfig(dataset=dataset, counts_layer=counts_layer, condition_keys=keys, n_hvg=n_hvg,
-                        test_fraction=test_fraction, seed=seed, min_genes=min_genes, min_cells=min_cells,
-                        min_counts=min_counts, gene_join=gene_join)
+    cfg = PrepareConfig(
+        dataset=dataset,
+        counts_layer=counts_layer,
+        condition_keys=keys,
+        n_hvg=n_hvg,
+        test_fraction=test_fraction,
+        seed=seed,
+        min_genes=min_genes,
+        min_cells=min_cells,
+        min_counts=min_counts,
+        gene_join=gene_join,
+    )
     run(rows, cfg, outdir)
 
 
@@ -154,8 +189,12 @@ def prepare(samplesheet, dataset, outdir, counts_layer, condition_keys, n_hvg, t
 @click.option("--outdir", required=True, type=DIR, help="Output folder (shards + manifest.json).")
 @click.option("--genes", type=click.Choice(["hvg", "all"]), default="hvg", help="Vocabulary: PREPARE's HVGs or all.")
 @click.option("--condition-keys", default=None, help="Comma list of obs columns [default: those PREPARE recorded].")
-@click.option("--max-tokens", default=4096, type=int, help="Encoder input cap: cells with more expressed genes get "
-              "a seeded random subset of them at load time.")
+@click.option(
+    "--max-tokens",
+    default=4096,
+    type=int,
+    help="Encoder input cap: cells with more expressed genes get a seeded random subset of them at load time.",
+)
 @click.option("--shard-size", default=50_000, type=int, help="Cells per shard (bounds the loader's memory).")
 @click.option("--seed", default=0, type=int, help="Seed recorded for the loader.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
@@ -164,27 +203,49 @@ def tokenize(train, test, outdir, genes, condition_keys, max_tokens, shard_size,
     """TOKENIZE: sparse (gene id, count) tokens over a fixed vocabulary, sharded."""
     from .tokens import tokenize as run
 
-    run(train, outdir, test_path=test, genes=genes, condition_keys=None if condition_keys is None else
-        _keys(condition_keys), max_tokens=max_tokens, shard_size=shard_size, seed=seed, progress=progress)
+    run(
+        train,
+        outdir,
+        test_path=test,
+        genes=genes,
+        condition_keys=None if condition_keys is None else _keys(condition_keys),
+        max_tokens=max_tokens,
+        shard_size=shard_size,
+        seed=seed,
+        progress=progress,
+    )
 
 
 def _training_options(*, lr: float, batch_size: int, ema: float | None, min_steps: int):
     """Options of the shared training loop, with each stage's defaults."""
     opts = [
         click.option("--epochs", default=100.0, type=float, help="Training length in passes over the data."),
-        click.option("--min-steps", default=min_steps, type=int,
-                     help="At least this many optimiser steps however few epochs that is (0 = --epochs alone)."),
-        click.option("--max-steps", default=None, type=int, help="Training length in optimiser steps (overrides "
-                     "--epochs and --min-steps)."),
-        click.option("--batch-size", default=batch_size, type=int, help="Cells per batch (the global batch under "
-                     "torchrun)."),
+        click.option(
+            "--min-steps",
+            default=min_steps,
+            type=int,
+            help="At least this many optimiser steps however few epochs that is (0 = --epochs alone).",
+        ),
+        click.option(
+            "--max-steps",
+            default=None,
+            type=int,
+            help="Training length in optimiser steps (overrides --epochs and --min-steps).",
+        ),
+        click.option(
+            "--batch-size", default=batch_size, type=int, help="Cells per batch (the global batch under torchrun)."
+        ),
         click.option("--lr", default=lr, type=float, help="Peak learning rate (AdamW, warmup-stable-decay)."),
         click.option("--ema-decay", default=ema, type=float, help="EMA decay of the weights (0 = no EMA)."),
         click.option("--checkpoint-every", default=1000, type=int, help="Checkpoint every N steps and at the end."),
         click.option("--seed", default=0, type=int, help="Seed of initialisation, data order and every draw."),
         click.option("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ..."),
-        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32",
-                     help="Arithmetic: fp32 (TF32 products on CUDA) or bf16 autocast."),
+        click.option(
+            "--precision",
+            type=click.Choice(["fp32", "bf16"]),
+            default="fp32",
+            help="Arithmetic: fp32 (TF32 products on CUDA) or bf16 autocast.",
+        ),
         click.option("--threads", default=None, type=int, help="CPU threads for torch [default: torch's choice]."),
         click.option("--resume", is_flag=True, help="Continue the run in --outdir from its checkpoint."),
         click.option("--progress/--no-progress", default=True, help="Show a progress bar."),
@@ -203,27 +264,55 @@ def _train_config(kw: dict, **stage_defaults):
     from .train import TrainConfig
 
     _threads(kw["threads"])
-    return TrainConfig(max_steps=1, batch_size=kw["batch_size"], lr=kw["lr"], ema_decay=kw["ema_decay"] or None,
-                       checkpoint_every=kw["checkpoint_every"], seed=kw["seed"], device=kw["device"],
-                       precision=kw["precision"], **stage_defaults)
+    return TrainConfig(
+        max_steps=1,
+        batch_size=kw["batch_size"],
+        lr=kw["lr"],
+        ema_decay=kw["ema_decay"] or None,
+        checkpoint_every=kw["checkpoint_every"],
+        seed=kw["seed"],
+        device=kw["device"],
+        precision=kw["precision"],
+        **stage_defaults,
+    )
 
 
 @main.command("train-vae")
 @click.option("--tokens", required=True, type=click.Path(file_okay=False, exists=True), help="TOKENIZE's folder.")
 @click.option("--outdir", required=True, type=DIR, help="Run folder (checkpoint.pt, config.json, history.csv).")
-@click.option("--preset", type=click.Choice(["default", "scldm", "tiny"]), default="default",
-              help="default: the authors' sizes with the adopted per-gene additions; scldm: the authors' model as "
-              "released; tiny: a small model for tests and CPU demos.")
-@click.option("--embedding", type=click.Choice(["concat", "multiplicative", "gene_count"]), default=None,
-              help="Token embedding: paper eq. 9 (concat), the authors' code (multiplicative), or concat with a "
-              "per-gene count direction (gene_count) [default: the preset's].")
-@click.option("--likelihood", type=click.Choice(["nb", "zinb", "poisson", "gaussian"]), default="nb",
-              help="Count likelihood of the decoder (gaussian: on log1p(1e4 x / L)).")
-@click.option("--beta", default=0.0, type=click.FloatRange(min=0), help="KL weight: 0 = the authors' deterministic "
-              "encoder, > 0 = a beta-VAE with a Gaussian posterior.")
-@click.option("--decode-genes", default=512, type=click.IntRange(min=0),
-              help="Genes per cell in the loss: the cell's expressed genes, then importance-weighted unexpressed "
-              "ones (0 = every gene).")
+@click.option(
+    "--preset",
+    type=click.Choice(["default", "scldm", "tiny"]),
+    default="default",
+    help="default: the authors' sizes with the adopted per-gene additions; scldm: the authors' model as "
+    "released; tiny: a small model for tests and CPU demos.",
+)
+@click.option(
+    "--embedding",
+    type=click.Choice(["concat", "multiplicative", "gene_count"]),
+    default=None,
+    help="Token embedding: paper eq. 9 (concat), the authors' code (multiplicative), or concat with a "
+    "per-gene count direction (gene_count) [default: the preset's].",
+)
+@click.option(
+    "--likelihood",
+    type=click.Choice(["nb", "zinb", "poisson", "gaussian"]),
+    default="nb",
+    help="Count likelihood of the decoder (gaussian: on log1p(1e4 x / L)).",
+)
+@click.option(
+    "--beta",
+    default=0.0,
+    type=click.FloatRange(min=0),
+    help="KL weight: 0 = the authors' deterministic encoder, > 0 = a beta-VAE with a Gaussian posterior.",
+)
+@click.option(
+    "--decode-genes",
+    default=512,
+    type=click.IntRange(min=0),
+    help="Genes per cell in the loss: the cell's expressed genes, then importance-weighted unexpressed "
+    "ones (0 = every gene).",
+)
 @click.option("--max-tokens", default=None, type=int, help="Encoder input cap [default: the manifest's].")
 @_training_options(lr=1e-3, batch_size=128, ema=None, min_steps=5000)
 @_user_errors
@@ -232,21 +321,37 @@ def train_vae_cmd(tokens, outdir, preset, embedding, likelihood, beta, decode_ge
     from .train_vae import VAETraining, train_vae
 
     overrides = {"likelihood": likelihood, "beta": beta, **({"embedding": embedding} if embedding else {})}
-    run = VAETraining(preset=preset, model_overrides=overrides, epochs=kw["epochs"], min_steps=kw["min_steps"],
-                      max_steps=kw["max_steps"], decode_genes=decode_genes, max_tokens=max_tokens)
+    run = VAETraining(
+        preset=preset,
+        model_overrides=overrides,
+        epochs=kw["epochs"],
+        min_steps=kw["min_steps"],
+        max_steps=kw["max_steps"],
+        decode_genes=decode_genes,
+        max_tokens=max_tokens,
+    )
     tcfg = _train_config(kw, betas=(0.9, 0.95), decay_frac=0.1, decay_shape="sqrt")
     train_vae(tokens, outdir, run, tcfg, resume=kw["resume"], progress=kw["progress"])
 
 
 @main.command()
-@click.option("--model", required=True, type=click.Path(exists=True), help="A TRAIN_VAE run folder or a model "
-              "bundle (model.pt).")
-@click.option("--tokens", required=True, type=click.Path(file_okay=False, exists=True), help="TOKENIZE's folder "
-              "(the model's vocabulary).")
+@click.option(
+    "--model", required=True, type=click.Path(exists=True), help="A TRAIN_VAE run folder or a model bundle (model.pt)."
+)
+@click.option(
+    "--tokens",
+    required=True,
+    type=click.Path(file_okay=False, exists=True),
+    help="TOKENIZE's folder (the model's vocabulary).",
+)
 @click.option("--outdir", required=True, type=DIR, help="Where latents.npz, latents.json, reconstruction.json go.")
 @click.option("--batch-size", default=256, type=int, help="Cells per batch.")
-@click.option("--max-cells", default=10_000, type=int, help="At most this many test cells (a seeded subset, in file "
-              "order) in the reconstruction metrics.")
+@click.option(
+    "--max-cells",
+    default=10_000,
+    type=int,
+    help="At most this many test cells (a seeded subset, in file order) in the reconstruction metrics.",
+)
 @click.option("--seed", default=0, type=int, help="Seed of the subset and of the reconstruction's NB sample.")
 @click.option("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
 @click.option("--threads", default=None, type=int, help="CPU threads for torch.")
@@ -261,32 +366,53 @@ def encode(model, tokens, outdir, batch_size, max_cells, seed, device, threads) 
 
 
 @main.command("train-prior")
-@click.option("--latents", required=True, type=click.Path(dir_okay=False, exists=True),
-              help="ENCODE's latents.npz (latents.json beside it).")
+@click.option(
+    "--latents",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="ENCODE's latents.npz (latents.json beside it).",
+)
 @click.option("--outdir", required=True, type=DIR, help="Run folder (checkpoint.pt, config.json, history.csv).")
-@click.option("--preset", type=click.Choice(["default", "tiny"]), default="default",
-              help="DiT sizes: default (the authors': 256 wide, 8 blocks, 8 heads) or tiny.")
-@click.option("--rho", default=0.2, type=click.FloatRange(0, 1), help="Label dropout: each attribute is replaced by "
-              "its null token with this probability, independently.")
+@click.option(
+    "--preset",
+    type=click.Choice(["default", "tiny"]),
+    default="default",
+    help="DiT sizes: default (the authors': 256 wide, 8 blocks, 8 heads) or tiny.",
+)
+@click.option(
+    "--rho",
+    default=0.2,
+    type=click.FloatRange(0, 1),
+    help="Label dropout: each attribute is replaced by its null token with this probability, independently.",
+)
 @_training_options(lr=5e-4, batch_size=256, ema=0.999, min_steps=2000)
 @_user_errors
 def train_prior_cmd(latents, outdir, preset, rho, **kw) -> None:
     """TRAIN_PRIOR: train the DiT flow-matching prior with per-attribute label dropout."""
     from .train_prior import PriorTraining, train_prior
 
-    run = PriorTraining(preset=preset, epochs=kw["epochs"], min_steps=kw["min_steps"], max_steps=kw["max_steps"],
-                        rho=rho)
+    run = PriorTraining(
+        preset=preset, epochs=kw["epochs"], min_steps=kw["min_steps"], max_steps=kw["max_steps"], rho=rho
+    )
     tcfg = _train_config(kw, betas=(0.9, 0.999), decay_frac=1.0, decay_shape="cosine")
     train_prior(latents, outdir, run, tcfg, resume=kw["resume"], progress=kw["progress"])
 
 
 @main.command()
 @click.option("--vae", required=True, type=click.Path(file_okay=False, exists=True), help="TRAIN_VAE run folder.")
-@click.option("--prior", default=None, type=click.Path(file_okay=False, exists=True),
-              help="TRAIN_PRIOR run folder trained on that VAE's latents [default: a VAE-only bundle].")
+@click.option(
+    "--prior",
+    default=None,
+    type=click.Path(file_okay=False, exists=True),
+    help="TRAIN_PRIOR run folder trained on that VAE's latents [default: a VAE-only bundle].",
+)
 @click.option("--out", required=True, type=FILE, help="The model bundle to write (model.pt).")
-@click.option("--weights", type=click.Choice(["auto", "ema", "model"]), default="auto",
-              help="Which weights of each run (auto: the EMA when it was kept).")
+@click.option(
+    "--weights",
+    type=click.Choice(["auto", "ema", "model"]),
+    default="auto",
+    help="Which weights of each run (auto: the EMA when it was kept).",
+)
 @_user_errors
 def bundle(vae, prior, out, weights) -> None:
     """BUNDLE: one model file (weights, configurations, vocabularies, versions) for sampling and the Python API."""
@@ -325,25 +451,52 @@ def _gene_list(genes: str | None) -> list[str] | None:
 @click.option("--model", required=True, type=click.Path(exists=True), help="Model bundle (model.pt) from BUNDLE.")
 @click.option("--out", required=True, type=FILE, help="Output h5ad.")
 @click.option("--n-cells", default=None, type=int, help="Cells to generate per request (with --condition(s)).")
-@click.option("--condition", "conditions", multiple=True, help="key=value, repeatable; keys not given are "
-              "marginalised.")
-@click.option("--conditions", "requests", default=None, help="Several requests of --n-cells cells each: "
-              "'k=v,k2=v2;k=v3' (';' between requests).")
-@click.option("--like", default=None, type=click.Path(dir_okay=False, exists=True),
-              help="One generated cell per cell of this h5ad, with its labels.")
-@click.option("--guidance", type=click.Choice(["joint", "additive"]), default="joint",
-              help="Classifier-free guidance: joint (paper eq. 11) or additive (CFGen).")
-@click.option("--cfg-scale", "cfg_scale", multiple=True, default=("1.0",),
-              help="Guidance weight w, or key=w per attribute (additive); repeatable.")
+@click.option(
+    "--condition", "conditions", multiple=True, help="key=value, repeatable; keys not given are marginalised."
+)
+@click.option(
+    "--conditions",
+    "requests",
+    default=None,
+    help="Several requests of --n-cells cells each: 'k=v,k2=v2;k=v3' (';' between requests).",
+)
+@click.option(
+    "--like",
+    default=None,
+    type=click.Path(dir_okay=False, exists=True),
+    help="One generated cell per cell of this h5ad, with its labels.",
+)
+@click.option(
+    "--guidance",
+    type=click.Choice(["joint", "additive"]),
+    default="joint",
+    help="Classifier-free guidance: joint (paper eq. 11) or additive (CFGen).",
+)
+@click.option(
+    "--cfg-scale",
+    "cfg_scale",
+    multiple=True,
+    default=("1.0",),
+    help="Guidance weight w, or key=w per attribute (additive); repeatable.",
+)
 @click.option("--method", type=click.Choice(["euler", "heun", "dopri5"]), default="heun", help="ODE sampler.")
 @click.option("--n-steps", default=2, type=int, help="Steps of the fixed-step samplers.")
 @click.option("--atol", default=1e-5, type=float, help="dopri5 absolute tolerance.")
 @click.option("--rtol", default=1e-5, type=float, help="dopri5 relative tolerance.")
 @click.option("--counts", type=click.Choice(["sample", "mean"]), default="sample", help="NB draws or the NB mean.")
-@click.option("--library-size", "library", type=click.Choice(["model", "like"]), default="model",
-              help="Per-condition log-normal from training, or the --like cells' own totals.")
-@click.option("--prior-kind", type=click.Choice(["ldm", "gaussian"]), default="ldm",
-              help="The DiT prior, or N(0, I) (the paper's ablation).")
+@click.option(
+    "--library-size",
+    "library",
+    type=click.Choice(["model", "like"]),
+    default="model",
+    help="Per-condition log-normal from training, or the --like cells' own totals.",
+)
+@click.option(
+    "--prior-kind",
+    type=click.Choice(["ldm", "gaussian"]),
+    default="ldm",
+    help="The DiT prior, or N(0, I) (the paper's ablation).",
+)
 @click.option("--genes", default=None, help="Output genes: a comma list or @file (one per line) [default: all].")
 @click.option("--shard", default=None, help="Generate only cells start:stop of the request (for scattering).")
 @click.option("--replicate", default=0, type=int, help="Replicate number (another draw with the same seed).")
@@ -351,21 +504,62 @@ def _gene_list(genes: str | None) -> list[str] | None:
 @click.option("--seed", default=0, type=int, help="Seed.")
 @click.option("--keep-latents", is_flag=True, help="Store the latents in obsm['X_latent'].")
 @click.option("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32",
-              help="Arithmetic of the DiT: fp32 (TF32 products on CUDA) or bf16 autocast; the decoder stays fp32.")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    help="Arithmetic of the DiT: fp32 (TF32 products on CUDA) or bf16 autocast; the decoder stays fp32.",
+)
 @click.option("--threads", default=None, type=int, help="CPU threads for torch.")
 @_user_errors
-def sample(model, out, n_cells, conditions, requests, like, guidance, cfg_scale, method, n_steps, atol, rtol, counts,
-           library, prior_kind, genes, shard, replicate, batch_size, seed, keep_latents, device, precision,
-           threads) -> None:
+def sample(
+    model,
+    out,
+    n_cells,
+    conditions,
+    requests,
+    like,
+    guidance,
+    cfg_scale,
+    method,
+    n_steps,
+    atol,
+    rtol,
+    counts,
+    library,
+    prior_kind,
+    genes,
+    shard,
+    replicate,
+    batch_size,
+    seed,
+    keep_latents,
+    device,
+    precision,
+    threads,
+) -> None:
     """SAMPLE: generate cells (integer counts) conditioned on any subset of the labels."""
     from .generate import SampleConfig, parse_conditions, parse_requests, run_sample
 
     _threads(threads)
     scale, per = _parse_scales(cfg_scale)
-    cfg = SampleConfig(guidance=guidance, cfg_scale=scale, cfg_scales=per, method=method, n_steps=n_steps, atol=atol,
-                       rtol=rtol, batch_size=batch_size, seed=seed, replicate=replicate, counts=counts,
-                       library=library, prior=prior_kind, keep_latents=keep_latents, precision=precision)
+    cfg = SampleConfig(
+        guidance=guidance,
+        cfg_scale=scale,
+        cfg_scales=per,
+        method=method,
+        n_steps=n_steps,
+        atol=atol,
+        rtol=rtol,
+        batch_size=batch_size,
+        seed=seed,
+        replicate=replicate,
+        counts=counts,
+        library=library,
+        prior=prior_kind,
+        keep_latents=keep_latents,
+        precision=precision,
+    )
     span = None
     if shard:
         try:
@@ -376,8 +570,17 @@ def sample(model, out, n_cells, conditions, requests, like, guidance, cfg_scale,
     if requests and conditions:
         raise InputError("use either --condition (one request) or --conditions (several), not both")
     wanted = parse_requests(requests) if requests else parse_conditions(conditions)
-    run_sample(model, out, cfg, n_cells=n_cells, conditions=wanted, like=like, genes=_gene_list(genes), shard=span,
-               device=device)
+    run_sample(
+        model,
+        out,
+        cfg,
+        n_cells=n_cells,
+        conditions=wanted,
+        like=like,
+        genes=_gene_list(genes),
+        shard=span,
+        device=device,
+    )
 
 
 @main.command()
@@ -392,32 +595,64 @@ def gather(shards, out) -> None:
 
 
 @main.command()
-@click.option("--real", required=True, type=click.Path(dir_okay=False, exists=True),
-              help="Real test cells (PREPARE's test.h5ad: counts, labels, var['highly_variable']).")
-@click.option("--generated", required=True, type=click.Path(dir_okay=False, exists=True),
-              help="Generated cells (GATHER's output, obs['replicate']).")
+@click.option(
+    "--real",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="Real test cells (PREPARE's test.h5ad: counts, labels, var['highly_variable']).",
+)
+@click.option(
+    "--generated",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="Generated cells (GATHER's output, obs['replicate']).",
+)
 @click.option("--outdir", required=True, type=DIR, help="Where metrics.json and metrics_mqc.tsv go.")
 @click.option("--condition-keys", default=None, help="Comma list of obs columns [default: those PREPARE recorded].")
-@click.option("--reconstruction", default=None, type=click.Path(dir_okay=False, exists=True),
-              help="ENCODE's reconstruction.json, carried into metrics.json.")
+@click.option(
+    "--reconstruction",
+    default=None,
+    type=click.Path(dir_okay=False, exists=True),
+    help="ENCODE's reconstruction.json, carried into metrics.json.",
+)
 @click.option("--dataset", default=None, help="Dataset name recorded in metrics.json.")
 @click.option("--n-pcs", default=30, type=int, help="Principal components of the feature space.")
-@click.option("--max-cells", default=None, type=int, help="Seeded subsample cap per side for the kNN and MMD "
-              "metrics [default: 10,000].")
-@click.option("--floor/--no-floor", default=True, help="Also compute the real-vs-real floor (two halves of the "
-              "real cells).")
-@click.option("--min-cells-per-class", default=20, type=int, help="Classes with fewer cells on either side are "
-              "skipped (and listed) in the per-class metrics.")
+@click.option(
+    "--max-cells",
+    default=None,
+    type=int,
+    help="Seeded subsample cap per side for the kNN and MMD metrics [default: 10,000].",
+)
+@click.option(
+    "--floor/--no-floor", default=True, help="Also compute the real-vs-real floor (two halves of the real cells)."
+)
+@click.option(
+    "--min-cells-per-class",
+    default=20,
+    type=int,
+    help="Classes with fewer cells on either side are skipped (and listed) in the per-class metrics.",
+)
 @click.option("--seed", default=0, type=int, help="Seed of every subsample.")
 @_user_errors
-def evaluate(real, generated, outdir, condition_keys, reconstruction, dataset, n_pcs, max_cells, floor,
-             min_cells_per_class, seed) -> None:
+def evaluate(
+    real, generated, outdir, condition_keys, reconstruction, dataset, n_pcs, max_cells, floor, min_cells_per_class, seed
+) -> None:
     """EVALUATE: W2, MMD², FD, 1-NN, PRDC, kNN-F1, TSTR overall and per class, over replicates."""
     from .evaluate import run_evaluate
 
-    run_evaluate(real, generated, outdir, condition_keys=None if condition_keys is None else _keys(condition_keys),
-                 reconstruction=reconstruction, dataset=dataset, seed=seed, n_pcs=n_pcs, max_cells=max_cells,
-                 floor=floor, min_cells_per_class=min_cells_per_class)
+    run_evaluate(
+        real,
+        generated,
+        outdir,
+        condition_keys=None if condition_keys is None else _keys(condition_keys),
+        reconstruction=reconstruction,
+        dataset=dataset,
+        seed=seed,
+        n_pcs=n_pcs,
+        max_cells=max_cells,
+        floor=floor,
+        min_cells_per_class=min_cells_per_class,
+    )
 
 
 @main.command()
@@ -431,25 +666,63 @@ def evaluate(real, generated, outdir, condition_keys, reconstruction, dataset, n
 @click.option("--metrics", default=None, help="EVALUATE's metrics.json.")
 @click.option("--real", default=None, help="Real test cells (PREPARE's test.h5ad), for the UMAP and marker genes.")
 @click.option("--generated", default=None, help="Generated cells (GATHER's output), for the UMAP and markers.")
-@click.option("--baseline", "baselines", multiple=True, help="NAME=metrics.json of a baseline evaluated the same "
-              "way; repeatable.")
+@click.option(
+    "--baseline", "baselines", multiple=True, help="NAME=metrics.json of a baseline evaluated the same way; repeatable."
+)
 @click.option("--trace", default=None, help="Nextflow execution trace (tab-separated) for per-task wall times.")
-@click.option("--max-cells", default=3000, type=int, help="At most this many cells per side in the UMAP and dot "
-              "plot (seeded subsample).")
-@click.option("--marker-key", default=None, help="Condition key whose classes get marker genes [default: the first "
-              "with >= 2 classes].")
+@click.option(
+    "--max-cells",
+    default=3000,
+    type=int,
+    help="At most this many cells per side in the UMAP and dot plot (seeded subsample).",
+)
+@click.option(
+    "--marker-key",
+    default=None,
+    help="Condition key whose classes get marker genes [default: the first with >= 2 classes].",
+)
 @click.option("--n-markers", default=3, type=int, help="Top marker genes per class in the dot plot.")
 @click.option("--seed", default=0, type=int, help="Seed of the subsample and the UMAP.")
 @_user_errors
-def report(out, dataset, prepare_json, manifest, vae_history, prior_history, reconstruction, metrics, real, generated,
-           baselines, trace, max_cells, marker_key, n_markers, seed) -> None:
+def report(
+    out,
+    dataset,
+    prepare_json,
+    manifest,
+    vae_history,
+    prior_history,
+    reconstruction,
+    metrics,
+    real,
+    generated,
+    baselines,
+    trace,
+    max_cells,
+    marker_key,
+    n_markers,
+    seed,
+) -> None:
     """REPORT: one self-contained HTML page (tables, training curves, UMAPs, marker genes) for a dataset."""
     from .report import make_report, parse_baselines
 
-    make_report(out, dataset=dataset, prepare=prepare_json, manifest=manifest, vae_history=vae_history,
-                prior_history=prior_history, reconstruction=reconstruction, metrics=metrics, real=real,
-                generated=generated, baselines=parse_baselines(baselines), trace=trace, max_cells=max_cells,
-                seed=seed, marker_key=marker_key, n_markers=n_markers)
+    make_report(
+        out,
+        dataset=dataset,
+        prepare=prepare_json,
+        manifest=manifest,
+        vae_history=vae_history,
+        prior_history=prior_history,
+        reconstruction=reconstruction,
+        metrics=metrics,
+        real=real,
+        generated=generated,
+        baselines=parse_baselines(baselines),
+        trace=trace,
+        max_cells=max_cells,
+        seed=seed,
+        marker_key=marker_key,
+        n_markers=n_markers,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

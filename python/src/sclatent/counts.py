@@ -24,8 +24,10 @@ def check_counts(matrix: Any, obs_names: Sequence[str], var_names: Sequence[str]
     integer (row-major order); sparse matrices are checked on their stored values, dense ones in row blocks."""
     n, n_genes = matrix.shape
     if len(obs_names) != n or len(var_names) != n_genes:
-        raise InputError(f"{source}: counts have shape {matrix.shape} but {len(obs_names)} cell names and "
-                         f"{len(var_names)} gene names")
+        raise InputError(
+            f"{source}: counts have shape {matrix.shape} but {len(obs_names)} cell names and "
+            f"{len(var_names)} gene names"
+        )
     first, n_bad = None, 0
     if sp.issparse(matrix):
         csr = sp.csr_matrix(matrix)
@@ -47,11 +49,20 @@ def check_counts(matrix: Any, obs_names: Sequence[str], var_names: Sequence[str]
     if first is None:
         return
     row, col, value = first
-    what = ("NaN" if np.isnan(value) else "infinite" if not np.isfinite(value) else "negative" if value < 0
-            else "non-integer")
-    raise InputError(f"{source}: counts must be finite non-negative integers, found {what} value {value!r} at cell "
-                     f"'{obs_names[row]}', gene '{var_names[col]}' ({n_bad} bad entries in total; are these "
-                     f"normalised values? point --counts_layer at the raw counts)")
+    what = (
+        "NaN"
+        if np.isnan(value)
+        else "infinite"
+        if not np.isfinite(value)
+        else "negative"
+        if value < 0
+        else "non-integer"
+    )
+    raise InputError(
+        f"{source}: counts must be finite non-negative integers, found {what} value {value!r} at cell "
+        f"'{obs_names[row]}', gene '{var_names[col]}' ({n_bad} bad entries in total; are these "
+        f"normalised values? point --counts_layer at the raw counts)"
+    )
 
 
 def counts_matrix(adata: Any, layer: str, *, source: str) -> sp.csr_matrix:

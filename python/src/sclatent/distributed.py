@@ -21,7 +21,6 @@ from torch.overrides import TorchFunctionMode
 LossFn = Callable[[nn.Module, Any, torch.Generator], tuple[torch.Tensor, Mapping[str, float]]]
 
 
-
 @dataclass(frozen=True)
 class Distributed:
     """This process's place in a multi-process (torchrun) job."""
@@ -114,8 +113,13 @@ class GlobalBatchDraws(TorchFunctionMode):
         self.rows = rows
         self.local_rows = rows.stop - rows.start
 
-    def __torch_function__(self, func: Callable[..., Any], types: tuple[type, ...], args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: tuple[type, ...],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = dict(kwargs or {})
         if kwargs.get("generator") is not self.generator or func is torch.randperm:
             return func(*args, **kwargs)
@@ -153,8 +157,9 @@ def rank_device(device: torch.device, job: Distributed) -> torch.device:
     if device.type != "cuda":
         return device
     if device.index is not None:
-        raise ValueError(f"under torchrun each process uses GPU LOCAL_RANK; give device 'cuda' or 'auto', "
-                         f"not '{device}'")
+        raise ValueError(
+            f"under torchrun each process uses GPU LOCAL_RANK; give device 'cuda' or 'auto', not '{device}'"
+        )
     if job.local_rank >= torch.cuda.device_count():
         raise ValueError(f"LOCAL_RANK {job.local_rank} but only {torch.cuda.device_count()} GPUs are visible")
     return torch.device("cuda", job.local_rank)
@@ -180,13 +185,14 @@ def join_process_group(device: torch.device) -> bool:
     return True
 
 
-def global_mean(loss: torch.Tensor, terms: Mapping[str, float], weight: float,
-                 device: torch.device) -> tuple[float, dict[str, float]]:
+def global_mean(
+    loss: torch.Tensor, terms: Mapping[str, float], weight: float, device: torch.device
+) -> tuple[float, dict[str, float]]:
     """The global-batch loss and terms: the ranks' values (means over their cells) weighted by their share."""
-    values = torch.tensor([float(loss.detach()), *(float(v) for v in terms.values())], dtype=torch.float64,
-                          device=device) * weight  # (1 + n_terms,)
+    values = (
+        torch.tensor([float(loss.detach()), *(float(v) for v in terms.values())], dtype=torch.float64, device=device)
+        * weight
+    )  # (1 + n_terms,)
     dist.all_reduce(values)
     loss_value, *term_values = values.tolist()
     return loss_value, dict(zip(terms, term_values))
-
-

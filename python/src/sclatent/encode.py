@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 DEFINITIONS = {
     "re_nll_gene_sum_cell_mean": "RE: NB negative log-likelihood summed over the model genes, mean over cells",
     "pcc_gene_batch256_*": "per-gene Pearson r across the cells of consecutive 256-cell batches (file order), "
-                           "nanmean over genes, mean over batches (the scLDM code's PCC)",
+    "nanmean over genes, mean over batches (the scLDM code's PCC)",
     "pcc_gene_all_*": "per-gene Pearson r across all evaluated cells, nanmean over genes",
     "pcc_cell_*": "per-cell Pearson r across genes, nanmean over cells",
     "mse_*": "mean squared error over cells x genes",
@@ -97,14 +97,24 @@ def encode(model_path: str | Path, tokens_dir: str | Path, outdir: str | Path, c
         "vae": {"path": str(model_path), "model_config": vae.config.to_dict()},
         "provenance": prov,
     }
-    recon_doc = {"elapsed_s": round(time.time() - t0, 3), "metrics": recon, "split": "test",
-                 "likelihood": vae.config.likelihood, "definitions": DEFINITIONS, "provenance": prov}
+    recon_doc = {
+        "elapsed_s": round(time.time() - t0, 3),
+        "metrics": recon,
+        "split": "test",
+        "likelihood": vae.config.likelihood,
+        "definitions": DEFINITIONS,
+        "provenance": prov,
+    }
     outdir = Path(outdir)
     with atomic_outputs(outdir / "latents.npz", outdir / "latents.json", outdir / "reconstruction.json") as tmps:
         with open(tmps[0], "wb") as fh:
             np.savez(fh, **arrays)
         dump_json(sidecar, tmps[1])
         dump_json(recon_doc, tmps[2])
-    log.info("ENCODE done in %.1fs: RE %.1f, PCC(batch256, sample) %s", time.time() - t0,
-             recon.get("re_nll_gene_sum_cell_mean", float("nan")), recon.get("pcc_gene_batch256_sample"))
+    log.info(
+        "ENCODE done in %.1fs: RE %.1f, PCC(batch256, sample) %s",
+        time.time() - t0,
+        recon.get("re_nll_gene_sum_cell_mean", float("nan")),
+        recon.get("pcc_gene_batch256_sample"),
+    )
     return recon_doc

@@ -20,7 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .io import InputError, atomic_outputs, dump_json, provenance, read_h5ad, read_json
-from .metrics import aggregate_replicates, evaluate as evaluate_metrics, to_mqc_tsv
+from .metrics import aggregate_replicates, to_mqc_tsv
+from .metrics import evaluate as evaluate_metrics
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,11 @@ log = logging.getLogger(__name__)
 def _split_halves(adata, keys: Sequence[str], seed: int):
     """Two disjoint halves of `adata`, stratified by the joint labels (seeded)."""
     rng = np.random.default_rng(seed)
-    strata = adata.obs[list(keys)].astype(str).agg("|".join, axis=1).to_numpy() if keys else np.zeros(adata.n_obs, dtype=object)
+    strata = (
+        adata.obs[list(keys)].astype(str).agg("|".join, axis=1).to_numpy()
+        if keys
+        else np.zeros(adata.n_obs, dtype=object)
+    )
     first = np.zeros(adata.n_obs, dtype=bool)
     for value in sorted(set(strata.tolist())):
         idx = rng.permutation(np.flatnonzero(strata == value))
@@ -54,7 +59,11 @@ def run_evaluate(
     t0 = time.time()
     real = read_h5ad(real_path)
     gen = read_h5ad(generated_path)
-    keys = list(condition_keys) if condition_keys is not None else list(real.uns.get("sclatent", {}).get("condition_keys", []))
+    keys = (
+        list(condition_keys)
+        if condition_keys is not None
+        else list(real.uns.get("sclatent", {}).get("condition_keys", []))
+    )
     if "highly_variable" not in real.var.columns:
         raise InputError(f"{real_path}: no var['highly_variable'] (the HVG flags written by PREPARE)")
     reps = sorted(gen.obs["replicate"].unique().tolist()) if "replicate" in gen.obs.columns else [0]
@@ -85,11 +94,15 @@ def run_evaluate(
         a, b = _split_halves(real[:, model_genes].copy(), keys, seed)
         first = gen[gen.obs["replicate"] == reps[0]] if "replicate" in gen.obs.columns else gen
         pick = np.sort(np.random.default_rng(seed).choice(first.n_obs, size=min(a.n_obs, first.n_obs), replace=False))
-        log.info("real-vs-real floor: %d vs %d cells (model at matched size: %d vs %d)", a.n_obs, b.n_obs, len(pick), b.n_obs)
+        log.info(
+            "real-vs-real floor: %d vs %d cells (model at matched size: %d vs %d)", a.n_obs, b.n_obs, len(pick), b.n_obs
+        )
         try:
             # half B is the reference ("real") side of both comparisons
             result["real_vs_real"] = evaluate_metrics(b, a, keys, "highly_variable", model_genes=model_genes, **kwargs)
-            result["generated_vs_real_half"] = evaluate_metrics(b, first[pick], keys, "highly_variable", model_genes=model_genes, **kwargs)
+            result["generated_vs_real_half"] = evaluate_metrics(
+                b, first[pick], keys, "highly_variable", model_genes=model_genes, **kwargs
+            )
         except ValueError as exc:
             log.warning("real-vs-real floor not computed: %s", exc)
             result["real_vs_real"] = result["generated_vs_real_half"] = None
@@ -113,11 +126,17 @@ def run_evaluate(
         name = result["dataset"] or "dataset"
         parts = [(f"{name}: ", summary)]
         if result.get("real_vs_real"):
-            parts += [(f"{name} (half-size): ", result["generated_vs_real_half"]), (f"{name} real-vs-real floor: ", result["real_vs_real"])]
+            parts += [
+                (f"{name} (half-size): ", result["generated_vs_real_half"]),
+                (f"{name} real-vs-real floor: ", result["real_vs_real"]),
+            ]
         if result.get("reconstruction"):
             parts.append((f"{name} reconstruction: ", result["reconstruction"]))
         Path(tt).write_text(to_mqc_tsv(parts))
-    log.info("EVALUATE done in %.1fs: W2 %.3f (floor %s)", result["elapsed_s"],
-             summary["overall"]["w2"]["mean"],
-             "n/a" if not result.get("real_vs_real") else f"{result['real_vs_real']['overall']['w2']:.3f}")
+    log.info(
+        "EVALUATE done in %.1fs: W2 %.3f (floor %s)",
+        result["elapsed_s"],
+        summary["overall"]["w2"]["mean"],
+        "n/a" if not result.get("real_vs_real") else f"{result['real_vs_real']['overall']['w2']:.3f}",
+    )
     return result

@@ -93,7 +93,9 @@ class GuidedVelocity:
     the network runs under bf16 autocast (its matrix products in bf16) and its output is cast back to x's dtype.
     """
 
-    def __init__(self, model: DiT, labels: Tensor, guidance: str, w: float | Sequence[float], autocast: bool = False) -> None:
+    def __init__(
+        self, model: DiT, labels: Tensor, guidance: str, w: float | Sequence[float], autocast: bool = False
+    ) -> None:
         if guidance not in GUIDANCE_MODES:
             raise ValueError(f"unknown guidance {guidance!r}; choose one of {GUIDANCE_MODES}")
         if labels.ndim != 2:
@@ -177,7 +179,10 @@ class GuidedVelocity:
 
 
 def guided_velocity(
-    model: DiT, labels: Tensor, guidance: Literal["joint", "additive"] = "joint", w: float | Sequence[float] = 1.0,
+    model: DiT,
+    labels: Tensor,
+    guidance: Literal["joint", "additive"] = "joint",
+    w: float | Sequence[float] = 1.0,
     autocast: bool = False,
 ) -> GuidedVelocity:
     """Velocity function of the guided field for request labels (B, K); see :class:`GuidedVelocity`."""
@@ -300,7 +305,7 @@ def _dopri5(f: _CountingRHS, x: Tensor, atol: float, rtol: float, max_steps: int
         if err <= 1.0:
             t, x, k1 = t_new, x_new, ks[6]
             accepted += 1
-            factor = _MAX_FACTOR if err == 0.0 else min(_MAX_FACTOR, max(_MIN_FACTOR, _SAFETY * err ** -0.2))
+            factor = _MAX_FACTOR if err == 0.0 else min(_MAX_FACTOR, max(_MIN_FACTOR, _SAFETY * err**-0.2))
             if just_rejected:
                 factor = min(factor, 1.0)
             just_rejected = False

@@ -107,7 +107,9 @@ def encode_request(values: dict[str, str], keys: Sequence[str], labels: dict[str
     return codes
 
 
-def lognormal_params(codes: np.ndarray, keys: Sequence[str], labels: dict[str, list[str]], stats: dict) -> tuple[np.ndarray, np.ndarray]:
+def lognormal_params(
+    codes: np.ndarray, keys: Sequence[str], labels: dict[str, list[str]], stats: dict
+) -> tuple[np.ndarray, np.ndarray]:
     """(mean, sd) of log L for each request row (N, K) of codes (see the module docstring for the rule)."""
     marg = stats["marginal"]
     means = np.empty(len(codes))
@@ -125,7 +127,10 @@ def lognormal_params(codes: np.ndarray, keys: Sequence[str], labels: dict[str, l
                 cache[row] = (s["mean"], s["sd"])
             elif given:
                 per = [stats["per_key"][k][v] for k, v in given]
-                cache[row] = (marg["mean"] + sum(p["mean"] - marg["mean"] for p in per), float(np.mean([p["sd"] for p in per])))
+                cache[row] = (
+                    marg["mean"] + sum(p["mean"] - marg["mean"] for p in per),
+                    float(np.mean([p["sd"] for p in per])),
+                )
             else:
                 cache[row] = (marg["mean"], marg["sd"])
         means[i], sds[i] = cache[row]
@@ -157,8 +162,10 @@ class Sampler:
     def __init__(self, bundle: Bundle, cfg: SampleConfig, device: torch.device) -> None:
         cfg.validate()
         if cfg.prior == "ldm" and bundle.prior is None:
-            raise InputError("this model has no trained prior (a VAE alone): sample with --prior-kind gaussian, or "
-                             "bundle it with its TRAIN_PRIOR run")
+            raise InputError(
+                "this model has no trained prior (a VAE alone): sample with --prior-kind gaussian, or "
+                "bundle it with its TRAIN_PRIOR run"
+            )
         self.cfg = cfg
         self.device = device
         self.bundle = bundle.to(device)
@@ -177,8 +184,9 @@ class Sampler:
         index = {g: i for i, g in enumerate(self.genes)}
         missing = [g for g in genes if g not in index]
         if missing:
-            raise InputError(f"gene '{missing[0]}' is not one of the model's {len(self.genes)} genes "
-                             f"({len(missing)} unknown)")
+            raise InputError(
+                f"gene '{missing[0]}' is not one of the model's {len(self.genes)} genes ({len(missing)} unknown)"
+            )
         return torch.tensor([index[g] for g in genes], device=self.device)
 
     def _weights(self) -> float | list[float]:
@@ -194,7 +202,11 @@ class Sampler:
         """Integrate the guided flow from noise x0 (B, m, dl) at t = 0 to t = 1 under label codes (B, K): the
         standardised latents and the sampler's NFE."""
         guided = guided_velocity(self.prior, codes, guidance=self.cfg.guidance, w=self._weights(), autocast=self.bf16)
-        kw = {"atol": self.cfg.atol, "rtol": self.cfg.rtol} if self.cfg.method == "dopri5" else {"n_steps": self.cfg.n_steps}
+        kw = (
+            {"atol": self.cfg.atol, "rtol": self.cfg.rtol}
+            if self.cfg.method == "dopri5"
+            else {"n_steps": self.cfg.n_steps}
+        )
         return ode_sample(guided, x0, method=self.cfg.method, **kw)
 
     @torch.no_grad()
@@ -207,7 +219,9 @@ class Sampler:
         return z * self.bundle.latent_std + self.bundle.latent_mean, nfe
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor, L: torch.Tensor, columns: torch.Tensor | None, gen: torch.Generator) -> sp.csr_matrix:
+    def decode(
+        self, z: torch.Tensor, L: torch.Tensor, columns: torch.Tensor | None, gen: torch.Generator
+    ) -> sp.csr_matrix:
         """Counts of latents z (B, m, dl) with library sizes L (B,) over every model gene, then the requested columns:
         the means are normalised over the whole vocabulary, so a gene subset is the subset of a full generation."""
         genes = torch.arange(1, len(self.genes) + 1, device=self.device)  # (G,)
@@ -232,7 +246,9 @@ class Sampler:
         n, bs = len(codes), cfg.batch_size
         n_out = len(self.genes) if columns is None else len(columns)
         parts, lat, nfes = [], [], []
-        means, sds = lognormal_params(codes, self.keys, self.labels, self.library_stats) if library is None else (None, None)
+        means, sds = (
+            lognormal_params(codes, self.keys, self.labels, self.library_stats) if library is None else (None, None)
+        )
         first, last = start // bs, (start + n - 1) // bs if n else -1
         from tqdm.auto import tqdm
 
@@ -253,8 +269,11 @@ class Sampler:
             if cfg.keep_latents:
                 lat.append(z.reshape(len(z), -1).float().cpu().numpy())
         X = sp.vstack(parts).tocsr() if parts else sp.csr_matrix((0, n_out), dtype=np.float32)
-        info = {"nfe_per_batch": float(np.mean(nfes)) if nfes else 0.0, "n_batches": len(nfes),
-                "precision": cfg.precision}
+        info = {
+            "nfe_per_batch": float(np.mean(nfes)) if nfes else 0.0,
+            "n_batches": len(nfes),
+            "precision": cfg.precision,
+        }
         return X.astype(np.float32), (np.concatenate(lat) if lat else None), info
 
 
@@ -283,14 +302,22 @@ def label_codes(obs: pd.DataFrame, keys: Sequence[str], labels: dict[str, list[s
         lookup = {c: i for i, c in enumerate(labels[key])}
         unknown = sorted(set(values) - set(lookup))
         if unknown:
-            raise InputError(f"{source}: {key}={unknown[0]} was never seen in training; known values of '{key}': "
-                             f"{', '.join(labels[key])}")
+            raise InputError(
+                f"{source}: {key}={unknown[0]} was never seen in training; known values of '{key}': "
+                f"{', '.join(labels[key])}"
+            )
         codes[:, j] = [lookup[v] for v in values]
     return codes
 
 
-def requests_like(path: str, keys: Sequence[str], labels: dict[str, list[str]], model_genes: Sequence[str],
-                  rows: slice | None = None, library: bool = False) -> tuple[np.ndarray, np.ndarray | None, pd.Index, int]:
+def requests_like(
+    path: str,
+    keys: Sequence[str],
+    labels: dict[str, list[str]],
+    model_genes: Sequence[str],
+    rows: slice | None = None,
+    library: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None, pd.Index, int]:
     """Label codes (n, K) of the cells `rows` of a reference h5ad, their library sizes over the model genes when
     `library` (else None), their names, and the reference's total number of cells. Only those rows' counts are
     read (backed mode)."""
@@ -299,7 +326,9 @@ def requests_like(path: str, keys: Sequence[str], labels: dict[str, list[str]], 
     try:
         ref = ad.read_h5ad(path, backed="r")
     except Exception as exc:
-        raise InputError(f"{path}: not a readable .h5ad file ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+        raise InputError(
+            f"{path}: not a readable .h5ad file ({str(exc).splitlines()[0] if str(exc) else exc})"
+        ) from None
     try:
         n_total = ref.n_obs
         rows = rows or slice(0, n_total)
@@ -346,8 +375,16 @@ def write_generated(
     return adata
 
 
-def generated_anndata(X: sp.csr_matrix, codes: np.ndarray, sampler: Sampler, genes: Sequence[str], *, start: int = 0,
-                      latents: np.ndarray | None = None, reference_names: Sequence[str] | None = None) -> ad.AnnData:
+def generated_anndata(
+    X: sp.csr_matrix,
+    codes: np.ndarray,
+    sampler: Sampler,
+    genes: Sequence[str],
+    *,
+    start: int = 0,
+    latents: np.ndarray | None = None,
+    reference_names: Sequence[str] | None = None,
+) -> ad.AnnData:
     """Generated counts (N, Q) as an AnnData: obs holds each cell's labels ('none' where not requested), replicate
     and global cell index; obsm['X_latent'] the latents when kept."""
     obs = pd.DataFrame(index=[f"gen{sampler.cfg.replicate}_{start + i}" for i in range(X.shape[0])])
@@ -365,16 +402,23 @@ def generated_anndata(X: sp.csr_matrix, codes: np.ndarray, sampler: Sampler, gen
     return adata
 
 
-def request_codes(sampler: Sampler, *, n_cells: int | None, conditions: dict[str, str] | Sequence[dict[str, str]] | None,
-                  ) -> np.ndarray:
+def request_codes(
+    sampler: Sampler,
+    *,
+    n_cells: int | None,
+    conditions: dict[str, str] | Sequence[dict[str, str]] | None,
+) -> np.ndarray:
     """Label codes (N, K) of `n_cells` cells per request (one dict, or a list of them; None = unconditional)."""
     if n_cells is None or n_cells < 1:
         raise InputError(f"--n-cells must be >= 1, got {n_cells}")
     requests = [conditions or {}] if isinstance(conditions, dict) or conditions is None else list(conditions)
     codes = requests_from_conditions(n_cells, requests or [{}], sampler.keys, sampler.labels)
     for combo in unseen_combinations(codes, sampler.keys, sampler.labels, sampler.library_stats):
-        log.warning("the combination %s never occurred in training: generating it from the model's composition of "
-                    "the attributes", combo)
+        log.warning(
+            "the combination %s never occurred in training: generating it from the model's composition of "
+            "the attributes",
+            combo,
+        )
     return codes
 
 
@@ -404,14 +448,18 @@ def run_sample(
         if conditions:
             raise InputError("--condition cannot be combined with --like (the reference cells give the labels)")
         rows = None if shard is None else slice(*shard)
-        codes, library, ref_names, n_total = requests_like(like, sampler.keys, sampler.labels, sampler.genes, rows,
-                                                           library=cfg.library == "like")
+        codes, library, ref_names, n_total = requests_like(
+            like, sampler.keys, sampler.labels, sampler.genes, rows, library=cfg.library == "like"
+        )
         start, stop = (0, n_total) if shard is None else shard
         if not 0 <= start <= stop <= n_total:
             raise InputError(f"shard {start}:{stop} is outside the request of {n_total} cells")
         for combo in unseen_combinations(codes, sampler.keys, sampler.labels, sampler.library_stats):
-            log.warning("the combination %s never occurred in training: generating it from the model's composition "
-                        "of the attributes", combo)
+            log.warning(
+                "the combination %s never occurred in training: generating it from the model's composition "
+                "of the attributes",
+                combo,
+            )
     else:
         if cfg.library == "like":
             raise InputError("--library-size like needs --like reference.h5ad")
@@ -424,12 +472,25 @@ def run_sample(
     out_genes = list(genes) if genes is not None else sampler.genes
     X, lat, info = sampler.generate(codes, library, columns, start=start)
     info["seconds"] = round(time.time() - t0, 3)
-    config = {**asdict(cfg), "model": str(model), "n_cells": n_cells, "conditions": conditions, "like": like,
-              "shard": [start, stop], "device": str(dev)}
-    adata = write_generated(out, X, codes, sampler, out_genes, start=start, latents=lat, info=info, config=config,
-                            reference_names=ref_names)
-    log.info("generated %d cells x %d genes in %.1fs (NFE per batch %.0f)", X.shape[0], X.shape[1], info["seconds"],
-             info["nfe_per_batch"])
+    config = {
+        **asdict(cfg),
+        "model": str(model),
+        "n_cells": n_cells,
+        "conditions": conditions,
+        "like": like,
+        "shard": [start, stop],
+        "device": str(dev),
+    }
+    adata = write_generated(
+        out, X, codes, sampler, out_genes, start=start, latents=lat, info=info, config=config, reference_names=ref_names
+    )
+    log.info(
+        "generated %d cells x %d genes in %.1fs (NFE per batch %.0f)",
+        X.shape[0],
+        X.shape[1],
+        info["seconds"],
+        info["nfe_per_batch"],
+    )
     return adata
 
 

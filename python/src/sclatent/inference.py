@@ -36,13 +36,21 @@ def encode_batches(vae: TransformerVAE, batches: Iterable[TokenBatch], device: t
         libs.append(batch.library_size)
         idx.append(batch.cell_index)
     order = np.argsort(np.concatenate(idx), kind="stable")
-    return {"z": np.concatenate(zs)[order].astype(np.float32), "labels": np.concatenate(labels)[order],
-            "library_size": np.concatenate(libs)[order], "cell_index": np.concatenate(idx)[order]}
+    return {
+        "z": np.concatenate(zs)[order].astype(np.float32),
+        "labels": np.concatenate(labels)[order],
+        "library_size": np.concatenate(libs)[order],
+        "cell_index": np.concatenate(idx)[order],
+    }
 
 
 @torch.no_grad()
-def encoded_chunks(vae: TransformerVAE, batches: Iterable[TokenBatch], keep: np.ndarray, device: torch.device,
-                   ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
+def encoded_chunks(
+    vae: TransformerVAE,
+    batches: Iterable[TokenBatch],
+    keep: np.ndarray,
+    device: torch.device,
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Encode the kept cells (`keep` (n,) bool by cell index) and yield them in `decode_chunks` pieces:
     (cell_index (c,), z (c, m, d_latent), library_size (c,), dense counts over every model gene (c, G))."""
     G = vae.config.n_genes
@@ -59,8 +67,9 @@ def encoded_chunks(vae: TransformerVAE, batches: Iterable[TokenBatch], keep: np.
 
 
 @torch.no_grad()
-def reconstruct_batches(vae: TransformerVAE, batches: Iterable[TokenBatch], keep: np.ndarray, device: torch.device,
-                        seed: int) -> dict[str, Any]:
+def reconstruct_batches(
+    vae: TransformerVAE, batches: Iterable[TokenBatch], keep: np.ndarray, device: torch.device, seed: int
+) -> dict[str, Any]:
     """Decode the kept cells over all G genes with their observed library sizes, in cell order: truth, one sample
     (CSR (n, G)), the mean (n, G) and the negative log-likelihood summed over genes (n,), plus cell_index (n,)."""
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -74,6 +83,10 @@ def reconstruct_batches(vae: TransformerVAE, batches: Iterable[TokenBatch], keep
         truth.append(sp.csr_matrix(target.cpu().numpy()))
         index.append(cells)
     order = np.argsort(np.concatenate(index), kind="stable")
-    return {"truth": sp.vstack(truth).tocsr()[order], "sample": sp.vstack(sampled).tocsr()[order],
-            "mean": np.concatenate(means)[order], "nll": np.concatenate(nll)[order],
-            "cell_index": np.concatenate(index)[order]}
+    return {
+        "truth": sp.vstack(truth).tocsr()[order],
+        "sample": sp.vstack(sampled).tocsr()[order],
+        "mean": np.concatenate(means)[order],
+        "nll": np.concatenate(nll)[order],
+        "cell_index": np.concatenate(index)[order],
+    }

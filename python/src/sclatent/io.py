@@ -32,8 +32,6 @@ SAMPLESHEET_COLUMNS = ("dataset", "h5ad", "split", "batch", "condition_keys")
 SPLITS = ("train", "test", "all")
 
 
-
-
 # --------------------------------------------------------------------------------------------------------
 # samplesheet
 # --------------------------------------------------------------------------------------------------------
@@ -72,7 +70,9 @@ def _resolve_path(value: str, base_dir: str | None) -> str:
     return os.path.normpath(os.path.join(base_dir, value))
 
 
-def read_samplesheet(path: str | os.PathLike, *, base_dir: str | None = None, check_exists: bool = True) -> list[SampleRow]:
+def read_samplesheet(
+    path: str | os.PathLike, *, base_dir: str | None = None, check_exists: bool = True
+) -> list[SampleRow]:
     """Read and validate a samplesheet CSV against the JSON schema.
 
     Relative `h5ad` paths are resolved against `base_dir` (default: the samplesheet's own folder). With
@@ -91,7 +91,10 @@ def read_samplesheet(path: str | os.PathLike, *, base_dir: str | None = None, ch
         try:
             header = next(reader)
         except StopIteration:
-            raise InputError(f"samplesheet {name}: the file is empty (expected a header line: dataset,h5ad[,split][,batch][,condition_keys])") from None
+            raise InputError(
+                f"samplesheet {name}: the file is empty (expected a header line: "
+                "dataset,h5ad[,split][,batch][,condition_keys])"
+            ) from None
         header = [h.strip() for h in header]
         rows = [r for r in reader if any(cell.strip() for cell in r)]
 
@@ -137,7 +140,8 @@ def read_samplesheet(path: str | os.PathLike, *, base_dir: str | None = None, ch
         key = (obj["dataset"], h5ad)
         if key in seen:
             raise InputError(
-                f"samplesheet {name} row {i}, column 'h5ad': {h5ad} is listed twice for dataset '{obj['dataset']}' (also row {seen[key]})"
+                f"samplesheet {name} row {i}, column 'h5ad': {h5ad} is listed twice for dataset '{obj['dataset']}' "
+                f"(also row {seen[key]})"
             )
         seen[key] = i
         keys = None
@@ -150,7 +154,8 @@ def read_samplesheet(path: str | os.PathLike, *, base_dir: str | None = None, ch
         f = first.setdefault(r.dataset, r)
         if r.condition_keys != f.condition_keys:
             raise InputError(
-                f"samplesheet {name} row {r.row}, column 'condition_keys': '{';'.join(r.condition_keys or ())}' differs from "
+                f"samplesheet {name} row {r.row}, column 'condition_keys': '{';'.join(r.condition_keys or ())}' "
+                "differs from "
                 f"row {f.row} ('{';'.join(f.condition_keys or ())}') of dataset '{r.dataset}'"
             )
     return out

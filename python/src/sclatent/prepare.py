@@ -34,8 +34,8 @@ from .counts import counts_matrix
 from .io import (
     InputError,
     SampleRow,
-    check_unique_genes,
     atomic_outputs,
+    check_unique_genes,
     dump_json,
     provenance,
     read_h5ad,
@@ -93,7 +93,9 @@ def _load_one(row: SampleRow, cfg: PrepareConfig) -> ad.AnnData:
         col = adata.obs[key]
         if col.isna().any():
             bad = adata.obs_names[col.isna().to_numpy()][0]
-            raise InputError(f"{src}: condition key '{key}' is missing (NaN) for cell '{bad}' ({int(col.isna().sum())} cells)")
+            raise InputError(
+                f"{src}: condition key '{key}' is missing (NaN) for cell '{bad}' ({int(col.isna().sum())} cells)"
+            )
         obs[key] = col.astype(str).to_numpy()
     if row.batch is not None:
         if "batch" in adata.obs.columns:
@@ -123,9 +125,13 @@ def _combine(parts: list[ad.AnnData], rows: list[SampleRow], cfg: PrepareConfig,
                 raise InputError(f"dataset '{cfg.dataset}': the files share no gene names (gene_join=inner)")
             if len(union) > len(inter):
                 log.warning(
-                    "dataset '%s': combining %d files on their %d shared genes drops %d genes present in only some files "
+                    "dataset '%s': combining %d files on their %d shared genes drops %d genes present in only some "
+                    "files "
                     "(use --gene_join outer to keep them as zeros)",
-                    cfg.dataset, len(parts), len(inter), len(union) - len(inter),
+                    cfg.dataset,
+                    len(parts),
+                    len(inter),
+                    len(union) - len(inter),
                 )
         obs_names = pd.Index(np.concatenate([p.obs_names.to_numpy() for p in parts]))
         unique = obs_names.is_unique
@@ -137,7 +143,9 @@ def _combine(parts: list[ad.AnnData], rows: list[SampleRow], cfg: PrepareConfig,
             fill_value=0,
         )
         if not unique:
-            log.warning("dataset '%s': cell names repeat across files; prefixed them with the file's row index", cfg.dataset)
+            log.warning(
+                "dataset '%s': cell names repeat across files; prefixed them with the file's row index", cfg.dataset
+            )
         report["cell_names_prefixed"] = not unique
         # a gene order that does not depend on set iteration order: first file's order, then new genes
         if cfg.gene_join == "outer":
@@ -158,11 +166,23 @@ def _qc(adata: ad.AnnData, cfg: PrepareConfig, report: dict[str, Any]) -> ad.Ann
     steps.append({"filter": "zero_count_cells", "cells_before": adata.n_obs, "cells_removed": int((~keep).sum())})
     if cfg.min_genes > 0:
         k = n_genes >= cfg.min_genes
-        steps.append({"filter": f"min_genes>={cfg.min_genes}", "cells_before": int(keep.sum()), "cells_removed": int((keep & ~k).sum())})
+        steps.append(
+            {
+                "filter": f"min_genes>={cfg.min_genes}",
+                "cells_before": int(keep.sum()),
+                "cells_removed": int((keep & ~k).sum()),
+            }
+        )
         keep &= k
     if cfg.min_counts > 0:
         k = n_counts >= cfg.min_counts
-        steps.append({"filter": f"min_counts>={cfg.min_counts}", "cells_before": int(keep.sum()), "cells_removed": int((keep & ~k).sum())})
+        steps.append(
+            {
+                "filter": f"min_counts>={cfg.min_counts}",
+                "cells_before": int(keep.sum()),
+                "cells_removed": int((keep & ~k).sum()),
+            }
+        )
         keep &= k
     adata = adata[keep].copy()
     genes_before = adata.n_vars
@@ -178,7 +198,9 @@ def _qc(adata: ad.AnnData, cfg: PrepareConfig, report: dict[str, Any]) -> ad.Ann
     adata = adata[:, gkeep].copy()
     report["qc"] = steps
     if adata.n_obs == 0:
-        raise InputError(f"dataset '{cfg.dataset}': no cells left after QC (see the QC thresholds --min_genes/--min_counts)")
+        raise InputError(
+            f"dataset '{cfg.dataset}': no cells left after QC (see the QC thresholds --min_genes/--min_counts)"
+        )
     if adata.n_vars == 0:
         raise InputError(f"dataset '{cfg.dataset}': no genes left after QC (--min_cells {cfg.min_cells})")
     return adata
@@ -249,7 +271,8 @@ def prepare(rows: list[SampleRow], cfg: PrepareConfig, outdir: str | Path) -> di
     test = adata[is_test].copy()
     if train.n_obs == 0:
         raise InputError(
-            f"dataset '{cfg.dataset}': the training split is empty (every row has split=test, or QC removed the training cells)"
+            f"dataset '{cfg.dataset}': the training split is empty (every row has split=test, or QC removed the "
+            "training cells)"
         )
     # seeded random order of training cells: contiguous token shards become random samples
     train = train[rng.permutation(train.n_obs)].copy()
@@ -263,7 +286,12 @@ def prepare(rows: list[SampleRow], cfg: PrepareConfig, outdir: str | Path) -> di
         for key in [*cfg.condition_keys, "batch", "source_file", "split", "dataset"]:
             if key in part.obs.columns:
                 part.obs[key] = pd.Categorical(part.obs[key].astype(str))
-    report["hvg"] = {"flavor": "seurat_v3", "n_top_genes": int(n_top), "n_flagged": int(hvg.sum()), "computed_on": "train"}
+    report["hvg"] = {
+        "flavor": "seurat_v3",
+        "n_top_genes": int(n_top),
+        "n_flagged": int(hvg.sum()),
+        "computed_on": "train",
+    }
     report["split"] = {
         "train": int(train.n_obs),
         "test": int(test.n_obs),
@@ -283,13 +311,22 @@ def prepare(rows: list[SampleRow], cfg: PrepareConfig, outdir: str | Path) -> di
 
     outdir.mkdir(parents=True, exist_ok=True)
     # the three outputs appear together or not at all
-    with atomic_outputs(outdir / "train.h5ad", outdir / "test.h5ad", outdir / "prepare.json") as (t_train, t_test, t_json):
+    with atomic_outputs(outdir / "train.h5ad", outdir / "test.h5ad", outdir / "prepare.json") as (
+        t_train,
+        t_test,
+        t_json,
+    ):
         train.write_h5ad(t_train)
         test.write_h5ad(t_test)
         dump_json(report, t_json)
     log.info(
         "dataset '%s': %d train + %d test cells, %d genes (%d HVG) in %.1fs",
-        cfg.dataset, train.n_obs, test.n_obs, train.n_vars, int(hvg.sum()), report["elapsed_s"],
+        cfg.dataset,
+        train.n_obs,
+        test.n_obs,
+        train.n_vars,
+        int(hvg.sum()),
+        report["elapsed_s"],
     )
     return report
 

@@ -192,17 +192,30 @@ def gene_index(names: Any, vocab: list[str], *, source: str) -> tuple[np.ndarray
     ids = np.array([lookup.get(n, 0) for n in names], dtype=np.int32)
     matched = ids[ids > 0]
     if len(matched) == 0:
-        raise InputError(f"{source}: none of its {len(names)} genes is in the model's vocabulary of {len(vocab)} "
-                         f"genes (file: {', '.join(names[:3])}, ...; model: {', '.join(vocab[:3])}, ...); match "
-                         "genes by another var column (gene_key)")
+        raise InputError(
+            f"{source}: none of its {len(names)} genes is in the model's vocabulary of {len(vocab)} "
+            f"genes (file: {', '.join(names[:3])}, ...; model: {', '.join(vocab[:3])}, ...); match "
+            "genes by another var column (gene_key)"
+        )
     values, counts = np.unique(matched, return_counts=True)
     if (counts > 1).any():
         raise InputError(f"{source}: the gene '{vocab[values[counts > 1][0] - 1]}' appears in more than one column")
-    info = {"panel_genes": len(names), "matched": int(len(matched)), "ignored": int(len(names) - len(matched)),
-            "vocabulary": len(vocab), "overlap": round(len(matched) / len(vocab), 6)}
+    info = {
+        "panel_genes": len(names),
+        "matched": int(len(matched)),
+        "ignored": int(len(names) - len(matched)),
+        "vocabulary": len(vocab),
+        "overlap": round(len(matched) / len(vocab), 6),
+    }
     if info["overlap"] < MIN_PANEL_OVERLAP:
-        log.warning("%s: only %d of the model's %d genes (%.0f%%) are in the panel; embeddings lose accuracy as the "
-                    "panel shrinks", source, len(matched), len(vocab), 100 * info["overlap"])
+        log.warning(
+            "%s: only %d of the model's %d genes (%.0f%%) are in the panel; embeddings lose accuracy as the "
+            "panel shrinks",
+            source,
+            len(matched),
+            len(vocab),
+            100 * info["overlap"],
+        )
     return ids, info
 
 
@@ -222,9 +235,7 @@ def _tokenize_split(
         var_index = {g: i for i, g in enumerate(backed.var_names.astype(str))}
         missing = [g for g in vocab if g not in var_index]
         if missing:
-            raise InputError(
-                f"{path}: {len(missing)} vocabulary genes are missing from the file, e.g. '{missing[0]}'"
-            )
+            raise InputError(f"{path}: {len(missing)} vocabulary genes are missing from the file, e.g. '{missing[0]}'")
         col_to_id = np.zeros(backed.n_vars, dtype=np.int32)  # column -> token id (0 = not in the vocabulary)
         col_to_id[[var_index[g] for g in vocab]] = np.arange(1, len(vocab) + 1, dtype=np.int32)
         codes_all = _label_codes(backed.obs, keys, categories, path)
@@ -243,7 +254,9 @@ def _tokenize_split(
             codes = codes_all[start:stop]
             lib = part["library_size"].astype(np.float64)
             n_tok = np.diff(part["indptr"])
-            part.update(labels=codes, cell_index=np.arange(start, stop, dtype=np.int64), obs_names=obs_names[start:stop])
+            part.update(
+                labels=codes, cell_index=np.arange(start, stop, dtype=np.int64), obs_names=obs_names[start:stop]
+            )
             lengths[start:stop] = n_tok
             if stats is not None:
                 loglib = np.log(np.maximum(lib, 1.0))
@@ -299,7 +312,9 @@ def tokenize(
     try:
         head = ad.read_h5ad(train_path, backed="r")
     except Exception as exc:
-        raise InputError(f"{train_path}: not a readable .h5ad file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise InputError(
+            f"{train_path}: not a readable .h5ad file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from None
     try:
         if head.n_obs == 0:
             raise InputError(f"{train_path}: no cells to tokenize")
@@ -307,7 +322,12 @@ def tokenize(
         if condition_keys is None:
             condition_keys = recorded or []
         elif recorded is not None and list(condition_keys) != recorded:
-            log.warning("condition keys %s differ from those PREPARE recorded (%s); using %s", condition_keys, recorded, condition_keys)
+            log.warning(
+                "condition keys %s differ from those PREPARE recorded (%s); using %s",
+                condition_keys,
+                recorded,
+                condition_keys,
+            )
         keys = list(condition_keys)
         var_names = head.var_names.astype(str)
         if genes == "hvg":
@@ -333,12 +353,16 @@ def tokenize(
     with atomic_path(outdir, is_dir=True) as tmp:
         tmp = Path(tmp)
         splits = {}
-        info = _tokenize_split(train_path, tmp / "train", vocab, keys, categories, shard_size, chunk_size, stats, progress)
+        info = _tokenize_split(
+            train_path, tmp / "train", vocab, keys, categories, shard_size, chunk_size, stats, progress
+        )
         lengths = info.pop("_lengths")
         info["n_cells_over_max_tokens"] = int((lengths > max_tokens).sum())
         splits["train"] = info
         if test_path is not None:
-            info = _tokenize_split(str(test_path), tmp / "test", vocab, keys, categories, shard_size, chunk_size, None, progress)
+            info = _tokenize_split(
+                str(test_path), tmp / "test", vocab, keys, categories, shard_size, chunk_size, None, progress
+            )
             lengths = info.pop("_lengths")
             info["n_cells_over_max_tokens"] = int((lengths > max_tokens).sum())
             splits["test"] = info
@@ -383,7 +407,9 @@ def tokenize(
         "tokenized %d train%s cells over %d genes into %s in %.1fs",
         splits["train"]["n_cells"],
         f" + {splits['test']['n_cells']} test" if "test" in splits else "",
-        len(vocab), outdir, time.time() - t0,
+        len(vocab),
+        outdir,
+        time.time() - t0,
     )
     return manifest
 
@@ -574,8 +600,9 @@ class TokenLoader:
         return collate(shard, rows, self.max_tokens, rng)
 
 
-def collate(shard: dict[str, np.ndarray], rows: np.ndarray, max_tokens: int | None,
-            rng: np.random.Generator) -> TokenBatch:
+def collate(
+    shard: dict[str, np.ndarray], rows: np.ndarray, max_tokens: int | None, rng: np.random.Generator
+) -> TokenBatch:
     """A padded batch of the cells `rows` of a token shard: every expressed gene in the decoder target, at most
     `max_tokens` of them (a random subset drawn from `rng`) as the encoder input."""
     ip = shard["indptr"]
@@ -599,16 +626,21 @@ def collate(shard: dict[str, np.ndarray], rows: np.ndarray, max_tokens: int | No
         mask[i, : len(pick)] = True
     labels = shard.get("labels")
     return TokenBatch(
-        genes=genes, counts=counts, mask=mask,  # (B, S)
+        genes=genes,
+        counts=counts,
+        mask=mask,  # (B, S)
         library_size=shard["library_size"][rows].astype(np.float32),
         labels=(labels[rows] if labels is not None else np.zeros((len(rows), 0))).astype(np.int64),
         cell_index=shard["cell_index"][rows].astype(np.int64) if "cell_index" in shard else rows.astype(np.int64),
-        target_indptr=t_indptr, target_genes=t_genes, target_counts=t_counts,
+        target_indptr=t_indptr,
+        target_genes=t_genes,
+        target_counts=t_counts,
     )
 
 
-def memory_batches(shard: dict[str, np.ndarray], batch_size: int, max_tokens: int | None,
-                   seed: int = 0) -> Iterator[TokenBatch]:
+def memory_batches(
+    shard: dict[str, np.ndarray], batch_size: int, max_tokens: int | None, seed: int = 0
+) -> Iterator[TokenBatch]:
     """Batches of an in-memory token shard (`tokens_of` output) in cell order, for inference on an AnnData."""
     n = len(shard["library_size"])
     for k, start in enumerate(range(0, n, batch_size)):

@@ -161,7 +161,11 @@ class TrainConfig:
         for name, scale in dict(self.lr_scales).items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"TrainConfig.lr_scales keys must be parameter names, got {name!r}")
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+            if (
+                isinstance(scale, bool)
+                or not isinstance(scale, (int, float))
+                or not (math.isfinite(scale) and scale > 0)
+            ):
                 raise ValueError(f"TrainConfig.lr_scales[{name!r}] must be a finite number > 0, got {scale!r}")
         self.lr_scales = {k: float(v) for k, v in dict(self.lr_scales).items()}
 
@@ -281,6 +285,7 @@ class EMA:
 
 # --------------------------------------------------------------------------------------------------------
 # files
+
 
 def _scales_text(scales: Mapping[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {float(v):g}" for k, v in sorted(scales.items())) + "}" if scales else "none"
@@ -441,8 +446,6 @@ def default_move_batch(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-
-
 def default_split_batch(batch: Any, rows: slice) -> Any:
     """The cells ``rows`` of a batch: dim 0 of every tensor (also inside tuples, lists and dicts)."""
     if isinstance(batch, torch.Tensor):
@@ -520,8 +523,13 @@ class _LogWindow:
         self.grad_norm += grad_norm
 
     def state(self) -> dict[str, Any]:
-        return {"n_steps": self.n_steps, "n_cells": self.n_cells, "loss": self.loss,
-                "grad_norm": self.grad_norm, "terms": dict(self.terms)}
+        return {
+            "n_steps": self.n_steps,
+            "n_cells": self.n_cells,
+            "loss": self.loss,
+            "grad_norm": self.grad_norm,
+            "terms": dict(self.terms),
+        }
 
     def load(self, state: Mapping[str, Any]) -> None:
         self.reset()
@@ -571,8 +579,15 @@ def train(
     job = distributed_job()
     device = resolve_device(cfg.device)
     args = (model, loss_fn, data, cfg, Path(out_dir))
-    kwargs = dict(resume=resume, model_config=model_config, metadata=metadata, progress=progress,
-                  cells_in_batch=cells_in_batch, move_batch=move_batch, split_batch=split_batch)
+    kwargs = dict(
+        resume=resume,
+        model_config=model_config,
+        metadata=metadata,
+        progress=progress,
+        cells_in_batch=cells_in_batch,
+        move_batch=move_batch,
+        split_batch=split_batch,
+    )
     if job is None:
         return _train(*args, device=device, job=None, **kwargs)
     device = rank_device(device, job)
@@ -638,13 +653,17 @@ def _train(
         if old_scales != cfg.lr_scales:
             # The checkpoint's optimiser holds one parameter group per scale, with the scale stored in it: a
             # different set would fail to load, and different values would be silently overwritten by the old.
-            raise ValueError(f"cannot resume {ckpt_path}: its per-parameter learning-rate scales were "
-                             f"{_scales_text(old_scales)}, now {_scales_text(cfg.lr_scales)}; resume with the "
-                             f"options it was started with")
+            raise ValueError(
+                f"cannot resume {ckpt_path}: its per-parameter learning-rate scales were "
+                f"{_scales_text(old_scales)}, now {_scales_text(cfg.lr_scales)}; resume with the "
+                f"options it was started with"
+            )
         changed_train = _differing_keys(old_config.get("train_config", {}), _json_roundtrip(cfg.to_dict()))
         if changed_train and is_main:
-            logger.warning("resuming with a different train config (%s); the run is no longer the same as "
-                           "an uninterrupted one", ", ".join(changed_train))
+            logger.warning(
+                "resuming with a different train config (%s); the run is no longer the same as an uninterrupted one",
+                ", ".join(changed_train),
+            )
         ckpt = load_checkpoint(ckpt_path, map_location="cpu")
         step, epoch, batch_in_epoch = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
         if step > cfg.max_steps:
@@ -656,8 +675,10 @@ def _train(
                 raise ValueError(f"ema_decay={cfg.ema_decay} but {ckpt_path} holds no EMA state")
             ema.load_state_dict(ckpt["ema"])
         if ckpt["generator_device"] != device.type:
-            raise ValueError(f"{ckpt_path} was written on {ckpt['generator_device']}; resume it on the same "
-                             f"device type, not {device.type}")
+            raise ValueError(
+                f"{ckpt_path} was written on {ckpt['generator_device']}; resume it on the same "
+                f"device type, not {device.type}"
+            )
         generator.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
         if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
@@ -680,41 +701,64 @@ def _train(
         dist.barrier()  # every rank has read config.json and checkpoint.pt before rank 0 rewrites them
         # All parameters of both stages' models take part in every loss (find_unused_parameters=False, the
         # fast path); DDP broadcasts rank 0's weights here, so all ranks start from the same state.
-        ddp = DistributedDataParallel(LossForward(model, loss_fn),
-                                      device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = DistributedDataParallel(
+            LossForward(model, loss_fn), device_ids=[device.index] if device.type == "cuda" else None
+        )
     if is_main:
-        write_json({"sclatent_version": __version__, "model_config": model_config,
-                    "train_config": cfg.to_dict(), "metadata": metadata,
-                    "world_size": 1 if job is None else job.world_size,
-                    "precision_used": "bf16" if use_bf16 else "fp32"}, config_path)
-    info("training %d parameters on %s (%s)%s for %d steps -> %s", sum(p.numel() for p in params), device,
-         "bf16 autocast" if use_bf16 else "fp32", "" if job is None else f", {job.world_size} processes",
-         cfg.max_steps, out_dir)
+        write_json(
+            {
+                "sclatent_version": __version__,
+                "model_config": model_config,
+                "train_config": cfg.to_dict(),
+                "metadata": metadata,
+                "world_size": 1 if job is None else job.world_size,
+                "precision_used": "bf16" if use_bf16 else "fp32",
+            },
+            config_path,
+        )
+    info(
+        "training %d parameters on %s (%s)%s for %d steps -> %s",
+        sum(p.numel() for p in params),
+        device,
+        "bf16 autocast" if use_bf16 else "fp32",
+        "" if job is None else f", {job.world_size} processes",
+        cfg.max_steps,
+        out_dir,
+    )
 
     def save_checkpoint() -> None:
-        atomic_torch_save(ckpt_path, {
-            "model": model.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "generator": generator.get_state(),
-            "generator_device": device.type,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-            "history_len": history.n_rows,
-            "log_window": window.state(),
-            "elapsed_s": elapsed_before + (time.perf_counter() - t_start),
-        })
+        atomic_torch_save(
+            ckpt_path,
+            {
+                "model": model.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "generator": generator.get_state(),
+                "generator_device": device.type,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                "history_len": history.n_rows,
+                "log_window": window.state(),
+                "elapsed_s": elapsed_before + (time.perf_counter() - t_start),
+            },
+        )
         logger.info("checkpoint at step %d -> %s", step, ckpt_path)
 
     t_start = time.perf_counter()
     max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
     data_iter = None
     n_in_epoch = 0
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and is_main), file=sys.stderr,
-               desc="train", dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=step,
+        disable=not (progress and is_main),
+        file=sys.stderr,
+        desc="train",
+        dynamic_ncols=True,
+    )
     try:
         while step < cfg.max_steps:
             if data_iter is None:
@@ -725,8 +769,10 @@ def _train(
             try:
                 batch = next(data_iter)
             except StopIteration:
-                raise RuntimeError(f"data.iter_epoch({epoch}) stopped after {batch_in_epoch} batches, but the "
-                                   f"data reports {n_in_epoch} batches for that epoch") from None
+                raise RuntimeError(
+                    f"data.iter_epoch({epoch}) stopped after {batch_in_epoch} batches, but the "
+                    f"data reports {n_in_epoch} batches for that epoch"
+                ) from None
             batch_epoch = epoch
 
             # The schedule is a pure function of the step (set by hand instead of LambdaLR: nothing to
@@ -744,8 +790,10 @@ def _train(
             else:
                 rows, weight = rank_share(n_cells, job)
                 local_batch = move_batch(split_batch(batch, rows), device)
-                with (torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16),
-                      GlobalBatchDraws(generator, n_cells, rows)):
+                with (
+                    torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16),
+                    GlobalBatchDraws(generator, n_cells, rows),
+                ):
                     loss, terms = ddp(local_batch, generator)
                 loss_value, term_values = global_mean(loss, terms, weight, device)
                 # DDP averages the ranks' gradients: weighting rank r by W * n_r / n makes that average the
@@ -770,13 +818,17 @@ def _train(
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 dt = time.perf_counter() - window.t0
-                row: dict[str, float | int] = {"step": step, "epoch": batch_epoch,
-                                               "loss": window.loss / window.n_steps}
+                row: dict[str, float | int] = {"step": step, "epoch": batch_epoch, "loss": window.loss / window.n_steps}
                 for name, total in window.terms.items():
                     row[name] = total / window.n_steps
-                row.update({"lr": lr, "grad_norm": window.grad_norm / window.n_steps,
-                            "cells_per_s": window.n_cells / dt if dt > 0 else math.nan,
-                            "elapsed_s": elapsed_before + (time.perf_counter() - t_start)})
+                row.update(
+                    {
+                        "lr": lr,
+                        "grad_norm": window.grad_norm / window.n_steps,
+                        "cells_per_s": window.n_cells / dt if dt > 0 else math.nan,
+                        "elapsed_s": elapsed_before + (time.perf_counter() - t_start),
+                    }
+                )
                 if is_main:
                     history.append(row)
                 window.reset()

@@ -125,7 +125,14 @@ def train_prior(
     torch.manual_seed(tcfg.seed)
     model = DiT(model_cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("DiT %s: %d parameters, %d latent cells, %d steps, rho=%.2f", run.preset, n_params, len(z), tcfg.max_steps, run.rho)
+    log.info(
+        "DiT %s: %d parameters, %d latent cells, %d steps, rho=%.2f",
+        run.preset,
+        n_params,
+        len(z),
+        tcfg.max_steps,
+        run.rho,
+    )
     metadata = {
         "stage": "prior",
         "run": asdict(run),
@@ -141,6 +148,14 @@ def train_prior(
         "latents": str(latents_path),
     }
     return train(
-        model, PriorLoss(run.rho), data, tcfg, Path(out_dir), resume=resume, model_config=model_cfg.to_dict(),
-        metadata=metadata, progress=progress, cells_in_batch=lambda b: len(b[0]),
+        model,
+        PriorLoss(run.rho),
+        data,
+        tcfg,
+        Path(out_dir),
+        resume=resume,
+        model_config=model_cfg.to_dict(),
+        metadata=metadata,
+        progress=progress,
+        cells_in_batch=lambda b: len(b[0]),
     )

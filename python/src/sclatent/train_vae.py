@@ -50,8 +50,9 @@ class VAETraining:
             raise InputError(f"--epochs must be > 0, got {self.epochs}")
 
 
-def stratified_subset(target: torch.Tensor, q: int, zero_fraction: float,
-                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def stratified_subset(
+    target: torch.Tensor, q: int, zero_fraction: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A per-cell sample of Q genes in two strata, expressed (x > 0) and unexpressed, with Horvitz-Thompson weights.
 
     target (B, G) counts. A cell keeps k1 = min(n1, Q - ceil(zero_fraction Q)) of its n1 expressed genes (more only
@@ -92,8 +93,16 @@ class VAELoss:
         else:
             idx, weights = stratified_subset(target, self.q, ZERO_FRACTION, generator)  # (B, Q) x 2
             genes, counts = idx + 1, target.gather(1, idx)
-        out = model.loss(batch["genes"], batch["counts"], batch["mask"], batch["library_size"], genes, counts,
-                         target_weights=weights, generator=generator)
+        out = model.loss(
+            batch["genes"],
+            batch["counts"],
+            batch["mask"],
+            batch["library_size"],
+            genes,
+            counts,
+            target_weights=weights,
+            generator=generator,
+        )
         return out["loss"], {"nll": out["nll"].item(), "kl": out["kl"].item()}
 
 
@@ -104,15 +113,27 @@ def token_batch_rows(batch: TokenBatch, rows: slice) -> TokenBatch:
         raise ValueError(f"rows must be a contiguous slice of the {len(batch)} cells, got {rows}")
     lo, hi = int(batch.target_indptr[a]), int(batch.target_indptr[b])
     return TokenBatch(
-        genes=batch.genes[a:b], counts=batch.counts[a:b], mask=batch.mask[a:b],  # (b - a, S)
-        library_size=batch.library_size[a:b], labels=batch.labels[a:b], cell_index=batch.cell_index[a:b],
-        target_indptr=batch.target_indptr[a : b + 1] - lo, target_genes=batch.target_genes[lo:hi],
+        genes=batch.genes[a:b],
+        counts=batch.counts[a:b],
+        mask=batch.mask[a:b],  # (b - a, S)
+        library_size=batch.library_size[a:b],
+        labels=batch.labels[a:b],
+        cell_index=batch.cell_index[a:b],
+        target_indptr=batch.target_indptr[a : b + 1] - lo,
+        target_genes=batch.target_genes[lo:hi],
         target_counts=batch.target_counts[lo:hi],
     )
 
 
-def train_vae(tokens_dir: str | Path, out_dir: str | Path, run: VAETraining, tcfg: TrainConfig, *,
-              resume: bool = False, progress: bool = True) -> TrainResult:
+def train_vae(
+    tokens_dir: str | Path,
+    out_dir: str | Path,
+    run: VAETraining,
+    tcfg: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
     """Train the VAE on `tokens_dir`'s train split into the run folder `out_dir`."""
     run.validate()
     manifest = read_manifest(tokens_dir)
@@ -121,16 +142,25 @@ def train_vae(tokens_dir: str | Path, out_dir: str | Path, run: VAETraining, tcf
         model_cfg = VAEConfig.preset(run.preset, G, **run.model_overrides)
     except (ValueError, TypeError) as exc:
         raise InputError(f"VAE configuration: {exc}") from None
-    loader = TokenLoader(tokens_dir, "train", batch_size=tcfg.batch_size, shuffle=True, seed=tcfg.seed,
-                         max_tokens=run.max_tokens)
+    loader = TokenLoader(
+        tokens_dir, "train", batch_size=tcfg.batch_size, shuffle=True, seed=tcfg.seed, max_tokens=run.max_tokens
+    )
     tcfg.max_steps = training_steps(run.epochs, loader.n_batches(), run.min_steps, run.max_steps)
     model = TransformerVAE(model_cfg, seed=tcfg.seed)
     if model.head.log_theta is not None and run.theta_lr_scale != 1.0:
         tcfg.lr_scales = {**tcfg.lr_scales, "head.log_theta": run.theta_lr_scale}
     n_params = sum(p.numel() for p in model.parameters())
     q = "all" if run.decode_genes <= 0 or run.decode_genes >= G else run.decode_genes
-    log.info("VAE %s: %d genes, %d parameters, %d steps (%d cells, %d batches/epoch), decoding %s genes per cell",
-             run.preset, G, n_params, tcfg.max_steps, loader.n_cells, loader.n_batches(), q)
+    log.info(
+        "VAE %s: %d genes, %d parameters, %d steps (%d cells, %d batches/epoch), decoding %s genes per cell",
+        run.preset,
+        G,
+        n_params,
+        tcfg.max_steps,
+        loader.n_cells,
+        loader.n_batches(),
+        q,
+    )
     metadata = {
         "stage": "vae",
         "run": asdict(run),
@@ -144,7 +174,16 @@ def train_vae(tokens_dir: str | Path, out_dir: str | Path, run: VAETraining, tcf
         "tokens_provenance": manifest.get("provenance", {}),
     }
     return train(
-        model, VAELoss(G, run.decode_genes), loader, tcfg, Path(out_dir), resume=resume,
-        model_config=model_cfg.to_dict(), metadata=metadata, progress=progress, cells_in_batch=len,
-        move_batch=lambda b, device: b.to_torch(device, dense_target=G), split_batch=token_batch_rows,
+        model,
+        VAELoss(G, run.decode_genes),
+        loader,
+        tcfg,
+        Path(out_dir),
+        resume=resume,
+        model_config=model_cfg.to_dict(),
+        metadata=metadata,
+        progress=progress,
+        cells_in_batch=len,
+        move_batch=lambda b, device: b.to_torch(device, dense_target=G),
+        split_batch=token_batch_rows,
     )

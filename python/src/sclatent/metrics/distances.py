@@ -31,7 +31,14 @@ DEFAULT_MAX_CELLS = 10_000
 DEFAULT_MIN_CELLS_PER_CLASS = 20  # CFGen paper-era rule; also > k for PRDC and >= 2 for a covariance
 DEFAULT_K = 10  # k of PRDC and of the kNN label classifier (CFGen: nn = 10)
 DISTRIBUTION_METRICS: tuple[str, ...] = (
-    "w2", "mmd2_rbf", "fd", "one_nn_accuracy", "precision", "recall", "density", "coverage",
+    "w2",
+    "mmd2_rbf",
+    "fd",
+    "one_nn_accuracy",
+    "precision",
+    "recall",
+    "density",
+    "coverage",
 )
 JOINT_SEPARATOR = "|"  # joint class name: labels of the keys joined by this, in condition_keys order
 # exp(-a) is exactly 0.0 in float64 for a > 745.14, so kernel terms beyond this argument contribute nothing.
@@ -216,9 +223,7 @@ def frechet_distance(X: ArrayLike, Y: ArrayLike) -> float:
     return float(diff @ diff + np.trace(cov_x) + np.trace(cov_y) - 2.0 * np.trace(cov_mean))
 
 
-def one_nn_accuracy(
-    X: ArrayLike, Y: ArrayLike, *, max_cells: int | None = DEFAULT_MAX_CELLS, seed: int = 0
-) -> float:
+def one_nn_accuracy(X: ArrayLike, Y: ArrayLike, *, max_cells: int | None = DEFAULT_MAX_CELLS, seed: int = 0) -> float:
     """Leave-one-out 1-nearest-neighbour two-sample accuracy on a balanced union of X and Y.
 
     Both sides are reduced to n = min(n, n', max_cells) cells (seeded subsample); each of the 2n cells is
@@ -357,5 +362,3 @@ def tstr_accuracy(
         "accuracy": float(accuracy_score(lab_x, pred)),
         "macro_f1": float(f1_score(lab_x, pred, average="macro", zero_division=0)),
     }
-
-

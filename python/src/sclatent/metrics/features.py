@@ -22,6 +22,7 @@ from .distances import _BLOCK_BYTES, _block_rows
 
 FEATURE_SPACE_VARIANT = "corrected: shared genes, real-mean centred"
 
+
 def _first_names(names: Sequence[str], limit: int = 5) -> str:
     shown = ", ".join(repr(x) for x in list(names)[:limit])
     more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
@@ -108,9 +109,7 @@ def log_normalize(counts: Any, hvg_mask: NDArray[np.bool_]) -> NDArray[np.float6
     return out
 
 
-def pca_fit(
-    X: NDArray[np.float64], n_pcs: int
-) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+def pca_fit(X: NDArray[np.float64], n_pcs: int) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
     """Exact PCA of X (n, H): returns (mean (H,), components (n_pcs, H), explained variance ratio (n_pcs,)).
 
     Components are the top eigenvectors of the covariance, computed with `scipy.linalg.eigh(...,
@@ -162,9 +161,7 @@ def feature_space(
         )
     n_hvg = int(mask.sum())
     if not 1 <= n_pcs <= min(n_hvg, real_counts.shape[0]):
-        raise ValueError(
-            f"n_pcs={n_pcs} must be between 1 and min(#HVG={n_hvg}, #real cells={real_counts.shape[0]})"
-        )
+        raise ValueError(f"n_pcs={n_pcs} must be between 1 and min(#HVG={n_hvg}, #real cells={real_counts.shape[0]})")
     real_log = log_normalize(real_counts, mask)  # (n, H)
     gen_log = log_normalize(gen_counts, mask)  # (n', H)
     mean, components, explained = pca_fit(real_log, n_pcs)  # (H,), (n_pcs, H), (n_pcs,)
@@ -216,5 +213,3 @@ def _cell_hash_order(counts: Any, labels: pd.DataFrame) -> NDArray[np.intp]:
                 h.update(label_rows[start + j].encode())
                 keys[start + j] = int.from_bytes(h.digest(), "little")
     return np.argsort(keys, kind="stable")
-
-

@@ -17,8 +17,20 @@ import pandas as pd
 from numpy.typing import ArrayLike, NDArray
 
 from .distances import (
-    DEFAULT_K, DEFAULT_MAX_CELLS, DEFAULT_MIN_CELLS_PER_CLASS, DEFAULT_W2_MAX_CELLS, DISTRIBUTION_METRICS,
-    JOINT_SEPARATOR, MMD_SIGMAS, frechet_distance, knn_label_f1, mmd2_rbf, one_nn_accuracy, prdc, tstr_accuracy, w2,
+    DEFAULT_K,
+    DEFAULT_MAX_CELLS,
+    DEFAULT_MIN_CELLS_PER_CLASS,
+    DEFAULT_W2_MAX_CELLS,
+    DISTRIBUTION_METRICS,
+    JOINT_SEPARATOR,
+    MMD_SIGMAS,
+    frechet_distance,
+    knn_label_f1,
+    mmd2_rbf,
+    one_nn_accuracy,
+    prdc,
+    tstr_accuracy,
+    w2,
 )
 from .features import _cell_hash_order, _counts_of, _first_names, _labels_of, align_genes, feature_space
 
@@ -246,5 +258,3 @@ def aggregate_replicates(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]
         }
         out["per_class"][group]["n_classes"] = [r["per_class"][group]["n_classes"] for r in results]
     return _json_safe(out)
-
-

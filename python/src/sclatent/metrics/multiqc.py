@@ -9,6 +9,7 @@ from typing import Any
 
 def _mqc_rows(metrics: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """Table rows (name, {column: value}) from an `evaluate`, `aggregate_replicates` or flat metrics dict."""
+
     def value(v: Any) -> Any:
         return v.get("mean") if isinstance(v, Mapping) else v
 
@@ -58,6 +59,7 @@ def to_mqc_tsv(
     row for a flat dict such as `reconstruction_metrics`). Missing values are empty cells. A list of
     (prefix, metrics) pairs puts several such parts in one table, each row name prefixed.
     """
+
     def quoted(text: str) -> str:
         return "'" + text.replace("'", "") + "'"
 

@@ -137,5 +137,3 @@ def reconstruction_metrics(
         out[f"pcc_cell_{p}"] = _nanmean_or_nan(np.concatenate(cell_pcc[p]))
         out[f"mse_{p}"] = sq_err[p] / (n * n_genes)
     return _json_safe(out)
-
-

@@ -190,7 +190,9 @@ class MCAB(nn.Module):
             if queries.dim() != 2 or queries.shape[-1] != d:
                 raise ValueError(f"with query_index, queries must be an (N, {d}) table, got {tuple(queries.shape)}")
             if query_index.dim() != 2 or query_index.shape[0] != B or query_index.dtype != torch.long:
-                raise ValueError(f"query_index must be a ({B}, Q) int64 tensor, got {tuple(query_index.shape)} {query_index.dtype}")
+                raise ValueError(
+                    f"query_index must be a ({B}, Q) int64 tensor, got {tuple(query_index.shape)} {query_index.dtype}"
+                )
         elif queries.dim() not in (2, 3) or queries.shape[-1] != d or (queries.dim() == 3 and queries.shape[0] != B):
             raise ValueError(f"queries must have shape (Q, {d}) or ({B}, Q, {d}), got {tuple(queries.shape)}")
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, S):

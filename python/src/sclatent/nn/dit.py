@@ -195,9 +195,7 @@ class DiT(nn.Module):
             DiTBlock(d, config.n_heads, config.mlp_multiple_of, config.norm_eps) for _ in range(config.n_blocks)
         )
         self.final = FinalLayer(d, config.d_latent, config.norm_eps)
-        self.register_buffer(
-            "null_codes", torch.tensor(config.null_codes, dtype=torch.long), persistent=False
-        )  # (K,)
+        self.register_buffer("null_codes", torch.tensor(config.null_codes, dtype=torch.long), persistent=False)  # (K,)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

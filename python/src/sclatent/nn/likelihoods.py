@@ -208,8 +208,9 @@ class ZeroInflatedNegativeBinomial:
 
     def columns(self, cols: torch.Tensor) -> "ZeroInflatedNegativeBinomial":
         """The distributions of genes `cols` (Q',) only: (B, Q')."""
-        return ZeroInflatedNegativeBinomial.from_log(self.nb.log_mu[:, cols], self.nb.log_theta[:, cols],
-                                                     self.zi_logits[:, cols])
+        return ZeroInflatedNegativeBinomial.from_log(
+            self.nb.log_mu[:, cols], self.nb.log_theta[:, cols], self.zi_logits[:, cols]
+        )
 
     @property
     def shape(self) -> torch.Size:

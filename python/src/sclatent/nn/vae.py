@@ -99,8 +99,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "scldm": dict(embedding="multiplicative"),
     "default": _ADDITIONS,
     "tiny": dict(
-        _ADDITIONS, d_model=16, n_latent_tokens=4, d_latent=4, n_enc_blocks=1, n_dec_blocks=1, n_heads=2,
-        n_cross_heads=2, count_readout=4,
+        _ADDITIONS,
+        d_model=16,
+        n_latent_tokens=4,
+        d_latent=4,
+        n_enc_blocks=1,
+        n_dec_blocks=1,
+        n_heads=2,
+        n_cross_heads=2,
+        count_readout=4,
     ),
 }
 
@@ -147,8 +154,9 @@ class CountReadout(nn.Module):
         self.table = nn.Embedding(c.n_genes + 1, c.count_readout)  # R_g
         self.proj = nn.Linear(c.count_readout, c.n_latent_tokens * c.d_model, bias=False)
 
-    def forward(self, genes: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor,
-                generator: torch.Generator | None) -> torch.Tensor:
+    def forward(
+        self, genes: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
         w = torch.log1p(counts.to(torch.float32)) * mask  # (B, S); padding weighs 0
         if self.training and self.dropout > 0:
             device = generator.device if generator is not None else w.device
@@ -174,8 +182,14 @@ class MCABEncoder(nn.Module):
         self.to_mu = nn.Linear(c.d_model, c.d_latent)
         self.to_logvar = nn.Linear(c.d_model, c.d_latent) if c.variational else None
 
-    def forward(self, tokens: torch.Tensor, genes: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor,
-                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        genes: torch.Tensor,
+        counts: torch.Tensor,
+        mask: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = self.pool(tokens, key_padding_mask=mask)  # (B, m, d)
         if self.readout is not None:
             h = h + self.readout(genes, counts, mask, generator).view(h.shape).to(h.dtype)
@@ -239,8 +253,9 @@ class LikelihoodHead(nn.Module):
             params["zi_logits"] = out[..., 1]
         return params
 
-    def distribution(self, params: dict[str, torch.Tensor], library_size: torch.Tensor,
-                     log_weights: torch.Tensor | None = None) -> Likelihood:
+    def distribution(
+        self, params: dict[str, torch.Tensor], library_size: torch.Tensor, log_weights: torch.Tensor | None = None
+    ) -> Likelihood:
         """The likelihood over (B, Q); count means = softmax over the Q genes (weighted by w_g if given) * L."""
         if self.kind == "gaussian":
             return Gaussian.from_log(params["m"], params["log_sigma"], library_size)
@@ -301,16 +316,19 @@ class TransformerVAE(nn.Module):
         if not torch.compiler.is_compiling() and ids.numel() and (int(ids.min()) < lo or int(ids.max()) > G):
             raise ValueError(f"{name} has ids in [{int(ids.min())}, {int(ids.max())}], outside [{lo}, {G}]")
 
-    def encode(self, genes: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode(
+        self, genes: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Posterior of Z for token sets genes (B, S) int64 (0 = PAD), counts (B, S), mask (B, S) bool.
 
         Returns (mu, logvar), each (B, m, d_latent), or (z, None) for the deterministic encoder; invariant to the
         order of the tokens and to padding. `generator` draws the readout's training-time dropout.
         """
         if genes.dim() != 2 or counts.shape != genes.shape or mask.shape != genes.shape:
-            raise ValueError("genes, counts, mask must share a (B, S) shape, got "
-                             f"{tuple(genes.shape)}, {tuple(counts.shape)}, {tuple(mask.shape)}")
+            raise ValueError(
+                "genes, counts, mask must share a (B, S) shape, got "
+                f"{tuple(genes.shape)}, {tuple(counts.shape)}, {tuple(mask.shape)}"
+            )
         if mask.dtype != torch.bool:
             raise ValueError(f"mask must be bool, got dtype {mask.dtype}")
         self._check_ids("genes", genes, allow_pad=True)
@@ -332,8 +350,13 @@ class TransformerVAE(nn.Module):
         o = self.decoder(z, self.embedding.genes.weight, query_genes)  # (B, Q, d)
         return self.head(o, query_genes)
 
-    def decode(self, z: torch.Tensor, query_genes: torch.Tensor, library_size: torch.Tensor,
-               log_weights: torch.Tensor | None = None) -> Likelihood:
+    def decode(
+        self,
+        z: torch.Tensor,
+        query_genes: torch.Tensor,
+        library_size: torch.Tensor,
+        log_weights: torch.Tensor | None = None,
+    ) -> Likelihood:
         """p(x_I | Z, I) over (B, Q); count means sum to `library_size` (B,) over the decoded genes, or, with
         `log_weights` (B, Q) (a weighted sample standing for all G genes), estimate a full decode's means."""
         params = self.decode_parameters(z, query_genes)
@@ -342,9 +365,18 @@ class TransformerVAE(nn.Module):
             raise ValueError(f"library_size must have shape ({n},), got {tuple(library_size.shape)}")
         return self.head.distribution(params, library_size.to(z.dtype), log_weights)
 
-    def loss(self, genes: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor, library_size: torch.Tensor,
-             target_genes: torch.Tensor, target_counts: torch.Tensor, target_weights: torch.Tensor | None = None,
-             generator: torch.Generator | None = None, sample_posterior: bool = True) -> dict[str, torch.Tensor]:
+    def loss(
+        self,
+        genes: torch.Tensor,
+        counts: torch.Tensor,
+        mask: torch.Tensor,
+        library_size: torch.Tensor,
+        target_genes: torch.Tensor,
+        target_counts: torch.Tensor,
+        target_weights: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        sample_posterior: bool = True,
+    ) -> dict[str, torch.Tensor]:
         """Negative ELBO of a batch: {"loss", "nll", "kl"}, scalars; loss = nll + beta * kl.
 
         Encoder input genes/counts/mask (B, S), library sizes (B,). Decoder target: every gene (target_genes of
@@ -353,13 +385,17 @@ class TransformerVAE(nn.Module):
         softmax normaliser is the weighted one, so both estimate the all-gene quantities.
         """
         if target_counts.dim() != 2 or target_counts.shape[-1] != target_genes.shape[-1]:
-            raise ValueError(f"target_counts must have shape (B, Q) matching target_genes {tuple(target_genes.shape)}, "
-                             f"got {tuple(target_counts.shape)}")
+            raise ValueError(
+                f"target_counts must have shape (B, Q) matching target_genes {tuple(target_genes.shape)}, "
+                f"got {tuple(target_counts.shape)}"
+            )
         if target_weights is None and target_genes.shape[-1] != self.config.n_genes:
             raise ValueError("a gene subset needs target_weights (each drawn gene's share of the cell's genes)")
         if target_weights is not None and target_weights.shape != target_counts.shape:
-            raise ValueError(f"target_weights must have the shape of target_counts {tuple(target_counts.shape)}, "
-                             f"got {tuple(target_weights.shape)}")
+            raise ValueError(
+                f"target_weights must have the shape of target_counts {tuple(target_counts.shape)}, "
+                f"got {tuple(target_weights.shape)}"
+            )
         mu, logvar = self.encode(genes, counts, mask, generator)  # (B, m, d_latent)
         z = mu
         if logvar is not None and sample_posterior:
@@ -377,8 +413,14 @@ class TransformerVAE(nn.Module):
         return {"loss": nll + self.config.beta * kl, "nll": nll, "kl": kl}
 
     @torch.no_grad()
-    def reconstruct(self, genes: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor, query_genes: torch.Tensor,
-                    library_size: torch.Tensor) -> Likelihood:
+    def reconstruct(
+        self,
+        genes: torch.Tensor,
+        counts: torch.Tensor,
+        mask: torch.Tensor,
+        query_genes: torch.Tensor,
+        library_size: torch.Tensor,
+    ) -> Likelihood:
         """Decode each cell's posterior mean over `query_genes` (Q,) or (B, Q) with library sizes (B,)."""
         mu, _ = self.encode(genes, counts, mask)
         return self.decode(mu, query_genes, library_size)

@@ -50,6 +50,7 @@ __all__ = ["build_report", "load_inputs", "make_report", "parse_baselines"]
 
 log = logging.getLogger(__name__)
 
+
 # ----------------------------------------------------------------------------------------------------------
 # The page
 # ----------------------------------------------------------------------------------------------------------
@@ -59,10 +60,10 @@ def render(sections: Sequence[Section], inputs: ReportInputs, elapsed_s: float) 
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = f"sclatent report: {inputs.dataset}"
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{esc(title)}</title>"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{esc(title)}</title>'
         f"<style>{CSS}</style></head><body><main>"
-        f"<h1>{esc(title)}</h1><p class=\"note\">scLDM (latent diffusion for single-cell expression): "
+        f'<h1>{esc(title)}</h1><p class="note">scLDM (latent diffusion for single-cell expression): '
         f"sclatent {esc(__version__)}, built {esc(now)}.</p><nav>{nav}</nav>"
         + "".join(s.html() for s in sections)
         + f"<footer>Self-contained page: every figure is an inline PNG; nothing is loaded from elsewhere. "
@@ -70,8 +71,14 @@ def render(sections: Sequence[Section], inputs: ReportInputs, elapsed_s: float) 
     )
 
 
-def build_report(inputs: ReportInputs, *, max_cells: int = DEFAULT_MAX_CELLS, seed: int = 0,
-                 marker_key: str | None = None, n_markers: int = N_MARKERS) -> tuple[str, dict[str, Any]]:
+def build_report(
+    inputs: ReportInputs,
+    *,
+    max_cells: int = DEFAULT_MAX_CELLS,
+    seed: int = 0,
+    marker_key: str | None = None,
+    n_markers: int = N_MARKERS,
+) -> tuple[str, dict[str, Any]]:
     """Build every section; returns (html, summary) where summary lists sections, figures and what is missing."""
     if max_cells < 10:
         raise InputError(f"--max-cells must be at least 10, got {max_cells}")
@@ -119,8 +126,16 @@ def make_report(
     page, summary = build_report(inputs, max_cells=max_cells, seed=seed, marker_key=marker_key, n_markers=n_markers)
     with atomic_path(out) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
-    missing_txt = "; ".join(f"{k}: {len(v)} missing part(s)" for k, v in summary["missing"].items()) or "nothing missing"
-    log.info("REPORT %s: %d sections, %d figures, %.0f kB in %.1fs (%s)", out, len(summary["sections"]),
-             len(summary["figures"]), len(page) / 1024, summary["elapsed_s"], missing_txt)
+    missing_txt = (
+        "; ".join(f"{k}: {len(v)} missing part(s)" for k, v in summary["missing"].items()) or "nothing missing"
+    )
+    log.info(
+        "REPORT %s: %d sections, %d figures, %.0f kB in %.1fs (%s)",
+        out,
+        len(summary["sections"]),
+        len(summary["figures"]),
+        len(page) / 1024,
+        summary["elapsed_s"],
+        missing_txt,
+    )
     return summary
-

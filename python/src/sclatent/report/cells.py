@@ -37,6 +37,7 @@ from .inputs import ReportInputs
 
 log = logging.getLogger(__name__)
 
+
 # ----------------------------------------------------------------------------------------------------------
 # Embedding (UMAP) and marker genes
 # ----------------------------------------------------------------------------------------------------------
@@ -55,8 +56,11 @@ class CellSample:
 
 
 def _condition_keys(inputs: ReportInputs) -> list[str]:
-    for source in ((inputs.metrics or {}).get("condition_keys"), (inputs.manifest or {}).get("condition_keys"),
-                   ((inputs.prepare or {}).get("provenance") or {}).get("config", {}).get("condition_keys")):
+    for source in (
+        (inputs.metrics or {}).get("condition_keys"),
+        (inputs.manifest or {}).get("condition_keys"),
+        ((inputs.prepare or {}).get("provenance") or {}).get("config", {}).get("condition_keys"),
+    ):
         if source is not None:
             return list(source)
     if inputs.real is not None:
@@ -74,7 +78,9 @@ def cell_sample(inputs: ReportInputs, max_cells: int, seed: int) -> CellSample:
     try:
         genes = align_genes(real, gen)
     except ValueError as exc:
-        raise InputError(f"--real {inputs.paths.get('real')} vs --generated {inputs.paths.get('generated')}: {exc}") from None
+        raise InputError(
+            f"--real {inputs.paths.get('real')} vs --generated {inputs.paths.get('generated')}: {exc}"
+        ) from None
     rng = np.random.default_rng(seed)
     idx_r = subsample(real.n_obs, max_cells, rng)
     idx_g = subsample(gen.n_obs, max_cells, rng)
@@ -104,7 +110,9 @@ def umap_embedding(cells: CellSample, n_pcs: int, seed: int) -> tuple[np.ndarray
 
     n_real = cells.real.n_obs
     n_pcs = max(1, min(n_pcs, int(cells.hvg_mask.sum()), n_real - 1))
-    real_pcs, gen_pcs, info = feature_space(_csr(cells.real), _csr(cells.generated), cells.hvg_mask, n_pcs)  # (n, p), (n', p)
+    real_pcs, gen_pcs, info = feature_space(
+        _csr(cells.real), _csr(cells.generated), cells.hvg_mask, n_pcs
+    )  # (n, p), (n', p)
     union = ad.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(n_real + cells.generated.n_obs)]))
     union.obsm["X_pca"] = np.vstack([real_pcs, gen_pcs]).astype(np.float32)  # (n + n', p)
     n_neighbors = max(2, min(UMAP_NEIGHBORS, union.n_obs - 1))
@@ -117,8 +125,14 @@ LEGEND_DOT_AREA = 25.0  # points², whatever the size of the dots in the plot
 
 
 def _scatter_legend(ax: Any, n: int, dot_area: float) -> None:
-    ax.legend(fontsize=7, markerscale=math.sqrt(LEGEND_DOT_AREA / dot_area), loc="center left", bbox_to_anchor=(1.0, 0.5),
-              frameon=False, ncol=1 if n <= 16 else 2)
+    ax.legend(
+        fontsize=7,
+        markerscale=math.sqrt(LEGEND_DOT_AREA / dot_area),
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        frameon=False,
+        ncol=1 if n <= 16 else 2,
+    )
 
 
 def umap_source_figure(xy: np.ndarray, n_real: int) -> Any:
@@ -127,7 +141,15 @@ def umap_source_figure(xy: np.ndarray, n_real: int) -> Any:
     ax = fig.subplots()
     size = max(2.0, min(18.0, 6000.0 / len(xy)))
     ax.scatter(xy[:n_real, 0], xy[:n_real, 1], s=size, c=REAL_COLOUR, alpha=0.7, linewidths=0, label=f"real ({n_real})")
-    ax.scatter(xy[n_real:, 0], xy[n_real:, 1], s=size, c=GENERATED_COLOUR, alpha=0.5, linewidths=0, label=f"generated ({len(xy) - n_real})")
+    ax.scatter(
+        xy[n_real:, 0],
+        xy[n_real:, 1],
+        s=size,
+        c=GENERATED_COLOUR,
+        alpha=0.5,
+        linewidths=0,
+        label=f"generated ({len(xy) - n_real})",
+    )
     ax.set_xticks([]), ax.set_yticks([])
     ax.set_xlabel("UMAP 1"), ax.set_ylabel("UMAP 2")
     _scatter_legend(ax, 2, size)
@@ -142,7 +164,10 @@ def umap_key_figure(xy: np.ndarray, real_labels: np.ndarray, gen_labels: np.ndar
     fig = _new_figure(11.5, 4.8)
     axes = fig.subplots(1, 2, sharex=True, sharey=True)
     size = max(2.0, min(18.0, 6000.0 / len(xy)))
-    for ax, part, labels, title in ((axes[0], xy[:n_real], real_labels, "real"), (axes[1], xy[n_real:], gen_labels, "generated")):
+    for ax, part, labels, title in (
+        (axes[0], xy[:n_real], real_labels, "real"),
+        (axes[1], xy[n_real:], gen_labels, "generated"),
+    ):
         ax.scatter(xy[:, 0], xy[:, 1], s=size, c="#e6e6e6", linewidths=0)  # all cells as a grey backdrop
         for cls in classes:
             sel = labels == cls
@@ -182,19 +207,25 @@ def section_umap(inputs: ReportInputs, cells: CellSample | None, why: str, max_c
     log.info("UMAP of %d + %d cells in %.1fs", cells.real.n_obs, cells.generated.n_obs, time.time() - t0)
     n_real = cells.real.n_obs
     rep = "" if cells.replicate is None else f" of replicate {cells.replicate}"
-    base = (f"{n_real} of {cells.n_real_total} real cells and {cells.generated.n_obs} of {cells.n_generated_total} "
-            f"generated cells{rep} (seeded subsample, seed {seed}, at most {max_cells} per side). "
-            f"EVALUATE's feature space: normalize_total({TARGET_SUM:g}) over {info['n_genes_shared']} shared genes, log1p, "
-            f"{cells.hvg_note}, PCA with {info['n_pcs']} components fitted on the real cells shown (generated cells "
-            f"projected with the real mean); scanpy neighbours (k={info['n_neighbors']}) and UMAP on the union.")
+    base = (
+        f"{n_real} of {cells.n_real_total} real cells and {cells.generated.n_obs} of {cells.n_generated_total} "
+        f"generated cells{rep} (seeded subsample, seed {seed}, at most {max_cells} per side). "
+        f"EVALUATE's feature space: normalize_total({TARGET_SUM:g}) over {info['n_genes_shared']} shared genes, log1p, "
+        f"{cells.hvg_note}, PCA with {info['n_pcs']} components fitted on the real cells shown (generated cells "
+        f"projected with the real mean); scanpy neighbours (k={info['n_neighbors']}) and UMAP on the union."
+    )
     sec.add_figure("fig-umap-source", umap_source_figure(xy, n_real), base, "UMAP of real and generated cells")
     if not cells.keys:
         sec.add_missing("No condition keys (or none present in both files): no UMAP coloured by class.")
     for key in cells.keys:
         real_l = cells.real.obs[key].astype(str).to_numpy()
         gen_l = cells.generated.obs[key].astype(str).to_numpy()
-        sec.add_figure(f"fig-umap-{slug(key)}", umap_key_figure(xy, real_l, gen_l, key),
-                       f"Coloured by {key} (same embedding; other cells in grey). " + base, f"UMAP coloured by {key}")
+        sec.add_figure(
+            f"fig-umap-{slug(key)}",
+            umap_key_figure(xy, real_l, gen_l, key),
+            f"Coloured by {key} (same embedding; other cells in grey). " + base,
+            f"UMAP coloured by {key}",
+        )
     return sec
 
 
@@ -215,7 +246,9 @@ def marker_genes(real: Any, key: str, n_per_class: int, seed: int) -> tuple[list
     keep = labels.isin(classes).to_numpy()
     obs = pd.DataFrame({key: pd.Categorical(labels[keep].to_numpy())}, index=real.obs_names[keep])
     data = ad.AnnData(X=log1p_cp10k(_csr(real[keep])), obs=obs, var=pd.DataFrame(index=real.var_names))  # (n, G)
-    sc.tl.rank_genes_groups(data, key, groups=classes, reference="rest", method="t-test", n_genes=max(n_per_class * 4, 10))
+    sc.tl.rank_genes_groups(
+        data, key, groups=classes, reference="rest", method="t-test", n_genes=max(n_per_class * 4, 10)
+    )
     names = data.uns["rank_genes_groups"]["names"]
     per_class = max(1, min(n_per_class, MAX_MARKER_GENES // len(classes)))
     genes: list[str] = []
@@ -225,7 +258,9 @@ def marker_genes(real: Any, key: str, n_per_class: int, seed: int) -> tuple[list
     return classes, genes
 
 
-def dot_stats(adata: Any, labels: np.ndarray, classes: Sequence[str], genes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def dot_stats(
+    adata: Any, labels: np.ndarray, classes: Sequence[str], genes: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
     """Fraction of cells expressing (count > 0) and mean log-normalised expression: (C, g) each."""
     col = pd.Index(adata.var_names).get_indexer(list(genes))
     counts = _csr(adata)
@@ -249,8 +284,13 @@ def gene_labels(var: pd.DataFrame, genes: Sequence[str]) -> list[str]:
     return [str(g) for g in genes]
 
 
-def dot_plot_figure(classes: Sequence[str], genes: Sequence[str], real_stats: tuple[np.ndarray, np.ndarray],
-                    gen_stats: tuple[np.ndarray, np.ndarray], key: str) -> Any:
+def dot_plot_figure(
+    classes: Sequence[str],
+    genes: Sequence[str],
+    real_stats: tuple[np.ndarray, np.ndarray],
+    gen_stats: tuple[np.ndarray, np.ndarray],
+    key: str,
+) -> Any:
     """Rows: each class twice (real, then generated); columns: marker genes.
 
     Drawn with matplotlib rather than `sc.pl.dotplot` so that the real and the generated row of a class sit
@@ -270,8 +310,17 @@ def dot_plot_figure(classes: Sequence[str], genes: Sequence[str], real_stats: tu
     ax = fig.subplots()
     gx, gy = np.meshgrid(np.arange(n_g), y)
     ok = np.isfinite(frac)
-    points = ax.scatter(gx[ok], gy[ok], s=np.clip(frac[ok], 0, 1) * 120 + 1, c=scaled[ok], cmap="Reds", vmin=0, vmax=1,
-                        edgecolors="#666666", linewidths=0.3)
+    points = ax.scatter(
+        gx[ok],
+        gy[ok],
+        s=np.clip(frac[ok], 0, 1) * 120 + 1,
+        c=scaled[ok],
+        cmap="Reds",
+        vmin=0,
+        vmax=1,
+        edgecolors="#666666",
+        linewidths=0.3,
+    )
     ax.set_xticks(np.arange(n_g))
     ax.set_xticklabels(genes, rotation=90, fontsize=7)
     ax.set_yticks(y)
@@ -285,7 +334,15 @@ def dot_plot_figure(classes: Sequence[str], genes: Sequence[str], real_stats: tu
     cbar.set_label("mean expression / gene max", fontsize=7)
     for f in (0.25, 0.5, 1.0):
         ax.scatter([], [], s=f * 120 + 1, c="#bbbbbb", edgecolors="#666666", linewidths=0.3, label=f"{int(f * 100)}%")
-    ax.legend(title="expressing", fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.12, 1.0), frameon=False, labelspacing=1.2)
+    ax.legend(
+        title="expressing",
+        fontsize=7,
+        title_fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.12, 1.0),
+        frameon=False,
+        labelspacing=1.2,
+    )
     return fig
 
 
@@ -296,27 +353,39 @@ def section_markers(cells: CellSample | None, why: str, marker_key: str | None, 
         sec.add_missing(why)
         return sec
     if marker_key is not None and marker_key not in cells.keys:
-        raise InputError(f"--marker-key {marker_key!r} is not a condition key present in both files (have: {', '.join(cells.keys) or 'none'})")
+        raise InputError(
+            f"--marker-key {marker_key!r} is not a condition key present in both files (have: "
+            f"{', '.join(cells.keys) or 'none'})"
+        )
     candidates = [marker_key] if marker_key else cells.keys
-    key = next((k for k in candidates if (cells.real.obs[k].astype(str).value_counts() >= MIN_MARKER_CELLS).sum() >= 2), None)
+    key = next(
+        (k for k in candidates if (cells.real.obs[k].astype(str).value_counts() >= MIN_MARKER_CELLS).sum() >= 2), None
+    )
     if key is None:
-        sec.add_missing("Marker genes need a condition key with at least 2 classes of "
-                        f"≥ {MIN_MARKER_CELLS} real cells; {'no condition keys' if not cells.keys else 'none has'}.")
+        sec.add_missing(
+            "Marker genes need a condition key with at least 2 classes of "
+            f"≥ {MIN_MARKER_CELLS} real cells; {'no condition keys' if not cells.keys else 'none has'}."
+        )
         return sec
     t0 = time.time()
     classes, genes = marker_genes(cells.real, key, n_markers, seed)
     real_l = cells.real.obs[key].astype(str).to_numpy()
     gen_l = cells.generated.obs[key].astype(str).to_numpy()
-    fig = dot_plot_figure(classes, gene_labels(cells.real.var, genes), dot_stats(cells.real, real_l, classes, genes),
-                          dot_stats(cells.generated, gen_l, classes, genes), key)
+    fig = dot_plot_figure(
+        classes,
+        gene_labels(cells.real.var, genes),
+        dot_stats(cells.real, real_l, classes, genes),
+        dot_stats(cells.generated, gen_l, classes, genes),
+        key,
+    )
     log.info("marker genes of %d classes of %s in %.1fs", len(classes), key, time.time() - t0)
     absent = [c for c in classes if not (gen_l == c).any()]
-    caption = (f"Top {min(n_markers, MAX_MARKER_GENES // len(classes)) or 1} marker genes of each class of {key} "
-               f"(scanpy rank_genes_groups, t-test vs the rest, on the {cells.real.n_obs} real cells shown in the UMAP; "
-               f"log1p(normalize_total({TARGET_SUM:g})) over the shared genes), and the same statistics on the "
-               f"{cells.generated.n_obs} generated cells. Classes with fewer than {MIN_MARKER_CELLS} real cells are left out."
-               + (f" No generated cells for: {', '.join(absent)}." if absent else ""))
+    caption = (
+        f"Top {min(n_markers, MAX_MARKER_GENES // len(classes)) or 1} marker genes of each class of {key} "
+        f"(scanpy rank_genes_groups, t-test vs the rest, on the {cells.real.n_obs} real cells shown in the UMAP; "
+        f"log1p(normalize_total({TARGET_SUM:g})) over the shared genes), and the same statistics on the "
+        f"{cells.generated.n_obs} generated cells. Classes with fewer than {MIN_MARKER_CELLS} real cells are left out."
+        + (f" No generated cells for: {', '.join(absent)}." if absent else "")
+    )
     sec.add_figure("fig-markers", fig, caption, f"dot plot of marker genes per class of {key}")
     return sec
-
-

@@ -25,7 +25,13 @@ N_MARKERS = 3  # top marker genes per class in the dot plot
 MAX_MARKER_GENES = 40  # at most this many genes (columns) in the dot plot
 MAX_MARKER_CLASSES = 30  # at most this many classes (the largest ones) in the dot plot
 MIN_MARKER_CELLS = 3  # a class needs this many real cells to enter rank_genes_groups
-GENE_SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "feature_name", "symbol", "gene_name")  # var columns shown instead of ids
+GENE_SYMBOL_COLUMNS = (
+    "gene_symbols",
+    "gene_symbol",
+    "feature_name",
+    "symbol",
+    "gene_name",
+)  # var columns shown instead of ids
 BAR_METRICS: tuple[str, ...] = ("w2", "mmd2_rbf")  # per-class bar charts
 CLASS_TABLE_METRICS: tuple[str, ...] = ("w2", "mmd2_rbf", "fd", "one_nn_accuracy")
 TRACE_COLUMNS: tuple[str, ...] = ("name", "status", "exit", "cpus", "duration", "realtime", "%cpu", "peak_rss")
@@ -82,7 +88,6 @@ footer{margin-top:3em;font-size:.8em;color:#777}
 """
 
 
-
 class Html(str):
     """A string of trusted HTML (not escaped again by the table helpers)."""
 
@@ -137,7 +142,7 @@ def table(header: Sequence[Any], rows: Sequence[Sequence[Any]], *, table_id: str
     """An HTML table; cells holding a number (or 'mean ± SEM') are right-aligned."""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join(
-        "<tr>" + "".join(f'<td{" class=num" if _NUMBER.fullmatch(str(c)) else ""}>{esc(c)}</td>' for c in r) + "</tr>"
+        "<tr>" + "".join(f"<td{' class=num' if _NUMBER.fullmatch(str(c)) else ''}>{esc(c)}</td>" for c in r) + "</tr>"
         for r in rows
     )
     ident = f' id="{esc(table_id)}"' if table_id else ""
@@ -213,5 +218,3 @@ class Section:
 
     def html(self) -> str:
         return f'<section id="{esc(self.id)}"><h2>{esc(self.title)}</h2>{"".join(self.body)}</section>'
-
-

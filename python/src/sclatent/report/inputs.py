@@ -15,6 +15,7 @@ from ..io import InputError, read_h5ad, read_json
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class TrainingRun:
     """One training stage: its history (one row per log step) and the config.json beside it (if present)."""
@@ -83,7 +84,9 @@ def load_history(path: str | Path) -> TrainingRun:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not a training history CSV ({str(exc).splitlines()[0]})") from None
     if "step" not in history.columns or "loss" not in history.columns:
-        raise InputError(f"{path}: not a training history CSV (needs columns 'step' and 'loss'; has {list(history.columns)[:8]})")
+        raise InputError(
+            f"{path}: not a training history CSV (needs columns 'step' and 'loss'; has {list(history.columns)[:8]})"
+        )
     for column in history.columns:
         converted = pd.to_numeric(history[column], errors="coerce")
         bad = converted.isna() & history[column].notna()
@@ -106,7 +109,9 @@ def load_trace(path: str | Path) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not a Nextflow execution trace ({str(exc).splitlines()[0]})") from None
     if "name" not in trace.columns and "process" not in trace.columns:
-        raise InputError(f"{path}: not a Nextflow execution trace (no 'name' or 'process' column; has {list(trace.columns)[:8]})")
+        raise InputError(
+            f"{path}: not a Nextflow execution trace (no 'name' or 'process' column; has {list(trace.columns)[:8]})"
+        )
     return trace
 
 
@@ -139,9 +144,21 @@ def load_inputs(
     trace: str | Path | None = None,
 ) -> ReportInputs:
     """Read and check every given input (InputError with one line on a missing or malformed file)."""
-    paths = {k: str(v) for k, v in dict(prepare=prepare, manifest=manifest, vae_history=vae_history,
-             prior_history=prior_history, reconstruction=reconstruction, metrics=metrics, real=real,
-             generated=generated, trace=trace).items() if v is not None}
+    paths = {
+        k: str(v)
+        for k, v in dict(
+            prepare=prepare,
+            manifest=manifest,
+            vae_history=vae_history,
+            prior_history=prior_history,
+            reconstruction=reconstruction,
+            metrics=metrics,
+            real=real,
+            generated=generated,
+            trace=trace,
+        ).items()
+        if v is not None
+    }
     if manifest is not None and Path(manifest).is_dir():
         manifest = Path(manifest) / "manifest.json"
     inputs = ReportInputs(
@@ -150,9 +167,14 @@ def load_inputs(
         manifest=_load_json(manifest, "TOKENIZE manifest.json", ("genes", "splits")) if manifest is not None else None,
         vae=load_history(vae_history) if vae_history is not None else None,
         prior=load_history(prior_history) if prior_history is not None else None,
-        reconstruction=_load_json(reconstruction, "ENCODE reconstruction.json", ("metrics",)) if reconstruction is not None else None,
+        reconstruction=_load_json(reconstruction, "ENCODE reconstruction.json", ("metrics",))
+        if reconstruction is not None
+        else None,
         metrics=load_metrics_json(metrics) if metrics is not None else None,
-        baselines={name: load_metrics_json(p, f"EVALUATE metrics.json (baseline {name!r})") for name, p in (baselines or {}).items()},
+        baselines={
+            name: load_metrics_json(p, f"EVALUATE metrics.json (baseline {name!r})")
+            for name, p in (baselines or {}).items()
+        },
         real=read_h5ad(real) if real is not None else None,
         generated=read_h5ad(generated) if generated is not None else None,
         trace=load_trace(trace) if trace is not None else None,
@@ -168,5 +190,3 @@ def load_inputs(
         or "dataset"
     )
     return inputs
-
-

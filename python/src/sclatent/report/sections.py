@@ -43,6 +43,7 @@ from .inputs import ReportInputs, TrainingRun
 
 log = logging.getLogger(__name__)
 
+
 # ----------------------------------------------------------------------------------------------------------
 # Run summary
 # ----------------------------------------------------------------------------------------------------------
@@ -94,8 +95,10 @@ def step_records(inputs: ReportInputs) -> list[dict[str, Any]]:
         ("SAMPLE", "generated h5ad", sample[0] is not None, sample),
         ("EVALUATE", "metrics.json", inputs.metrics is not None, from_json(inputs.metrics)),
     ]
-    return [{"step": step, "artefact": artefact, "given": given, "provenance": record[0], "seconds": record[1]}
-            for step, artefact, given, record in steps]
+    return [
+        {"step": step, "artefact": artefact, "given": given, "provenance": record[0], "seconds": record[1]}
+        for step, artefact, given, record in steps
+    ]
 
 
 def _scalar_settings(config: Any, limit: int = 10) -> str:
@@ -137,17 +140,25 @@ def section_run_summary(inputs: ReportInputs) -> Section:
         version = p.get("sclatent_version")
         if version:
             versions.add(version)
-        rows.append([
-            r["step"], r["artefact"] if r["given"] else "not given",
-            version or "—", fmt_seconds(r["seconds"]) if r["given"] else "—",
-            _scalar_settings(p.get("config")) if r["given"] else "",
-        ])
+        rows.append(
+            [
+                r["step"],
+                r["artefact"] if r["given"] else "not given",
+                version or "—",
+                fmt_seconds(r["seconds"]) if r["given"] else "—",
+                _scalar_settings(p.get("config")) if r["given"] else "",
+            ]
+        )
     known = [r["seconds"] for r in records if r["seconds"] is not None]
     sec.add(table(["step", "artefact", "sclatent", "wall time", "settings"], rows, table_id="table-steps"))
-    sec.add(Html(f'<p class="note">Total recorded wall time: {esc(fmt_seconds(sum(known)) if known else "none recorded")} '
-                 f"(each step's own record: prepare.json / manifest.json <code>elapsed_s</code>, the last "
-                 f"<code>elapsed_s</code> of each history.csv, the generated h5ad's <code>uns['sclatent']['seconds']</code> "
-                 f"summed over shards, metrics.json <code>elapsed_s</code>; ENCODE records none).</p>"))
+    sec.add(
+        Html(
+            f'<p class="note">Total recorded wall time: {esc(fmt_seconds(sum(known)) if known else "none recorded")} '
+            f"(each step's own record: prepare.json / manifest.json <code>elapsed_s</code>, the last "
+            f"<code>elapsed_s</code> of each history.csv, the generated h5ad's <code>uns['sclatent']['seconds']</code> "
+            f"summed over shards, metrics.json <code>elapsed_s</code>; ENCODE records none).</p>"
+        )
+    )
     if len(versions) > 1:
         sec.add(missing(f"The steps ran with different sclatent versions: {', '.join(sorted(versions))}"))
     from importlib.metadata import PackageNotFoundError, version
@@ -158,10 +169,17 @@ def section_run_summary(inputs: ReportInputs) -> Section:
         except PackageNotFoundError:
             return "not installed"
 
-    env = [["sclatent (this report)", __version__], ["python", sys.version.split()[0]], ["platform", platform.platform()]]
+    env = [
+        ["sclatent (this report)", __version__],
+        ["python", sys.version.split()[0]],
+        ["platform", platform.platform()],
+    ]
     env += [[name, pkg(name)] for name in ("numpy", "pandas", "anndata", "scanpy", "umap-learn", "matplotlib", "torch")]
-    step_env = [[r["step"], r["provenance"]["python"], r["provenance"].get("platform", "?")]
-                for r in records if (r["provenance"] or {}).get("python")]
+    step_env = [
+        [r["step"], r["provenance"]["python"], r["provenance"].get("platform", "?")]
+        for r in records
+        if (r["provenance"] or {}).get("python")
+    ]
     sec.add(Html("<h3>Versions</h3>"))
     sec.add(table(["component", "version"], env, table_id="table-versions"))
     if step_env:
@@ -169,16 +187,28 @@ def section_run_summary(inputs: ReportInputs) -> Section:
     sec.add(Html("<h3>Configuration of each step</h3>"))
     for r in records:
         if r["provenance"]:
-            sec.add(details(f"{r['step']}: full configuration", json_block(r["provenance"].get("config", r["provenance"]))))
+            sec.add(
+                details(f"{r['step']}: full configuration", json_block(r["provenance"].get("config", r["provenance"])))
+            )
     if inputs.trace is not None:
         rows_t, matched = _trace_rows(inputs.trace, inputs.dataset)
         cols = [c for c in TRACE_COLUMNS if c in rows_t.columns]
         sec.add(Html("<h3>Execution trace</h3>"))
         if not matched:
-            sec.add(Html(f'<p class="note">No trace row is tagged with dataset {esc(inputs.dataset)!s}: all {len(rows_t)} rows shown.</p>'))
+            sec.add(
+                Html(
+                    f'<p class="note">No trace row is tagged with dataset {esc(inputs.dataset)!s}: all {len(rows_t)} '
+                    "rows shown.</p>"
+                )
+            )
         sec.add(table(cols, rows_t[cols].to_numpy().tolist(), table_id="table-trace"))
     else:
-        sec.add(Html('<p class="note">No Nextflow execution trace given (--trace): wall times above are the steps\' own records.</p>'))
+        sec.add(
+            Html(
+                '<p class="note">No Nextflow execution trace given (--trace): wall times above are the steps\' own '
+                "records.</p>"
+            )
+        )
     given = "".join(f"<li><code>{esc(k)}</code>: {esc(v)}</li>" for k, v in inputs.paths.items())
     sec.add(details("Input files of this report", Html(f"<ul>{given}</ul>")))
     return sec
@@ -195,10 +225,14 @@ def _filter_rows(prep: Mapping[str, Any], manifest: Mapping[str, Any] | None) ->
     """[step, cells, genes, note] through PREPARE's filters and TOKENIZE."""
     genes = prep.get("genes", {})
     cells, n_genes = prep.get("cells_in"), genes.get("after_join")
-    rows: list[list[Any]] = [[
-        f"input ({len(prep.get('files', []))} file(s))", fmt(cells), fmt(n_genes),
-        f"genes: union {fmt(genes.get('union'))}, intersection {fmt(genes.get('intersection'))}",
-    ]]
+    rows: list[list[Any]] = [
+        [
+            f"input ({len(prep.get('files', []))} file(s))",
+            fmt(cells),
+            fmt(n_genes),
+            f"genes: union {fmt(genes.get('union'))}, intersection {fmt(genes.get('intersection'))}",
+        ]
+    ]
     for step in prep.get("qc", []):
         name = step.get("filter", "?")
         if "cells_before" in step:
@@ -215,7 +249,14 @@ def _filter_rows(prep: Mapping[str, Any], manifest: Mapping[str, Any] | None) ->
     for name in ("train", "test"):
         if name in split:
             strata = ", ".join(split.get("stratified_by", [])) or "nothing"
-            rows.append([f"split: {name}", fmt(split[name]), "", f"test fraction {fmt(split.get('test_fraction'))}, stratified by {strata}"])
+            rows.append(
+                [
+                    f"split: {name}",
+                    fmt(split[name]),
+                    "",
+                    f"test fraction {fmt(split.get('test_fraction'))}, stratified by {strata}",
+                ]
+            )
     if manifest is not None:
         rows.extend(_manifest_rows(manifest))
     return rows
@@ -225,12 +266,17 @@ def _manifest_rows(manifest: Mapping[str, Any]) -> list[list[Any]]:
     rows = []
     for name, s in manifest.get("splits", {}).items():
         q = s.get("len_quantiles", {})
-        rows.append([
-            f"tokenized: {name}", fmt(s.get("n_cells")), fmt(manifest.get("n_genes")),
-            f"vocabulary: {manifest.get('gene_selection', '?')}; expressed genes per cell median {fmt(q.get('50'))}, "
-            f"max {fmt(s.get('max_len'))}; {fmt(s.get('n_empty_cells', 0))} empty cells, "
-            f"{fmt(s.get('n_cells_over_max_tokens', 0))} over max_tokens={fmt(manifest.get('max_tokens'))}",
-        ])
+        rows.append(
+            [
+                f"tokenized: {name}",
+                fmt(s.get("n_cells")),
+                fmt(manifest.get("n_genes")),
+                f"vocabulary: {manifest.get('gene_selection', '?')}; expressed genes per cell median "
+                f"{fmt(q.get('50'))}, "
+                f"max {fmt(s.get('max_len'))}; {fmt(s.get('n_empty_cells', 0))} empty cells, "
+                f"{fmt(s.get('n_cells_over_max_tokens', 0))} over max_tokens={fmt(manifest.get('max_tokens'))}",
+            ]
+        )
     return rows
 
 
@@ -254,7 +300,13 @@ def section_data_summary(inputs: ReportInputs) -> Section:
         return sec
     if inputs.prepare is not None:
         sec.add(Html("<h3>Cells and genes through each step</h3>"))
-        sec.add(table(["step", "cells", "genes", "note"], _filter_rows(inputs.prepare, inputs.manifest), table_id="table-filters"))
+        sec.add(
+            table(
+                ["step", "cells", "genes", "note"],
+                _filter_rows(inputs.prepare, inputs.manifest),
+                table_id="table-filters",
+            )
+        )
     else:
         sec.add_missing("No prepare.json given (--prepare): QC filters and the split are not shown.")
         sec.add(table(["step", "cells", "genes", "note"], _manifest_rows(inputs.manifest), table_id="table-filters"))
@@ -264,15 +316,27 @@ def section_data_summary(inputs: ReportInputs) -> Section:
         sec.add_missing("No condition keys: the cells are one class.")
         return sec
     gen_counts = _generated_class_counts(inputs.generated, groups) if inputs.generated is not None else {}
-    n_reps = inputs.generated.obs["replicate"].nunique() if inputs.generated is not None and "replicate" in inputs.generated.obs else 1
+    n_reps = (
+        inputs.generated.obs["replicate"].nunique()
+        if inputs.generated is not None and "replicate" in inputs.generated.obs
+        else 1
+    )
     sec.add(Html("<h3>Class sizes</h3>"))
     splits = list(classes)
     for group in groups:
         names = sorted({c for s in splits for c in classes[s].get(group, {})} | set(gen_counts.get(group, {})))
         with_gen = group in gen_counts
-        header = ["class", *splits] + ([f"generated ({n_reps} replicate{'s' if n_reps > 1 else ''})"] if with_gen else [])
-        rows = [[c, *[fmt(classes[s].get(group, {}).get(c, 0)) for s in splits], *([fmt(gen_counts[group].get(c, 0))] if with_gen else [])]
-                for c in names]
+        header = ["class", *splits] + (
+            [f"generated ({n_reps} replicate{'s' if n_reps > 1 else ''})"] if with_gen else []
+        )
+        rows = [
+            [
+                c,
+                *[fmt(classes[s].get(group, {}).get(c, 0)) for s in splits],
+                *([fmt(gen_counts[group].get(c, 0))] if with_gen else []),
+            ]
+            for c in names
+        ]
         body = table(header, rows, table_id=f"table-classes-{slug(group)}")
         if JOINT_SEPARATOR in group:
             sec.add(details(f"{group} (joint): {len(names)} classes", body))
@@ -308,7 +372,7 @@ def training_figure(history: pd.DataFrame, title: str) -> Any:
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle(title, fontsize=11)
     return fig
@@ -317,8 +381,10 @@ def training_figure(history: pd.DataFrame, title: str) -> Any:
 def section_training(inputs: ReportInputs) -> Section:
     """Training curves of the VAE and of the prior."""
     sec = Section("training", "Training curves", "Training")
-    for run, stage, option, fig_id in ((inputs.vae, "TRAIN_VAE (stage 1: VAE)", "--vae-history", "fig-training-vae"),
-                                       (inputs.prior, "TRAIN_PRIOR (stage 2: DiT flow-matching prior)", "--prior-history", "fig-training-prior")):
+    for run, stage, option, fig_id in (
+        (inputs.vae, "TRAIN_VAE (stage 1: VAE)", "--vae-history", "fig-training-vae"),
+        (inputs.prior, "TRAIN_PRIOR (stage 2: DiT flow-matching prior)", "--prior-history", "fig-training-prior"),
+    ):
         sec.add(Html(f"<h3>{esc(stage)}</h3>"))
         if run is None:
             sec.add_missing(f"{stage}: no history given ({option}).")
@@ -329,11 +395,14 @@ def section_training(inputs: ReportInputs) -> Section:
             continue
         last = h.iloc[-1]
         terms = [c for c in h.columns if c not in HISTORY_NOT_TERMS]
-        caption = (f"{len(h)} logged steps from {run.path.name}; final step {int(last['step'])}"
-                   + (f" (epoch {int(last['epoch'])})" if "epoch" in h else "")
-                   + "; final " + ", ".join(f"{t} {fmt(float(last[t]))}" for t in terms)
-                   + (f"; wall time {fmt_seconds(float(last['elapsed_s']))}" if "elapsed_s" in h else "")
-                   + ". Loss terms on a log axis where they span more than 30x.")
+        caption = (
+            f"{len(h)} logged steps from {run.path.name}; final step {int(last['step'])}"
+            + (f" (epoch {int(last['epoch'])})" if "epoch" in h else "")
+            + "; final "
+            + ", ".join(f"{t} {fmt(float(last[t]))}" for t in terms)
+            + (f"; wall time {fmt_seconds(float(last['elapsed_s']))}" if "elapsed_s" in h else "")
+            + ". Loss terms on a log axis where they span more than 30x."
+        )
         sec.add_figure(fig_id, training_figure(h, stage), caption, f"training curves of {stage}")
     return sec
 
@@ -431,7 +500,9 @@ def _model_column(header: str, doc: Mapping[str, Any]) -> Column:
     n_rep = doc["generation"].get("n_replicates", len(reps) or 1)
     if n_rep == 1 and len(reps) == 1:
         # one replicate: report mean ± SEM over classes rather than a SEM over one replicate (None)
-        return Column(f"{header} (1 replicate)", {**doc["generation"], "per_class": reps[0].get("per_class", {})}, False)
+        return Column(
+            f"{header} (1 replicate)", {**doc["generation"], "per_class": reps[0].get("per_class", {})}, False
+        )
     return Column(f"{header} (n={n_rep})", doc["generation"], True)
 
 
@@ -450,7 +521,9 @@ def metric_columns(inputs: ReportInputs) -> list[Column]:
     return cols
 
 
-def _metrics_table(cols: Sequence[Column], kind: str, rows_spec: Sequence[tuple[str, str | None, str]], table_id: str) -> Html:
+def _metrics_table(
+    cols: Sequence[Column], kind: str, rows_spec: Sequence[tuple[str, str | None, str]], table_id: str
+) -> Html:
     """rows_spec: (row label, key/group or None, metric)."""
     rows = [[label, *[fmt_stat(c.value(kind, name, metric)) for c in cols]] for label, name, metric in rows_spec]
     return table(["metric", *[c.header for c in cols]], rows, table_id=table_id)
@@ -467,21 +540,33 @@ def section_metrics(inputs: ReportInputs) -> Section:
     n_rep = gen.get("n_replicates", 1)
     fs = gen.get("feature_space") or {}
     settings = gen.get("settings") or {}
-    sec.add(Html(
-        f'<p class="note">{fmt(m.get("n_real"))} real test cells vs {fmt(m.get("n_generated"))} generated cells '
-        f"({n_rep} replicate{'s' if n_rep != 1 else ''}). Feature space: {esc(fs.get('variant', '?'))}; "
-        f"{esc(fs.get('normalization', ''))}; {fmt(fs.get('n_hvg'))} HVGs, {fmt(fs.get('n_pcs'))} PCs. "
-        f"Subsampling caps (seeded, seed {esc(settings.get('seed'))}): {fmt(settings.get('max_cells'))} cells per side "
-        f"for MMD²/1-NN/PRDC, {fmt(settings.get('w2_max_cells'))} for W2; classes need ≥ "
-        f"{fmt(settings.get('min_cells_per_class'))} cells on both sides. Model columns: mean ± SEM over replicates. "
-        f"The floor (real vs real) compares two stratified halves of the real cells, what this data allows; distances "
-        f"shrink with the number of cells compared, so read it against the model at the same sizes (half size: "
-        f"generated cells of one replicate, as many as in a half, vs the same real half).</p>"))
+    sec.add(
+        Html(
+            f'<p class="note">{fmt(m.get("n_real"))} real test cells vs {fmt(m.get("n_generated"))} generated cells '
+            f"({n_rep} replicate{'s' if n_rep != 1 else ''}). Feature space: {esc(fs.get('variant', '?'))}; "
+            f"{esc(fs.get('normalization', ''))}; {fmt(fs.get('n_hvg'))} HVGs, {fmt(fs.get('n_pcs'))} PCs. "
+            f"Subsampling caps (seeded, seed {esc(settings.get('seed'))}): {fmt(settings.get('max_cells'))} cells per "
+            "side "
+            f"for MMD²/1-NN/PRDC, {fmt(settings.get('w2_max_cells'))} for W2; classes need ≥ "
+            f"{fmt(settings.get('min_cells_per_class'))} cells on both sides. Model columns: mean ± SEM over "
+            "replicates. "
+            "The floor (real vs real) compares two stratified halves of the real cells, what this data allows; "
+            "distances "
+            f"shrink with the number of cells compared, so read it against the model at the same sizes (half size: "
+            f"generated cells of one replicate, as many as in a half, vs the same real half).</p>"
+        )
+    )
     if _floor(m) is None:
-        sec.add_missing("The real-vs-real floor was not computed (EVALUATE --no-floor, or too few cells): no floor column.")
+        sec.add_missing(
+            "The real-vs-real floor was not computed (EVALUATE --no-floor, or too few cells): no floor column."
+        )
     cols = metric_columns(inputs)
     sec.add(Html("<h3>Overall</h3>"))
-    sec.add(_metrics_table(cols, "overall", [(METRIC_NAMES.get(x, x), None, x) for x in DISTRIBUTION_METRICS], "table-overall"))
+    sec.add(
+        _metrics_table(
+            cols, "overall", [(METRIC_NAMES.get(x, x), None, x) for x in DISTRIBUTION_METRICS], "table-overall"
+        )
+    )
 
     sec.add(Html("<h3>Labels: do conditioned cells look like their class?</h3>"))
     labels = gen.get("labels") or {}
@@ -496,14 +581,20 @@ def section_metrics(inputs: ReportInputs) -> Section:
     if not per_class:
         sec.add_missing("No condition keys: no per-class metrics.")
         return sec
-    sec.add(Html('<p class="note">For each condition key (and the joint combination of keys): the mean over classes; '
-                 "± SEM over replicates of that mean for the model columns over replicates, ± SEM over classes for the "
-                 "others.</p>"))
+    sec.add(
+        Html(
+            '<p class="note">For each condition key (and the joint combination of keys): the mean over classes; '
+            "± SEM over replicates of that mean for the model columns over replicates, ± SEM over classes for the "
+            "others.</p>"
+        )
+    )
     reps = m.get("generation_per_replicate") or []
     for group, entry in per_class.items():
         n_classes = entry.get("n_classes")
         counts = n_classes if isinstance(n_classes, list) else [n_classes or 0]
-        sec.add(Html(f"<p><b>{esc(group)}</b>: {esc(', '.join(str(x) for x in sorted(set(counts))))} classes evaluated</p>"))
+        sec.add(
+            Html(f"<p><b>{esc(group)}</b>: {esc(', '.join(str(x) for x in sorted(set(counts))))} classes evaluated</p>")
+        )
         if max(counts) == 0:
             skipped = _get(reps[0] if reps else None, "per_class", group, "skipped") or []
             sec.add_missing(f"{group}: no class has enough cells on both sides ({len(skipped)} skipped).")
@@ -542,11 +633,15 @@ def _class_table(m: Mapping[str, Any], group: str) -> Html:
 # ----------------------------------------------------------------------------------------------------------
 # Per-class bar charts
 # ----------------------------------------------------------------------------------------------------------
-def per_class_figure(m: Mapping[str, Any], baselines: Mapping[str, Mapping[str, Any]], group: str) -> tuple[Any, list[str]]:
+def per_class_figure(
+    m: Mapping[str, Any], baselines: Mapping[str, Mapping[str, Any]], group: str
+) -> tuple[Any, list[str]]:
     """Bars per class of W2 and MMD² (model and baselines, ± SEM over replicates); hollow dots: the same at the
     floor's sizes; black tick: the real-vs-real floor."""
     docs = [("sclatent", m), *baselines.items()]
-    series = [(name, class_values(doc, group), _get(_half(doc), "per_class", group, "classes") or {}) for name, doc in docs]
+    series = [
+        (name, class_values(doc, group), _get(_half(doc), "per_class", group, "classes") or {}) for name, doc in docs
+    ]
     classes = sorted(series[0][1])
     floor_classes = _get(_floor(m), "per_class", group, "classes") or {}
     width_in = min(18.0, max(6.0, 0.45 * len(classes) * len(series) + 2.0))
@@ -559,16 +654,40 @@ def per_class_figure(m: Mapping[str, Any], baselines: Mapping[str, Mapping[str, 
             xi = x - 0.4 + bar_w * (i + 0.5)
             means = [_get(values, c, metric, "mean") for c in classes]
             sems = [_get(values, c, metric, "sem") for c in classes]
-            ax.bar(xi, [np.nan if v is None else v for v in means], bar_w, yerr=[0.0 if s is None else s for s in sems],
-                   color=PALETTE[i % len(PALETTE)], label=name, capsize=2)
+            ax.bar(
+                xi,
+                [np.nan if v is None else v for v in means],
+                bar_w,
+                yerr=[0.0 if s is None else s for s in sems],
+                color=PALETTE[i % len(PALETTE)],
+                label=name,
+                capsize=2,
+            )
             half_y = [_get(half, c, metric) for c in classes]
             if any(v is not None for v in half_y):
-                ax.scatter(xi, [np.nan if v is None else v for v in half_y], marker="o", s=28, facecolors="white",
-                           edgecolors=PALETTE[i % len(PALETTE)], linewidths=1.5, zorder=4, label=f"{name}, half size")
+                ax.scatter(
+                    xi,
+                    [np.nan if v is None else v for v in half_y],
+                    marker="o",
+                    s=28,
+                    facecolors="white",
+                    edgecolors=PALETTE[i % len(PALETTE)],
+                    linewidths=1.5,
+                    zorder=4,
+                    label=f"{name}, half size",
+                )
         floor_y = [_get(floor_classes, c, metric) for c in classes]
         if any(v is not None for v in floor_y):
-            ax.scatter(x, [np.nan if v is None else v for v in floor_y], marker="_", s=600, color="black",
-                       linewidths=2, zorder=3, label="real vs real (floor)")
+            ax.scatter(
+                x,
+                [np.nan if v is None else v for v in floor_y],
+                marker="_",
+                s=600,
+                color="black",
+                linewidths=2,
+                zorder=3,
+                label="real vs real (floor)",
+            )
         ax.set_ylabel(METRIC_NAMES.get(metric, metric), fontsize=8)
         ax.set_xticks(x)
         rotate = len(classes) > 4
@@ -596,15 +715,17 @@ def section_per_class(inputs: ReportInputs) -> Section:
         if not class_values(m, group):
             reps = m.get("generation_per_replicate") or []
             skipped = (reps[0]["per_class"].get(group, {}).get("skipped") if reps else None) or []
-            sec.add_missing(f"{group}: no class has enough cells on both sides "
-                            f"({', '.join(s['class'] for s in skipped) or 'none'} skipped).")
+            sec.add_missing(
+                f"{group}: no class has enough cells on both sides "
+                f"({', '.join(s['class'] for s in skipped) or 'none'} skipped)."
+            )
             continue
         fig, classes = per_class_figure(m, inputs.baselines, group)
-        caption = (f"{group}: {len(classes)} classes. Bars: mean over replicates ± SEM. Black tick: the same metric "
-                   f"between two halves of the real cells of the class (the floor; absent where a half has too few "
-                   f"cells). Hollow dots: the model at the floor's sizes (generated cells of one replicate vs the same "
-                   f"real half), the number to compare with the tick.")
+        caption = (
+            f"{group}: {len(classes)} classes. Bars: mean over replicates ± SEM. Black tick: the same metric "
+            f"between two halves of the real cells of the class (the floor; absent where a half has too few "
+            f"cells). Hollow dots: the model at the floor's sizes (generated cells of one replicate vs the same "
+            f"real half), the number to compare with the tick."
+        )
         sec.add_figure(f"fig-per-class-{slug(group)}", fig, caption, f"per-class W2 and MMD² of {group}")
     return sec
-
-
