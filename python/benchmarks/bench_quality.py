@@ -196,7 +196,17 @@ def run_dataset(spec: DatasetSpec, plan: Plan, runner: Runner, budget: Budget, w
     # ---- TRAIN_VAE (time-budgeted) and ENCODE
     vae, enc = d / "vae", d / "encode"
     common_train = ["--seed", seed, "--threads", t, "--no-progress", "--checkpoint-every", NO_CHECKPOINT]
-    vae_args = ["--tokens", tok, "--preset", plan.vae_preset, *common_train]
+    vae_args = [
+        "--tokens",
+        tok,
+        "--preset",
+        plan.vae_preset,
+        "--batch-size",
+        plan.vae_batch_size,
+        "--decode-genes",
+        plan.vae_decode_genes,
+        *common_train,
+    ]
     cps = _calibrate(
         runner, "train-vae", [*vae_args, "--max-steps", str(plan.calibration_steps)], d / "calib_vae", name
     )

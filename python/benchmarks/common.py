@@ -259,6 +259,9 @@ class Plan:
     seed: int = 0
     # quality: model sizes and training budgets (seconds of training loop, turned into epochs by a calibration)
     vae_preset: str = "default"
+    # TRAIN_VAE's CPU settings (-profile cpu): these benchmarks run on CPUs
+    vae_batch_size: int = 64
+    vae_decode_genes: int = 256
     prior_preset: str = "tiny"
     vae_seconds: float = 240.0
     prior_seconds: float = 120.0
