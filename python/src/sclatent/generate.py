@@ -38,7 +38,7 @@ from .device import check_precision, resolve_device
 from .flow import guided_velocity
 from .flow import sample as ode_sample
 from .inference import decode_chunks
-from .io import InputError, atomic_path, provenance, read_h5ad
+from .io import InputError, atomic_path, provenance
 
 log = logging.getLogger(__name__)
 
@@ -319,30 +319,29 @@ def requests_like(
     library: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None, pd.Index, int]:
     """Label codes (n, K) of the cells `rows` of a reference h5ad, their library sizes over the model genes when
-    `library` (else None), their names, and the reference's total number of cells. Only those rows' counts are
-    read (backed mode)."""
-    if not Path(path).exists():
-        raise InputError(f"{path}: file does not exist")
-    try:
-        ref = ad.read_h5ad(path, backed="r")
-    except Exception as exc:
-        raise InputError(
-            f"{path}: not a readable .h5ad file ({str(exc).splitlines()[0] if str(exc) else exc})"
-        ) from None
-    try:
+    `library` (else None), their names, and the reference's total number of cells. Only those rows' labels and
+    counts are read."""
+    from .ondisk import H5adCounts
+
+    with H5adCounts(path) as ref:
         n_total = ref.n_obs
         rows = rows or slice(0, n_total)
-        obs = ref.obs.iloc[rows]
+        a, b = max(0, rows.start or 0), min(n_total, n_total if rows.stop is None else rows.stop)
+        b = max(a, b)
+        missing = [k for k in keys if k not in ref.obs_columns]
+        if missing:
+            raise InputError(f"{path}: condition key '{missing[0]}' is not an obs column")
+        obs = pd.DataFrame({k: ref.obs_column(k, a, b) for k in keys}, index=pd.Index(ref.obs_names[a:b]))
         codes = label_codes(obs, keys, labels, source=path)
         lib = None
         if library:
-            cols = np.flatnonzero(pd.Index(ref.var_names.astype(str)).isin(list(model_genes)))
-            X = ref.X[rows.start : rows.stop]
-            X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(X)
-            lib = np.asarray(X[:, cols].sum(axis=1), dtype=np.float64).ravel() if len(cols) else np.zeros(len(obs))
+            cols = np.flatnonzero(ref.var_names.isin(list(model_genes)))
+            lib = np.zeros(b - a)
+            if len(cols):
+                for c0 in range(a, b, 65_536):
+                    X = ref.rows(c0, min(c0 + 65_536, b))
+                    lib[c0 - a : c0 - a + X.shape[0]] = np.asarray(X[:, cols].sum(axis=1), dtype=np.float64).ravel()
         return codes, lib, obs.index, n_total
-    finally:
-        ref.file.close()
 
 
 def write_generated(
@@ -495,29 +494,65 @@ def run_sample(
 
 
 def gather(paths: Sequence[str | Path], out: str | Path) -> ad.AnnData:
-    """Concatenate SAMPLE shards (same genes) into one h5ad, ordered by (replicate, cell_index)."""
+    """Join SAMPLE shards (same genes) into one h5ad ordered by (replicate, cell_index), streamed shard by shard.
+
+    Each shard is read in row chunks and appended to the output, so memory follows one shard, not their sum.
+    Returns the output's obs, var and uns (its counts stay on disk)."""
+    from .ondisk import H5adCounts, H5adWriter, obsm_shape, read_meta
+
     if not paths:
         raise InputError("gather: no shard files given")
-    parts = [read_h5ad(p) for p in paths]
-    genes = list(parts[0].var_names)
-    for p, a in zip(paths, parts):
-        missing = [c for c in ("cell_index", "replicate") if c not in a.obs.columns]
+    metas = [read_meta(p) for p in paths]
+    genes = list(metas[0].var_names)
+    for p, m in zip(paths, metas):
+        missing = [c for c in ("cell_index", "replicate") if c not in m.obs.columns]
         if missing:
             raise InputError(f"gather: {p} is not a SAMPLE shard (no obs column {', '.join(repr(c) for c in missing)})")
-        if list(a.var_names) != genes:
+        if list(m.var_names) != genes:
             raise InputError(f"gather: {p} has different genes than {paths[0]}")
-    adata = ad.concat(parts, join="outer", merge="first", uns_merge="first")
-    order = np.lexsort((adata.obs["cell_index"].to_numpy(), adata.obs["replicate"].to_numpy()))
-    adata = adata[order].copy()
-    if not adata.obs_names.is_unique:
+    # each shard's rows in key order, shards by their first key: the output order when the shards do not interleave
+    reps = [m.obs["replicate"].to_numpy() for m in metas]
+    idxs = [m.obs["cell_index"].to_numpy() for m in metas]
+    within = [np.lexsort((idxs[i], reps[i])) for i in range(len(metas))]
+    nonempty = [i for i in range(len(metas)) if metas[i].n_obs]
+    shard_order = sorted(nonempty, key=lambda i: (reps[i][within[i][0]], idxs[i][within[i][0]]))
+    names = pd.Index(np.concatenate([m.obs_names.to_numpy() for m in metas]))
+    rep = np.concatenate([reps[i][within[i]] for i in shard_order]) if shard_order else np.zeros(0)
+    idx = np.concatenate([idxs[i][within[i]] for i in shard_order]) if shard_order else np.zeros(0)
+    same_rep = rep[1:] == rep[:-1]
+    if not names.is_unique or np.any(same_rep & (idx[1:] == idx[:-1])):
         raise InputError("gather: the shards overlap (repeated cells)")
-    first = dict(parts[0].uns.get("sclatent", {}))
-    first["seconds"] = float(sum(float(a.uns.get("sclatent", {}).get("seconds", 0.0)) for a in parts))
+    if np.any((rep[1:] < rep[:-1]) | (same_rep & (idx[1:] < idx[:-1]))):
+        raise InputError("gather: the shards' cells interleave (SAMPLE writes each shard as one range of cells)")
+    obs = pd.concat([metas[i].obs.iloc[within[i]] for i in shard_order] or [metas[0].obs], join="outer")
+    for col in obs.columns:
+        if any(isinstance(m.obs[col].dtype, pd.CategoricalDtype) for m in metas if col in m.obs.columns):
+            obs[col] = pd.Categorical(obs[col].astype(object).where(obs[col].notna(), None))
+    has_latent = all(obsm_shape(p, "X_latent") is not None for p in paths)
+    first = dict(metas[0].uns.get("sclatent", {}))
+    first["seconds"] = float(sum(float(m.uns.get("sclatent", {}).get("seconds", 0.0)) for m in metas))
     first["gathered_from"] = [Path(p).name for p in paths]
-    adata.uns["sclatent"] = first
+    nnz = 0
+    for p in paths:
+        with H5adCounts(p) as c:
+            nnz += int(c.indptr[-1]) if c.indptr is not None else c.n_obs * c.n_vars
     with atomic_path(out) as tmp:
-        adata.write_h5ad(tmp)
-    return adata
+        writer = H5adWriter(tmp, len(genes), max_nnz=nnz)
+        try:
+            for i in shard_order:
+                with H5adCounts(paths[i]) as c:
+                    if np.array_equal(within[i], np.arange(c.n_obs)):
+                        for a, b in c.chunks():
+                            writer.append(c.rows(a, b).astype(np.float32, copy=False))
+                    else:  # rows out of order inside the shard: one shard in memory
+                        writer.append(c.rows(0, c.n_obs)[within[i]].astype(np.float32, copy=False))
+                    if has_latent:
+                        writer.append_obsm("X_latent", np.asarray(c.file["obsm"]["X_latent"][...])[within[i]])
+            writer.close(obs, metas[0].var, {**dict(metas[0].uns), "sclatent": first})
+        except BaseException:
+            writer.abort()
+            raise
+    return read_meta(out)
 
 
 def parse_requests(text: str) -> list[dict[str, str]]:

@@ -121,10 +121,46 @@ class H5adCounts:
     def n_vars(self) -> int:
         return self.shape[1]
 
-    def obs_column(self, name: str) -> pd.Series:
-        """One obs column (categorical stays categorical), indexed by the cell names."""
-        values = read_elem(self.file["obs"][name])
-        return pd.Series(values, index=self.obs_names, name=name)
+    def obs_column(self, name: str, start: int = 0, stop: int | None = None) -> pd.Series:
+        """One obs column (categorical stays categorical) for the cells start..stop-1, indexed by their names.
+
+        Categorical and plain array columns are read for those rows only; other encodings whole, then cut."""
+        stop = self.n_obs if stop is None else stop
+        node = self.file["obs"][name]
+        encoding = node.attrs.get("encoding-type", "")
+        if encoding == "categorical":
+            categories = read_elem(node["categories"])
+            values = pd.Categorical.from_codes(
+                node["codes"][start:stop], categories, ordered=bool(node.attrs.get("ordered"))
+            )
+        elif encoding == "string-array":
+            values = np.asarray(node.asstr()[start:stop], dtype=object)
+        elif encoding == "array":
+            values = node[start:stop]
+        else:
+            values = np.asarray(read_elem(node))[start:stop]
+        return pd.Series(values, index=self.obs_names[start:stop], name=name)
+
+    def take(self, rows: np.ndarray) -> sp.csr_matrix:
+        """The rows `rows` (sorted, unique) as CSR in the stored dtype.
+
+        A sparse uncompressed matrix is read by runs of consecutive rows when few are asked for (each run one read),
+        otherwise chunk by chunk with the rows picked out of each chunk."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (np.any(np.diff(rows) <= 0) or rows[0] < 0 or rows[-1] >= self.n_obs):
+            raise ValueError("take: rows must be sorted, unique and inside the matrix")
+        node = self.file["X"] if self.layer == "X" else self.file["layers"][self.layer]
+        compressed = self._sparse is not None and node["data"].compression is not None
+        if self._sparse is not None and not compressed and len(rows) * 8 < self.n_obs:
+            runs = np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1) if len(rows) else []
+            parts = [self.rows(int(r[0]), int(r[-1]) + 1) for r in runs]
+            return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, self.n_vars), dtype=np.float32)
+        parts = []
+        for a, b in self.chunks():
+            lo, hi = np.searchsorted(rows, [a, b])
+            if hi > lo:
+                parts.append(self.rows(a, b)[rows[lo:hi] - a])
+        return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, self.n_vars), dtype=np.float32)
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows start..stop-1 as CSR in the stored dtype (stored zeros kept; the caller validates and converts)."""
@@ -150,6 +186,31 @@ class H5adCounts:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def read_meta(path: str | os.PathLike) -> Any:
+    """An AnnData with the obs, var and uns of an h5ad file and no X (the counts stay on disk)."""
+    import anndata as ad
+
+    path = str(path)
+    if not os.path.exists(path):
+        raise InputError(f"{path}: file does not exist")
+    try:
+        with h5py.File(path, "r") as f:
+            obs, var = read_elem(f["obs"]), read_elem(f["var"])
+            uns = read_elem(f["uns"]) if "uns" in f else {}
+    except InputError:
+        raise
+    except Exception as exc:  # h5py / anndata raise many types for a non-h5ad file
+        raise InputError(f"{path}: not a readable .h5ad file ({_reason(exc)})") from None
+    return ad.AnnData(obs=obs, var=var, uns=uns)
+
+
+def obsm_shape(path: str | os.PathLike, key: str) -> tuple[int, ...] | None:
+    """The shape of obsm[key] in an h5ad file, None if absent."""
+    with h5py.File(path, "r") as f:
+        node = f.get("obsm", {}).get(key) if "obsm" in f else None
+        return None if node is None or not isinstance(node, h5py.Dataset) else tuple(node.shape)
 
 
 def row_chunks(
@@ -207,6 +268,20 @@ class H5adWriter:
         self.n_obs += X.shape[0]
         self.nnz += X.nnz
 
+    def append_obsm(self, key: str, values: np.ndarray) -> None:
+        """Add rows (n, d) to obsm[key] (call it with the rows of each X chunk, in the same order)."""
+        g = self.file.require_group("obsm")
+        g.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+        values = np.asarray(values)
+        if key not in g:
+            width = values.shape[1:]
+            g.create_dataset(key, shape=(0, *width), maxshape=(None, *width), dtype=values.dtype, chunks=True)
+            g[key].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        ds = g[key]
+        n = ds.shape[0]
+        ds.resize((n + len(values), *ds.shape[1:]))
+        ds[n:] = values
+
     def indptr(self) -> np.ndarray:
         """Row pointers (n_obs + 1,) of the cells written so far."""
         return np.asarray(self.file["X"]["indptr"][...], dtype=np.int64)
@@ -225,7 +300,11 @@ class H5adWriter:
             write_elem(self.file, "var", var)
             write_elem(self.file, "uns", dict(uns or {}))
             for key in ("obsm", "varm", "layers", "obsp", "varp"):
-                write_elem(self.file, key, {})
+                if key not in self.file:
+                    write_elem(self.file, key, {})
+            for key, ds in self.file["obsm"].items():
+                if ds.shape[0] != self.n_obs:
+                    raise ValueError(f"obsm['{key}'] has {ds.shape[0]} rows for {self.n_obs} cells")
         finally:
             self.file.close()
 
