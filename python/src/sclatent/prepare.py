@@ -39,7 +39,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .counts import bad_counts, counts_error
-from .io import InputError, SampleRow, atomic_outputs, check_unique_genes, dump_json, provenance
+from .io import InputError, SampleRow, atomic_outputs, check_unique_genes, dump_json, joint_labels, provenance
 from .ondisk import H5adCounts, H5adWriter, row_chunks
 
 log = logging.getLogger(__name__)
@@ -325,14 +325,6 @@ def _class_counts(obs: pd.DataFrame, keys: list[str]) -> dict[str, Any]:
     if len(keys) > 1:
         out["|".join(keys)] = dict(sorted(Counter(joint_labels(obs, keys)).items()))
     return out
-
-
-def joint_labels(obs: pd.DataFrame, keys: list[str], sep: str = "|") -> np.ndarray:
-    """Each cell's labels of `keys` joined by `sep` (n,), as str (vectorised over the cells)."""
-    joint = obs[keys[0]].astype(str).to_numpy().astype(object)
-    for key in keys[1:]:
-        joint = joint + sep + obs[key].astype(str).to_numpy().astype(object)
-    return joint.astype(str)
 
 
 # --------------------------------------------------------------------------------------------------------
