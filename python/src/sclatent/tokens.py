@@ -28,7 +28,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import anndata as ad
 import numpy as np
@@ -574,6 +574,17 @@ class TokenLoader:
 
     def iter_epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[TokenBatch]:
         """Yield the batches of `epoch` in their deterministic order, skipping the first `start_batch`."""
+        for _, batch in self.iter_shares(epoch, start_batch, None):
+            yield batch
+
+    def iter_shares(
+        self, epoch: int, start_batch: int, share: Callable[[int], slice] | None
+    ) -> Iterator[tuple[int, TokenBatch]]:
+        """(cells in the batch, the batch's cells `share(cells)`) for the batches of `epoch` from `start_batch`.
+
+        The batch plan (which cells) is the same whatever the share; only the share's cells are collated, padded to
+        the width of the whole batch, with the truncation draws of the whole batch: so the shares of several
+        processes put together are the batch of one process (`share=None`: all its cells)."""
         shard_order = (
             np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
             if self.shuffle
@@ -590,47 +601,63 @@ class TokenLoader:
             for j, rows in enumerate(self._plan(shard, rng)):
                 if k >= start_batch:
                     trunc_rng = np.random.default_rng([self.seed, epoch, int(s), j, 1])
-                    yield self._collate(shard, rows, trunc_rng)
+                    part = share(len(rows)) if share is not None else None
+                    yield len(rows), collate(shard, rows, self.max_tokens, trunc_rng, part=part)
                 k += 1
 
     def __iter__(self) -> Iterator[TokenBatch]:
         return self.iter_epoch(0)
 
-    def _collate(self, shard: dict[str, np.ndarray], rows: np.ndarray, rng: np.random.Generator) -> TokenBatch:
-        return collate(shard, rows, self.max_tokens, rng)
-
 
 def collate(
-    shard: dict[str, np.ndarray], rows: np.ndarray, max_tokens: int | None, rng: np.random.Generator
+    shard: dict[str, np.ndarray],
+    rows: np.ndarray,
+    max_tokens: int | None,
+    rng: np.random.Generator,
+    *,
+    part: slice | None = None,
 ) -> TokenBatch:
     """A padded batch of the cells `rows` of a token shard: every expressed gene in the decoder target, at most
-    `max_tokens` of them (a random subset drawn from `rng`) as the encoder input."""
+    `max_tokens` of them (a random subset drawn from `rng`, in row order) as the encoder input.
+
+    `part`: collate only the cells rows[part] (one process's share), padded to the width of the whole batch and with
+    the subsets the whole batch would draw for them."""
     ip = shard["indptr"]
-    starts, stops = ip[rows], ip[rows + 1]
-    lens = stops - starts
-    t_indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    lens_all = ip[rows + 1] - ip[rows]  # (B,)
+    cap = max_tokens or int(lens_all.max(initial=0))
+    S = max(int(np.minimum(lens_all, cap).max(initial=0)), 1)  # the whole batch's padded width
+    a, b = (0, len(rows)) if part is None else (part.start, part.stop)
+    for n in lens_all[:a][lens_all[:a] > cap]:
+        rng.choice(n, size=cap, replace=False)  # the draws of the cells before the share
+    rows = rows[a:b]
+    starts, lens = ip[rows], lens_all[a:b]
+    B = len(rows)
+    t_indptr = np.zeros(B + 1, dtype=np.int64)
     np.cumsum(lens, out=t_indptr[1:])
-    sel = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]) if len(rows) else np.zeros(0, np.int64)
+    row_of = np.repeat(np.arange(B), lens)  # (nnz,)
+    pos = np.arange(int(t_indptr[-1])) - t_indptr[row_of]  # position of each value inside its cell
+    sel = starts[row_of] + pos
     t_genes = shard["genes"][sel].astype(np.int64)
     t_counts = shard["counts"][sel]
-    cap = max_tokens or int(lens.max(initial=0))
-    S = max(int(np.minimum(lens, cap).max(initial=0)), 1)
-    genes = np.zeros((len(rows), S), dtype=np.int64)
-    counts = np.zeros((len(rows), S), dtype=np.float32)
-    mask = np.zeros((len(rows), S), dtype=bool)
-    for i in range(len(rows)):
-        a, b = t_indptr[i], t_indptr[i + 1]
-        pick = np.sort(rng.choice(b - a, size=cap, replace=False)) + a if b - a > cap else np.arange(a, b)
-        genes[i, : len(pick)] = t_genes[pick]
-        counts[i, : len(pick)] = t_counts[pick]
-        mask[i, : len(pick)] = True
+    keep = np.ones(len(sel), dtype=bool)  # values that go into the encoder input
+    for i in np.flatnonzero(lens > cap):
+        drop = np.ones(int(lens[i]), dtype=bool)
+        drop[rng.choice(int(lens[i]), size=cap, replace=False)] = False
+        keep[t_indptr[i] : t_indptr[i + 1]] = ~drop
+    slot = pos if keep.all() else np.cumsum(keep) - 1 - np.concatenate([[0], np.cumsum(keep)])[t_indptr[row_of]]
+    genes = np.zeros((B, S), dtype=np.int64)
+    counts = np.zeros((B, S), dtype=np.float32)
+    mask = np.zeros((B, S), dtype=bool)
+    genes[row_of[keep], slot[keep]] = t_genes[keep]
+    counts[row_of[keep], slot[keep]] = t_counts[keep]
+    mask[row_of[keep], slot[keep]] = True
     labels = shard.get("labels")
     return TokenBatch(
         genes=genes,
         counts=counts,
         mask=mask,  # (B, S)
         library_size=shard["library_size"][rows].astype(np.float32),
-        labels=(labels[rows] if labels is not None else np.zeros((len(rows), 0))).astype(np.int64),
+        labels=(labels[rows] if labels is not None else np.zeros((B, 0))).astype(np.int64),
         cell_index=shard["cell_index"][rows].astype(np.int64) if "cell_index" in shard else rows.astype(np.int64),
         target_indptr=t_indptr,
         target_genes=t_genes,
