@@ -37,7 +37,7 @@ def _user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .train import NonFiniteLossError
+        from .errors import NonFiniteLossError
 
         try:
             return fn(*args, **kwargs)

@@ -128,11 +128,12 @@ class ScaleDataset:
     """A seeded synthetic count matrix at the paper's scale: cell types x perturbations, negative-binomial counts.
 
     Each cell has a cell type (a log-normal gene profile with up-regulated markers) and a perturbation (a program of
-    genes whose share of the cell's molecules it raises). A cell draws a depth Lambda (log-normal), then for every gene
-    a Poisson number of transcription bursts with mean Lambda p_g (p: its type's profile mixed with its perturbation's
-    program) and a logarithmic-series size per burst: a compound Poisson-logarithmic count, i.e. negative binomial
-    per gene given the depth (constant Fano factor). Only the genes hit are drawn, so the cost follows the counts,
-    not cells x genes. The depth is set so that a median cell expresses about `genes_per_cell` genes.
+    genes whose share of the cell's molecules it raises); 18 types x 90 perturbations by default, as Parse 1M. A cell
+    draws a depth Lambda (log-normal), then for every gene a Poisson number of transcription bursts with mean
+    Lambda p_g (p: its type's profile mixed with its perturbation's program) and a logarithmic-series size per burst:
+    a compound Poisson-logarithmic count, i.e. negative binomial per gene given the depth (constant Fano factor).
+    Only the genes hit are drawn, so the cost follows the counts, not cells x genes. The depth is set so that a
+    median cell expresses about `genes_per_cell` genes.
     """
 
     def __init__(
@@ -146,6 +147,7 @@ class ScaleDataset:
         burst_q: float = 0.6,
         program_share: float = 0.08,
         program_genes: int = 40,
+        n_flagged: int = 2_000,
         seed: int = 0,
     ) -> None:
         rng = np.random.default_rng([seed, 0])
@@ -167,6 +169,11 @@ class ScaleDataset:
         weights /= weights.sum(axis=1, keepdims=True)
         self.program_cdf = (np.arange(n_perturbations)[:, None] + np.cumsum(weights, axis=1)).ravel()  # (P * m,)
         self.depth = self._depth_for(genes_per_cell, profiles)
+        # the genes that vary most between cell types (log profile) or belong to a program: var["highly_variable"]
+        spread = np.log(profiles).std(axis=0)
+        spread[np.unique(self.programs)] = np.inf
+        self.flagged = np.zeros(n_genes, dtype=bool)
+        self.flagged[np.argsort(-spread, kind="stable")[: min(n_flagged, n_genes)]] = True
 
     def _depth_for(self, genes_per_cell: int, profiles: np.ndarray) -> float:
         """The median burst count at which a median cell expresses ~genes_per_cell genes: E[#genes hit] =
@@ -177,6 +184,9 @@ class ScaleDataset:
             hit = np.mean(np.sum(-np.expm1(-mid * (1 - self.program_share) * profiles), axis=1))
             lo, hi = (mid, hi) if hit < genes_per_cell else (lo, mid)
         return float(np.sqrt(lo * hi))
+
+    def gene_names(self) -> list[str]:
+        return [f"GENE{j:05d}" for j in range(self.n_genes)]
 
     def max_genes_per_cell(self) -> float:
         """A generous bound of the mean expressed genes per cell (for the index type of the written file)."""
@@ -214,7 +224,8 @@ class ScaleDataset:
     def write(self, path, n_cells: int, *, chunk_cells: int = 20_000) -> dict:
         """Write n_cells cells to the h5ad `path` chunk by chunk (memory: one chunk); returns size facts.
 
-        obs: `cell_type` (type_00, ...) and `perturbation` (pert_00, ...); var: gene names GENE00000, ...
+        obs: `cell_type` (type_00, ...) and `perturbation` (pert_00, ...); var: gene names GENE00000, ... and
+        `highly_variable` (the `n_flagged` genes that vary most between types, and the programs' genes).
         """
         import pandas as pd
 
@@ -236,7 +247,7 @@ class ScaleDataset:
                 index=pd.Index([f"cell_{i}" for i in range(n_cells)]),
             )
             nnz = writer.nnz
-            writer.close(obs, pd.DataFrame(index=pd.Index([f"GENE{j:05d}" for j in range(self.n_genes)])))
+            writer.close(obs, pd.DataFrame({"highly_variable": self.flagged}, index=pd.Index(self.gene_names())))
         except BaseException:
             writer.abort()
             raise

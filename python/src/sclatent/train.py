@@ -73,6 +73,7 @@ from .distributed import (
     rank_device,
     rank_share,
 )
+from .errors import NonFiniteLossError
 from .io import atomic_path, write_json
 
 logger = logging.getLogger(__name__)
@@ -83,18 +84,6 @@ WARMUP_INIT_DIV = 100.0
 # History columns around the loss terms; the terms returned by loss_fn go between "loss" and "lr".
 HISTORY_HEAD = ("step", "epoch", "loss")
 HISTORY_TAIL = ("lr", "grad_norm", "cells_per_s", "elapsed_s")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss or gradient norm; the last good checkpoint is left untouched."""
-
-    def __init__(self, step: int, what: str, value: float) -> None:
-        self.step = step
-        self.value = value
-        super().__init__(
-            f"non-finite {what} {value!r} at step {step}; training stopped, the last checkpoint on disk is "
-            "from before this step"
-        )
 
 
 # --------------------------------------------------------------------------------------------------------
