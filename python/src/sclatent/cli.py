@@ -589,7 +589,7 @@ def sample(
 @_user_errors
 def gather(shards, out) -> None:
     """Concatenate SAMPLE shards into one h5ad (ordered by replicate and cell index)."""
-    from .generate import gather as run
+    from .gather import gather as run
 
     run(list(shards), out)
 

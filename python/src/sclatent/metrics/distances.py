@@ -7,10 +7,15 @@ before any seeded subsampling, so a permuted input gives bit-identical results. 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
-import ot
+
+# POT's array backends import torch when it is installed (~700 MB of resident memory); the metrics hand it numpy
+# arrays only. A user's own setting wins.
+os.environ.setdefault("POT_BACKEND_DISABLE_PYTORCH", "1")
+import ot  # noqa: E402
 import scipy.linalg
 from numpy.typing import ArrayLike, NDArray
 from sklearn.linear_model import LogisticRegression
