@@ -37,6 +37,7 @@ from common import REPO, child_env, dump_json, fmt, load_average, machine_info, 
 log = logging.getLogger("bench_scale")
 
 KEYS = "cell_type,perturbation"
+STEPS = ("PREPARE", "TOKENIZE", "SAMPLE", "GATHER", "EVALUATE", "REPORT")
 SAMPLE_SHARD = 2_048  # cells of the measured SAMPLE shard
 GATHER_SHARD = 10_000  # cells per synthetic SAMPLE shard (the pipeline's --sample_shard_size)
 # GPU projection: assumptions, not measurements (see the section's text)
@@ -216,100 +217,54 @@ def train_small_model(workdir: Path, genes: int, genes_per_cell: int, steps: Ste
 # the steps at one size
 
 
-def run_size(n: int, args: argparse.Namespace, steps: Steps, model: Path) -> dict[str, Any]:
-    wd = args.workdir
+def run_size(n: int, args: argparse.Namespace, steps: Steps, model: Path | None) -> dict[str, Any]:
+    """The steps `args.steps` at N cells (GATHER runs when EVALUATE or REPORT do: they read its output)."""
+    wd, want = args.workdir, set(args.steps)
     data = wd / f"input_{n}.h5ad"
     facts = make_input(data, n, args.genes, args.genes_per_cell, seed=0)
     log.info("input %d cells: %.0f genes per cell, %.0f MB", n, facts["genes_per_cell"], facts["file_mb"])
     sheet = wd / f"sheet_{n}.csv"
     sheet.write_text(f"dataset,h5ad,split,batch,condition_keys\nsyn,{data},all,,cell_type;perturbation\n")
-    prep, tok = wd / f"prepare_{n}", wd / f"tokens_{n}"
-    for p in (prep, tok):
+    prep, tok, ev = wd / f"prepare_{n}", wd / f"tokens_{n}", wd / f"evaluate_{n}"
+    sample_out, gathered, report = wd / f"sample_{n}.h5ad", wd / f"generated_{n}.h5ad", wd / f"report_{n}.html"
+    for p in (prep, tok, ev):
         shutil.rmtree(p, ignore_errors=True)
-    rec = steps.run("PREPARE", n, ["prepare", "--samplesheet", sheet, "--outdir", prep], [prep])
-    rec["cells_per_s"] = round(n / rec["wall_s"])
-    rec = steps.run(
-        "TOKENIZE",
-        n,
-        ["tokenize", "--train", prep / "train.h5ad", "--test", prep / "test.h5ad", "--outdir", tok, "--no-progress"],
-        [tok],
-    )
-    rec["cells_per_s"] = round(n / rec["wall_s"])
-    sample_out = wd / f"sample_{n}.h5ad"
-    steps.run(
-        "SAMPLE",
-        n,
-        [
-            "sample",
-            "--model",
-            model,
-            "--like",
-            prep / "test.h5ad",
-            "--shard",
-            f"0:{SAMPLE_SHARD}",
-            "--out",
-            sample_out,
-            "--device",
-            "cpu",
-            "--threads",
-            str(args.threads),
-        ],
-        [sample_out],
-        shard_cells=SAMPLE_SHARD,
-    )
-    shards = write_generated_shards(wd / f"shards_{n}", data, n, 2, seed=7)
-    gathered = wd / f"generated_{n}.h5ad"
-    steps.run("GATHER", n, ["gather", *shards, "--out", gathered], [gathered], shards=len(shards))
-    shutil.rmtree(wd / f"shards_{n}")
-    ev = wd / f"evaluate_{n}"
-    rec = steps.run(
-        "EVALUATE",
-        n,
-        [
-            "evaluate",
-            "--real",
-            data,
-            "--generated",
-            gathered,
-            "--outdir",
-            ev,
-            "--condition-keys",
-            KEYS,
-            "--cells-per-side",
-            str(args.cells_per_side),
-        ],
-        [ev],
-    )
-    metrics = json.loads((ev / "metrics.json").read_text())
-    rec["cells_used"] = metrics["cells_used"]
-    report = wd / f"report_{n}.html"
-    steps.run(
-        "REPORT",
-        n,
-        [
-            "report",
-            "--out",
-            report,
-            "--real",
-            data,
-            "--generated",
-            gathered,
-            "--metrics",
-            ev / "metrics.json",
-            "--prepare",
-            prep / "prepare.json",
-            "--manifest",
-            tok,
-        ],
-        [report],
-    )
-    sizes = {"input_mb": facts["file_mb"], "genes_per_cell": facts["genes_per_cell"], "nnz": facts["nnz"]}
-    if not args.keep:
-        for p in (prep, gathered, sample_out, ev):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        if n != max(args.cells):
-            shutil.rmtree(tok, ignore_errors=True)
-    return sizes
+    try:
+        rec = steps.run("PREPARE", n, ["prepare", "--samplesheet", sheet, "--outdir", prep], [prep])
+        rec["cells_per_s"] = round(n / rec["wall_s"])
+        if want & {"TOKENIZE", "REPORT"}:
+            tokenize = ["tokenize", "--train", prep / "train.h5ad", "--test", prep / "test.h5ad", "--outdir", tok]
+            rec = steps.run("TOKENIZE", n, [*tokenize, "--no-progress"], [tok])
+            rec["cells_per_s"] = round(n / rec["wall_s"])
+        if "SAMPLE" in want and model is not None:
+            like = ["--like", prep / "test.h5ad", "--shard", f"0:{SAMPLE_SHARD}", "--replicate", "0"]
+            cpu = ["--device", "cpu", "--threads", str(args.threads)]
+            steps.run(
+                "SAMPLE",
+                n,
+                ["sample", "--model", model, *like, "--out", sample_out, *cpu],
+                [sample_out],
+                shard_cells=SAMPLE_SHARD,
+            )
+        if want & {"GATHER", "EVALUATE", "REPORT"}:
+            shards = write_generated_shards(wd / f"shards_{n}", data, n, 2, seed=7)
+            steps.run("GATHER", n, ["gather", *shards, "--out", gathered], [gathered], shards=len(shards))
+            shutil.rmtree(wd / f"shards_{n}")
+        if want & {"EVALUATE", "REPORT"}:
+            pair = ["--real", data, "--generated", gathered, "--outdir", ev, "--condition-keys", KEYS]
+            rec = steps.run("EVALUATE", n, ["evaluate", *pair, "--cells-per-side", str(args.cells_per_side)], [ev])
+            rec["cells_used"] = json.loads((ev / "metrics.json").read_text())["cells_used"]
+        if "REPORT" in want:
+            inputs = ["--real", data, "--generated", gathered, "--metrics", ev / "metrics.json"]
+            more = ["--prepare", prep / "prepare.json", "--manifest", tok]
+            steps.run("REPORT", n, ["report", "--out", report, *inputs, *more], [report])
+    finally:
+        if not args.keep:
+            for p in (prep, gathered, sample_out, ev, report):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if n != max(args.cells) or args.no_costs:
+                shutil.rmtree(tok, ignore_errors=True)
+    return {"input_mb": facts["file_mb"], "genes_per_cell": facts["genes_per_cell"], "nnz": facts["nnz"]}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -465,10 +420,11 @@ def _slope(x: list[float], y: list[float]) -> float:
     return float(np.polyfit(np.log(x), np.log(y), 1)[0])
 
 
-def render(res: dict[str, Any]) -> str:
+def render(res: dict[str, Any], level: int = 2) -> str:
+    """The markdown of one run (`level`: the heading level of its title)."""
     m = res["machine"]
     out = [
-        f"## `{res['title']}`",
+        f"{'#' * level} `{res['title']}`",
         "",
         f"{m.get('date_utc', '')}, {m.get('cpu', '')}, {m.get('cores')} cores, {m.get('ram_gb')} GB RAM, commit "
         f"{m.get('git_commit', '')[:10]}{' (uncommitted changes)' if m.get('git_dirty') else ''}; "
@@ -581,7 +537,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--section", default="scale", help="the marker section of BENCHMARKS.md to write")
     ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--steps", default=",".join(STEPS), help="comma list of the steps to run")
+    ap.add_argument("--render", type=Path, default=None, help="only write the section of a saved results.json")
     args = ap.parse_args(argv)
+    if args.render is not None:
+        res = json.loads(args.render.read_text())
+        if not args.no_write:
+            from bench_report import update_benchmarks_md
+
+            update_benchmarks_md(args.out, args.section, render(res))
+        return res
+    args.steps = [x.strip().upper() for x in args.steps.split(",") if x.strip()]
+    unknown = sorted(set(args.steps) - set(STEPS))
+    if unknown:
+        ap.error(f"unknown steps {unknown} (known: {', '.join(STEPS)})")
     logging.basicConfig(
         level=logging.INFO, format="[scale %(asctime)s] %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
     )
@@ -589,7 +558,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.workdir.mkdir(parents=True, exist_ok=True)
     logdir = args.workdir / "logs"
     steps = Steps(logdir, args.threads)
-    model = train_small_model(args.workdir, args.genes, args.genes_per_cell, steps)
+    model = train_small_model(args.workdir, args.genes, args.genes_per_cell, steps) if "SAMPLE" in args.steps else None
     sizes = {str(n): run_size(n, args, steps, model) for n in args.cells}
     costs = None if args.no_costs else step_costs(args.workdir / f"tokens_{args.cells[-1]}", args, logdir)
     if not args.keep:
