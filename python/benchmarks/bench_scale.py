@@ -32,7 +32,17 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import REPO, child_env, dump_json, fmt, load_average, machine_info, markdown_table, run_child  # noqa: E402
+from common import (  # noqa: E402
+    REPO,
+    child_cpu_seconds,
+    child_env,
+    dump_json,
+    fmt,
+    load_average,
+    machine_info,
+    markdown_table,
+    run_child,
+)
 
 log = logging.getLogger("bench_scale")
 
@@ -68,6 +78,7 @@ class Steps:
             "step": step,
             "n_cells": n,
             "wall_s": round(wall, 2),
+            "cpu_s": round(child_cpu_seconds(log_path), 2),
             "peak_rss_mb": round(rss, 1),
             "disk_mb": round(sum(_du_mb(p) for p in outputs if p.exists()), 1),
             "load": f"{before:.1f}→{load_average():.1f}",
@@ -76,10 +87,11 @@ class Steps:
         }
         self.records.append(rec)
         log.info(
-            "%-9s %9d cells %8.1f s %8.0f MB RSS %8.0f MB disk  load %s",
+            "%-9s %9d cells %8.1f s (%.1f CPU s) %8.0f MB RSS %8.0f MB disk  load %s",
             step,
             n,
             wall,
+            rec["cpu_s"],
             rss,
             rec["disk_mb"],
             rec["load"],
@@ -429,7 +441,8 @@ def render(res: dict[str, Any], level: int = 2) -> str:
         f"{m.get('date_utc', '')}, {m.get('cpu', '')}, {m.get('cores')} cores, {m.get('ram_gb')} GB RAM, commit "
         f"{m.get('git_commit', '')[:10]}{' (uncommitted changes)' if m.get('git_dirty') else ''}; "
         f"command `{res['command']}`; children run at `nice -n 10` on a "
-        "machine shared with other work (the load average is printed per row).",
+        "machine shared with other work (the load average is printed per row): CPU s (user + system of the child) "
+        "is the figure to read when the load exceeds the 2 cores.",
         "",
         f"Input: `ScaleDataset` x {res['genes']:,} genes (seed 0), target {res['genes_per_cell']} expressed genes per "
         "median cell; the rows give the measured mean. Disk = size of the step's outputs.",
@@ -454,13 +467,15 @@ def render(res: dict[str, Any], level: int = 2) -> str:
                 f"{size['genes_per_cell']:.0f}",
                 r["step"],
                 f"{r['wall_s']:,.1f}",
+                fmt(r.get("cpu_s"), digits=4),
                 f"{r['peak_rss_mb']:,.0f}",
                 f"{r['disk_mb']:,.0f}",
                 extra,
                 r["load"],
             ]
         )
-    out += [markdown_table(["cells", "genes/cell", "step", "wall s", "peak RSS MB", "disk MB", "", "load"], rows), ""]
+    headers = ["cells", "genes/cell", "step", "wall s", "CPU s", "peak RSS MB", "disk MB", "", "load"]
+    out += [markdown_table(headers, rows), ""]
     slopes = []
     for step in dict.fromkeys(r["step"] for r in res["steps"]):
         rs = [r for r in res["steps"] if r["step"] == step]
@@ -469,6 +484,7 @@ def render(res: dict[str, Any], level: int = 2) -> str:
             [
                 step,
                 fmt(_slope(n, [r["wall_s"] for r in rs]), digits=2),
+                fmt(_slope(n, [r.get("cpu_s", float("nan")) for r in rs]), digits=2),
                 fmt(_slope(n, [r["peak_rss_mb"] for r in rs]), digits=2),
                 fmt(_slope(n, [max(r["disk_mb"], 0.01) for r in rs]), digits=2),
             ]
@@ -476,7 +492,7 @@ def render(res: dict[str, Any], level: int = 2) -> str:
     out += [
         "Growth with N (log-log slope: 1 = linear, 0 = flat):",
         "",
-        markdown_table(["step", "wall time", "peak RSS", "disk"], slopes),
+        markdown_table(["step", "wall time", "CPU time", "peak RSS", "disk"], slopes),
         "",
     ]
     sc = res.get("costs")

@@ -82,8 +82,16 @@ if pid == 0:
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as fh:
     fh.write(str(usage.ru_maxrss))
+with open(sys.argv[1] + ".cpu", "w") as fh:
+    fh.write(str(usage.ru_utime + usage.ru_stime))
 sys.exit(os.waitstatus_to_exitcode(status))
 """
+
+
+def child_cpu_seconds(log_path: Path) -> float:
+    """User + system CPU seconds of the last command `run_child` ran with this log (NaN if unknown)."""
+    path = Path(str(log_path.with_suffix(".maxrss")) + ".cpu")
+    return float(path.read_text()) if path.exists() else float("nan")
 
 
 def run_child(
