@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from .counts import check_counts
@@ -58,12 +59,14 @@ class _RunningStats:
         self.ss: dict[Any, float] = {}
 
     def add(self, keys: np.ndarray, values: np.ndarray) -> None:
-        for k in np.unique(keys):
-            v = values[keys == k]
-            k = k.item() if hasattr(k, "item") else k
-            self.n[k] = self.n.get(k, 0) + len(v)
-            self.s[k] = self.s.get(k, 0.0) + float(v.sum())
-            self.ss[k] = self.ss.get(k, 0.0) + float((v * v).sum())
+        uniq, inverse = np.unique(keys, return_inverse=True)  # one pass over the cells, whatever the classes
+        n = np.bincount(inverse, minlength=len(uniq))
+        s = np.bincount(inverse, weights=values, minlength=len(uniq))
+        ss = np.bincount(inverse, weights=values * values, minlength=len(uniq))
+        for k, a, b, c in zip(uniq.tolist(), n.tolist(), s.tolist(), ss.tolist()):
+            self.n[k] = self.n.get(k, 0) + a
+            self.s[k] = self.s.get(k, 0.0) + b
+            self.ss[k] = self.ss.get(k, 0.0) + c
 
     def result(self, names=None) -> dict[str, dict[str, float]]:
         out = {}
@@ -153,8 +156,7 @@ def _label_codes(obs, keys: list[str], categories: dict[str, list[str]], source:
     for j, key in enumerate(keys):
         if key not in obs.columns:
             raise InputError(f"{source}: condition key '{key}' is not an obs column")
-        lookup = {c: i for i, c in enumerate(categories[key])}
-        codes[:, j] = [lookup.get(v, -1) for v in obs[key].astype(str)]
+        codes[:, j] = pd.Index(categories[key]).get_indexer(obs[key].astype(str).to_numpy())  # -1 = unseen
     return codes
 
 
@@ -263,8 +265,8 @@ def _tokenize_split(
                 stats["__all__"].add(np.zeros(len(lib), dtype=np.int64), loglib)
                 for j, key in enumerate(keys):
                     stats[key].add(codes[:, j], loglib)
-                if len(keys) > 1:
-                    joint = np.array(["|".join(map(str, c)) for c in codes])
+                if len(keys) > 1:  # one integer per combination of label codes
+                    joint = np.ravel_multi_index(tuple(codes.T), [len(categories[k]) for k in keys])
                     stats["__joint__"].add(joint, loglib)
             writer.add(part)
             bar.update(stop - start)
@@ -367,8 +369,9 @@ def tokenize(
             info["n_cells_over_max_tokens"] = int((lengths > max_tokens).sum())
             splits["test"] = info
 
-        def joint_name(code: str) -> str:
-            return "|".join(categories[k][int(c)] for k, c in zip(keys, code.split("|")))
+        def joint_name(code: int) -> str:
+            idx = np.unravel_index(int(code), [len(categories[k]) for k in keys])
+            return "|".join(categories[k][int(c)] for k, c in zip(keys, idx))
 
         libsize = {
             "transform": "log(total counts over the vocabulary genes)",
