@@ -251,8 +251,9 @@ class H5adWriter:
         # an empty CSR matrix in anndata's on-disk format, its arrays resizable for sparse_dataset(...).append
         g = self.file.create_group("X")
         g.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": (0, self.n_vars)})
+        chunk = _H5_CHUNK if max_nnz is None else int(min(_H5_CHUNK, max(16_384, max_nnz)))  # small files stay small
         for name, dtype, init in (("data", np.float32, 0), ("indices", index_dtype, 0), ("indptr", index_dtype, 1)):
-            g.create_dataset(name, data=np.zeros(init, dtype), maxshape=(None,), chunks=(_H5_CHUNK,))
+            g.create_dataset(name, data=np.zeros(init, dtype), maxshape=(None,), chunks=(chunk,))
         self._X = sparse_dataset(g)
 
     def append(self, X: sp.csr_matrix) -> None:
