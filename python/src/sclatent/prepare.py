@@ -31,15 +31,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .counts import counts_matrix
-from .io import (
-    InputError,
-    SampleRow,
-    atomic_outputs,
-    check_unique_genes,
-    dump_json,
-    provenance,
-    read_h5ad,
-)
+from .io import InputError, SampleRow, atomic_outputs, check_unique_genes, dump_json, provenance, read_h5ad
 
 log = logging.getLogger(__name__)
 

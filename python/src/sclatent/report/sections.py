@@ -14,11 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from ..metrics import (
-    DISTRIBUTION_METRICS,
-    JOINT_SEPARATOR,
-    mean_sem,
-)
+from ..metrics import DISTRIBUTION_METRICS, JOINT_SEPARATOR, mean_sem
 from .html import (
     BAR_METRICS,
     CLASS_TABLE_METRICS,
