@@ -52,7 +52,7 @@ def test_models_and_metrics(test_profile_run, dataset):
         assert cfg["metadata"]["stage"] == stage and (out / folder / "checkpoint.pt").exists()
         history = (out / folder / "history.csv").read_text().splitlines()
         assert history[0].startswith("step,epoch,loss") and len(history) > 2
-        if stage == "prior":  # the sampled weights are the warmed-up EMA (BENCHMARKS.md, "EMA")
+        if stage == "prior":  # the sampled weights are the warmed-up EMA (docs/decisions/0006)
             assert cfg["train_config"]["ema_decay"] == 0.999 and cfg["train_config"]["ema_warmup"] is True
     recon = json.loads((out / "encode" / "reconstruction.json").read_text())["metrics"]
     assert recon["n_cells"] > 0 and recon["n_genes"] == 500

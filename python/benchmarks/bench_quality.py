@@ -346,11 +346,7 @@ def run_dataset(spec: DatasetSpec, plan: Plan, runner: Runner, budget: Budget, w
             evdir / "metrics.json",
             label,
             conditional,
-            {
-                "replicates": reps,
-                "nfe_per_batch": uns.get("nfe_per_batch"),
-                "method": uns.get("method"),
-            },
+            {"replicates": reps, "nfe_per_batch": uns.get("nfe_per_batch"), "method": uns.get("method")},
         )
     joint = result["generation"]["ldm_joint"]
     result["floor"] = joint["floor"]

@@ -145,17 +145,11 @@ def cases(tmp: Path) -> dict[str, dict[str, Any]]:
             ],
         },
         "synthetic_mixed": {
-            "rows": [
-                ["syn", str(syn["a"]), "all", "", ""],
-                ["syn", str(syn["b"]), "train", "B", ""],
-            ],
+            "rows": [["syn", str(syn["a"]), "all", "", ""], ["syn", str(syn["b"]), "train", "B", ""]],
             "args": ["--condition-keys", "cell_type,batch", "--n-hvg", "40", "--min-genes", "3", "--seed", "3"],
         },
         "synthetic_layer_split": {
-            "rows": [
-                ["syn", str(syn["c"]), "test", "", ""],
-                ["syn", str(syn["a"]), "all", "", ""],
-            ],
+            "rows": [["syn", str(syn["c"]), "test", "", ""], ["syn", str(syn["a"]), "all", "", ""]],
             "args": ["--counts-layer", "counts", "--condition-keys", "cell_type", "--n-hvg", "500", "--seed", "1"],
         },
         "synthetic_no_keys_all_genes": {

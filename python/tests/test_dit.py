@@ -54,7 +54,6 @@ def test_default_preset_matches_official_size() -> None:
     # official scLDM DiT for dentate gyrus (14 clusters): 9,741,328 trainable parameters (+4,096 frozen sin-cos)
     cfg = DiTConfig.preset("default", d_latent=16, n_tokens=16, n_classes=[14])
     model = DiT(cfg)
-    assert (cfg.d_model, cfg.n_blocks, cfg.n_heads) == (256, 8, 8)
     assert sum(p.numel() for p in model.parameters()) == 9_741_328
 
 

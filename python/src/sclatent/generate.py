@@ -403,10 +403,7 @@ def generated_anndata(
 
 
 def request_codes(
-    sampler: Sampler,
-    *,
-    n_cells: int | None,
-    conditions: dict[str, str] | Sequence[dict[str, str]] | None,
+    sampler: Sampler, *, n_cells: int | None, conditions: dict[str, str] | Sequence[dict[str, str]] | None
 ) -> np.ndarray:
     """Label codes (N, K) of `n_cells` cells per request (one dict, or a list of them; None = unconditional)."""
     if n_cells is None or n_cells < 1:

@@ -12,8 +12,8 @@ import torch
 from .nn.vae import TransformerVAE
 from .tokens import TokenBatch
 
-# Cells decoded together on a CPU. A full decode makes (cells x genes x 88) intermediates in the decoder's MLP;
-# chunks of 16 cells keep them in cache (measured 300 -> 650 cells/s for 2,000 genes). CUDA decodes a whole batch.
+# Cells decoded together on a CPU: a full decode makes (cells x genes x 88) intermediates in the decoder's MLP, and
+# chunks of 16 cells keep them in cache. CUDA decodes a whole batch at once.
 CPU_DECODE_CHUNK = 16
 
 
@@ -46,10 +46,7 @@ def encode_batches(vae: TransformerVAE, batches: Iterable[TokenBatch], device: t
 
 @torch.no_grad()
 def encoded_chunks(
-    vae: TransformerVAE,
-    batches: Iterable[TokenBatch],
-    keep: np.ndarray,
-    device: torch.device,
+    vae: TransformerVAE, batches: Iterable[TokenBatch], keep: np.ndarray, device: torch.device
 ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Encode the kept cells (`keep` (n,) bool by cell index) and yield them in `decode_chunks` pieces:
     (cell_index (c,), z (c, m, d_latent), library_size (c,), dense counts over every model gene (c, G))."""

@@ -42,8 +42,7 @@ def synthetic_counts(
     lam = rng.gamma(shape=theta, scale=mu / theta)
     X = rng.poisson(lam).astype(np.float32)
     obs = pd.DataFrame(
-        {"cell_type": pd.Categorical([f"type_{t}" for t in types])},
-        index=[f"cell_{i}" for i in range(n_cells)],
+        {"cell_type": pd.Categorical([f"type_{t}" for t in types])}, index=[f"cell_{i}" for i in range(n_cells)]
     )
     if n_batches:
         obs["batch"] = pd.Categorical([f"batch_{b}" for b in rng.integers(0, n_batches, size=n_cells)])
@@ -52,12 +51,7 @@ def synthetic_counts(
 
 
 def synthetic_sparse_counts(
-    n_cells: int,
-    n_genes: int,
-    nnz_per_cell: int,
-    *,
-    seed: int = 0,
-    n_types: int = 8,
+    n_cells: int, n_genes: int, nnz_per_cell: int, *, seed: int = 0, n_types: int = 8
 ) -> ad.AnnData:
     """A large sparse dataset built directly in CSR (for throughput benchmarks; ~`nnz_per_cell` genes per cell).
 

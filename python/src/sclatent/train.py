@@ -232,8 +232,7 @@ class EMA:
     With ``warmup`` the decay of update n (n = optimiser steps before it, from 0) is
     ``min(decay, (1 + n) / (10 + n))``, the num_updates rule of TensorFlow's ExponentialMovingAverage: the
     average then covers roughly the last tenth of training until that reaches 1 / (1 - decay) steps. Without it
-    a 0.999 EMA still holds 0.999^n of the random initial weights after n steps: 22% after the 1,500 steps a
-    small dataset's prior gets, which made EMA sampling far worse than the raw weights (BENCHMARKS.md, "EMA").
+    a 0.999 EMA still holds 0.999^n of the random initial weights after n steps (docs/decisions/0006).
     """
 
     def __init__(self, model: nn.Module, decay: float, *, warmup: bool = True) -> None:
@@ -738,7 +737,7 @@ def _train(
     model.train()
     groups = param_groups(model, cfg.lr_scales)
     params = [p for g in groups for p in g["params"]]
-    # fused AdamW: one kernel over all parameters (on CPU 8.2 -> 1.3 ms per step for the default VAE)
+    # fused AdamW: one kernel over all parameters instead of one per tensor
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
     ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup) if cfg.ema_decay is not None else None

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-# POT's array backends import torch when it is installed (~700 MB of resident memory); the metrics hand it numpy
+# POT's array backends import torch when it is installed (a large import); the metrics hand it numpy
 # arrays only. A user's own setting wins.
 os.environ.setdefault("POT_BACKEND_DISABLE_PYTORCH", "1")
 import ot  # noqa: E402
@@ -27,9 +27,8 @@ from sklearn.preprocessing import StandardScaler
 from ..counts import subsample
 
 MMD_SIGMAS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)  # CFGen's mix_rbf_mmd2 bandwidths
-# W2 uses exact OT, whose cost grows ~n^3: at most this many cells per side (seeded subsample), chosen by
-# measurement (benchmarks/bench_metrics.py): 3,000 cells take ~7 s on one core, 5,000 ~20 s, 10,000 ~3 min.
-# 3,000 is also the per-class cap of CFGen's paper-era evaluation script.
+# W2 uses exact OT, whose cost grows ~n^3: at most this many cells per side (seeded subsample; the cost per size is
+# in BENCHMARKS.md, from benchmarks/bench_metrics.py); 3,000 is also CFGen's per-class cap.
 DEFAULT_W2_MAX_CELLS = 3_000
 # MMD², 1-NN and PRDC are O(n^2) but cheap per pair: at most this many cells per side.
 DEFAULT_MAX_CELLS = 10_000

@@ -126,8 +126,7 @@ def pca_fit(X: NDArray[np.float64], n_pcs: int) -> tuple[NDArray[np.float64], ND
         centred = X[start : start + step] - mean
         cov += centred.T @ centred
     cov /= max(n - 1, 1)
-    # One BLAS thread: the tridiagonal reduction is level-2 BLAS, and with threads on a busy 2-core machine
-    # it took 3-20 s instead of ~1 s (measured).
+    # One BLAS thread: the tridiagonal reduction is level-2 BLAS, which threads only slow down on a busy machine.
     with threadpool_limits(limits=1, user_api="blas"):
         values, vectors = scipy.linalg.eigh(cov, subset_by_index=[n_feat - n_pcs, n_feat - 1])  # ascending
     values, components = values[::-1], vectors[:, ::-1].T  # (n_pcs,), (n_pcs, H)

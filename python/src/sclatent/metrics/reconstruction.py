@@ -37,12 +37,7 @@ def _nanmean_or_nan(x: NDArray[np.float64]) -> float:
 
 
 def reconstruction_metrics(
-    true_counts: Any,
-    sampled_counts: Any,
-    mean_counts: Any,
-    nll_per_cell: ArrayLike,
-    *,
-    batch_size: int = 256,
+    true_counts: Any, sampled_counts: Any, mean_counts: Any, nll_per_cell: ArrayLike, *, batch_size: int = 256
 ) -> dict[str, float | int | None]:
     """Table 1 metrics of a reconstruction of n test cells over G genes.
 

@@ -31,8 +31,8 @@ def swiglu_hidden_size(d_model: int, multiple_of: int = 4) -> int:
 class MLP(nn.Module):
     """SwiGLU feed-forward network without biases: out = W3(silu(W1 x) * W2 x).
 
-    W1 and W2 are kept as two matrices: on CPU this measured ~1.5x faster (forward + backward) than one
-    fused (2h, d) matrix split afterwards, whose backward has to concatenate the two gradient halves.
+    W1 and W2 are two matrices rather than one fused (2h, d) matrix split afterwards, whose backward has to
+    concatenate the two gradient halves (slower on a CPU).
     """
 
     def __init__(self, d_model: int, hidden: int | None = None) -> None:
@@ -89,9 +89,7 @@ class SelfAttentionBlock(nn.Module):
         return x + self.mlp(self.ln_mlp(x))  # (B, T, d)
 
 
-def _attention_mask(
-    key_padding_mask: torch.Tensor | None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _attention_mask(key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Turn a (B, S) key-padding mask (True = real token) into an SDPA boolean mask (B, 1, 1, S).
 
     A row with no real key would make the softmax 0/0 = NaN. Such rows are given all keys (so the kernel
@@ -110,11 +108,9 @@ def _attention_mask(
     return mask[:, None, None, :], has_keys[:, None, None, None]
 
 
-# Up to this many keys, CPU attention is computed with two matmuls and a softmax instead of SDPA. The
-# decoder's MCAB lets hundreds of gene queries attend to the m = 16 latent tokens; there the fused CPU kernel
-# (tiled for long sequences) measured 47 ms against 29 ms for the plain matmuls (forward + backward,
-# B = 128, 4 heads, Q = 512, 16 keys, 2 threads), while SDPA stays faster for the encoder's 16 queries over
-# hundreds of tokens (24 ms vs 39 ms) and for the 16-token self-attention blocks. CUDA always uses SDPA.
+# Up to this many keys, CPU attention is two matmuls and a softmax instead of SDPA: for the decoder's hundreds of
+# gene queries over m = 16 latent tokens the fused CPU kernel (tiled for long sequences) is slower; SDPA stays for
+# everything else and always on CUDA.
 _FEW_KEYS = 32
 
 

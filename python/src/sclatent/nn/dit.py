@@ -23,10 +23,7 @@ from sclatent.nn.attention import MLP, scaled_attention, swiglu_hidden_size
 logger = logging.getLogger(__name__)
 
 # name -> (d_model, n_blocks, n_heads). "default" is the paper's / official code's DiT (about 9.7 M parameters).
-_PRESETS: dict[str, tuple[int, int, int]] = {
-    "default": (256, 8, 8),
-    "tiny": (64, 2, 4),
-}
+_PRESETS: dict[str, tuple[int, int, int]] = {"default": (256, 8, 8), "tiny": (64, 2, 4)}
 
 
 @dataclass

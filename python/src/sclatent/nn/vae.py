@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .attention import MCAB, SelfAttentionBlock
 from .likelihoods import Gaussian, Likelihood, NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
@@ -50,14 +50,21 @@ class VAEConfig:
             raise ValueError(f"unknown likelihood {self.likelihood!r}; expected one of {LIKELIHOODS}")
         if self.embedding not in EMBEDDINGS:
             raise ValueError(f"unknown embedding {self.embedding!r}; expected one of {EMBEDDINGS}")
-        for name in ("n_genes", "d_model", "n_latent_tokens", "d_latent", "n_heads", "n_cross_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("n_enc_blocks", "n_dec_blocks", "count_readout"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        sizes = (
+            "n_genes",
+            "d_model",
+            "n_latent_tokens",
+            "d_latent",
+            "n_heads",
+            "n_cross_heads",
+            "n_enc_blocks",
+            "n_dec_blocks",
+            "count_readout",
+        )
+        for i, name in enumerate(sizes):
+            value, least = getattr(self, name), 1 if i < 6 else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be {'a positive' if least else 'a non-negative'} integer, got {value!r}")
         for name in ("n_heads", "n_cross_heads"):
             if self.d_model % getattr(self, name) != 0:
                 raise ValueError(f"{name}={getattr(self, name)} must divide d_model={self.d_model}")
@@ -98,17 +105,17 @@ _ADDITIONS = dict(embedding="gene_count", gene_head=True, count_readout=64, read
 PRESETS: dict[str, dict[str, Any]] = {
     "scldm": dict(embedding="multiplicative"),
     "default": _ADDITIONS,
-    "tiny": dict(
-        _ADDITIONS,
-        d_model=16,
-        n_latent_tokens=4,
-        d_latent=4,
-        n_enc_blocks=1,
-        n_dec_blocks=1,
-        n_heads=2,
-        n_cross_heads=2,
-        count_readout=4,
-    ),
+    "tiny": {
+        **_ADDITIONS,
+        "count_readout": 4,
+        "d_model": 16,
+        "n_latent_tokens": 4,
+        "d_latent": 4,
+        "n_heads": 2,
+        "n_cross_heads": 2,
+        "n_enc_blocks": 1,
+        "n_dec_blocks": 1,
+    },
 }
 
 
@@ -127,7 +134,7 @@ class TokenEmbedding(nn.Module):
         self.proj = nn.Linear(2 * c.d_model, c.d_model) if c.embedding != "multiplicative" else None
         self.count_dir = nn.Embedding(c.n_genes + 1, c.d_model) if c.embedding == "gene_count" else None
 
-    def forward(self, genes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, genes: Tensor, counts: Tensor) -> Tensor:
         c = torch.log1p(counts).to(self.genes.weight.dtype)[..., None]  # (B, S, 1)
         if self.proj is None:
             return self.genes(genes) * c  # (B, S, d)
@@ -154,9 +161,7 @@ class CountReadout(nn.Module):
         self.table = nn.Embedding(c.n_genes + 1, c.count_readout)  # R_g
         self.proj = nn.Linear(c.count_readout, c.n_latent_tokens * c.d_model, bias=False)
 
-    def forward(
-        self, genes: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None
-    ) -> torch.Tensor:
+    def forward(self, genes: Tensor, counts: Tensor, mask: Tensor, generator: torch.Generator | None) -> Tensor:
         w = torch.log1p(counts.to(torch.float32)) * mask  # (B, S); padding weighs 0
         if self.training and self.dropout > 0:
             device = generator.device if generator is not None else w.device
@@ -183,13 +188,8 @@ class MCABEncoder(nn.Module):
         self.to_logvar = nn.Linear(c.d_model, c.d_latent) if c.variational else None
 
     def forward(
-        self,
-        tokens: torch.Tensor,
-        genes: torch.Tensor,
-        counts: torch.Tensor,
-        mask: torch.Tensor,
-        generator: torch.Generator | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, tokens: Tensor, genes: Tensor, counts: Tensor, mask: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor | None]:
         h = self.pool(tokens, key_padding_mask=mask)  # (B, m, d)
         if self.readout is not None:
             h = h + self.readout(genes, counts, mask, generator).view(h.shape).to(h.dtype)
@@ -212,7 +212,7 @@ class MCABDecoder(nn.Module):
         self.blocks = nn.ModuleList(SelfAttentionBlock(c.d_model, c.n_heads) for _ in range(c.n_dec_blocks))
         self.unpool = MCAB(c.d_model, c.n_cross_heads)
 
-    def forward(self, z: torch.Tensor, gene_table: torch.Tensor, query_genes: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: Tensor, gene_table: Tensor, query_genes: Tensor) -> Tensor:
         h = F.layer_norm(z, z.shape[-1:]) if self.standardise else z  # (B, m, d_latent)
         h = self.proj(h)  # (B, m, d)
         for block in self.blocks:
@@ -239,7 +239,7 @@ class LikelihoodHead(nn.Module):
         self.log_theta = nn.Embedding(c.n_genes + 1, 1) if c.likelihood in ("nb", "zinb") else None
         self.log_sigma = nn.Embedding(c.n_genes + 1, 1) if c.likelihood == "gaussian" else None
 
-    def forward(self, o: torch.Tensor, genes: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, o: Tensor, genes: Tensor) -> dict[str, Tensor]:
         out = self.shared(o)  # (B, Q, 1 or 2)
         first = out[..., 0]  # (B, Q)
         if self.gene_weight is not None:
@@ -254,7 +254,7 @@ class LikelihoodHead(nn.Module):
         return params
 
     def distribution(
-        self, params: dict[str, torch.Tensor], library_size: torch.Tensor, log_weights: torch.Tensor | None = None
+        self, params: dict[str, Tensor], library_size: Tensor, log_weights: Tensor | None = None
     ) -> Likelihood:
         """The likelihood over (B, Q); count means = softmax over the Q genes (weighted by w_g if given) * L."""
         if self.kind == "gaussian":
@@ -309,7 +309,7 @@ class TransformerVAE(nn.Module):
         if self.head.log_theta is not None:
             nn.init.constant_(self.head.log_theta.weight, THETA_INIT)
 
-    def _check_ids(self, name: str, ids: torch.Tensor, allow_pad: bool) -> None:
+    def _check_ids(self, name: str, ids: Tensor, allow_pad: bool) -> None:
         if ids.dtype != torch.long:
             raise ValueError(f"{name} must be int64 gene ids, got dtype {ids.dtype}")
         lo, G = (0 if allow_pad else 1), self.config.n_genes
@@ -317,8 +317,8 @@ class TransformerVAE(nn.Module):
             raise ValueError(f"{name} has ids in [{int(ids.min())}, {int(ids.max())}], outside [{lo}, {G}]")
 
     def encode(
-        self, genes: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, genes: Tensor, counts: Tensor, mask: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """Posterior of Z for token sets genes (B, S) int64 (0 = PAD), counts (B, S), mask (B, S) bool.
 
         Returns (mu, logvar), each (B, m, d_latent), or (z, None) for the deterministic encoder; invariant to the
@@ -335,7 +335,7 @@ class TransformerVAE(nn.Module):
         tokens = self.embedding(genes, counts)  # (B, S, d)
         return self.encoder(tokens, genes, counts, mask, generator)
 
-    def decode_parameters(self, z: torch.Tensor, query_genes: torch.Tensor) -> dict[str, torch.Tensor]:
+    def decode_parameters(self, z: Tensor, query_genes: Tensor) -> dict[str, Tensor]:
         """Likelihood parameters of genes (Q,) shared by all cells or (B, Q) per cell, for z (B, m, d_latent).
 
         Returns (B, Q) tensors (per-gene tables as (Q,) or (B, Q)): "logits", "log_theta", "zi_logits" or
@@ -351,11 +351,7 @@ class TransformerVAE(nn.Module):
         return self.head(o, query_genes)
 
     def decode(
-        self,
-        z: torch.Tensor,
-        query_genes: torch.Tensor,
-        library_size: torch.Tensor,
-        log_weights: torch.Tensor | None = None,
+        self, z: Tensor, query_genes: Tensor, library_size: Tensor, log_weights: Tensor | None = None
     ) -> Likelihood:
         """p(x_I | Z, I) over (B, Q); count means sum to `library_size` (B,) over the decoded genes, or, with
         `log_weights` (B, Q) (a weighted sample standing for all G genes), estimate a full decode's means."""
@@ -367,16 +363,16 @@ class TransformerVAE(nn.Module):
 
     def loss(
         self,
-        genes: torch.Tensor,
-        counts: torch.Tensor,
-        mask: torch.Tensor,
-        library_size: torch.Tensor,
-        target_genes: torch.Tensor,
-        target_counts: torch.Tensor,
-        target_weights: torch.Tensor | None = None,
+        genes: Tensor,
+        counts: Tensor,
+        mask: Tensor,
+        library_size: Tensor,
+        target_genes: Tensor,
+        target_counts: Tensor,
+        target_weights: Tensor | None = None,
         generator: torch.Generator | None = None,
         sample_posterior: bool = True,
-    ) -> dict[str, torch.Tensor]:
+    ) -> dict[str, Tensor]:
         """Negative ELBO of a batch: {"loss", "nll", "kl"}, scalars; loss = nll + beta * kl.
 
         Encoder input genes/counts/mask (B, S), library sizes (B,). Decoder target: every gene (target_genes of
@@ -414,12 +410,7 @@ class TransformerVAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(
-        self,
-        genes: torch.Tensor,
-        counts: torch.Tensor,
-        mask: torch.Tensor,
-        query_genes: torch.Tensor,
-        library_size: torch.Tensor,
+        self, genes: Tensor, counts: Tensor, mask: Tensor, query_genes: Tensor, library_size: Tensor
     ) -> Likelihood:
         """Decode each cell's posterior mean over `query_genes` (Q,) or (B, Q) with library sizes (B,)."""
         mu, _ = self.encode(genes, counts, mask)

@@ -15,10 +15,7 @@ import scipy.sparse as sp
 
 from ..counts import TARGET_SUM, log1p_cp10k, subsample
 from ..io import InputError
-from ..metrics import (
-    align_genes,
-    feature_space,
-)
+from ..metrics import align_genes, feature_space
 from .html import (
     DEFAULT_N_PCS,
     GENE_SYMBOL_COLUMNS,

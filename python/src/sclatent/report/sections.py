@@ -15,11 +15,7 @@ import pandas as pd
 
 from .. import __version__
 from ..io import joint_labels
-from ..metrics import (
-    DISTRIBUTION_METRICS,
-    JOINT_SEPARATOR,
-    mean_sem,
-)
+from ..metrics import DISTRIBUTION_METRICS, JOINT_SEPARATOR, mean_sem
 from .html import (
     BAR_METRICS,
     CLASS_TABLE_METRICS,
