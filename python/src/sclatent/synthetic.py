@@ -183,8 +183,9 @@ class ScaleDataset:
         return [f"GENE{j:05d}" for j in range(self.n_genes)]
 
     def max_genes_per_cell(self) -> float:
-        """A generous bound of the mean expressed genes per cell (for the index type of the written file)."""
-        return 4.0 * self.depth * np.exp(self.depth_sd**2 / 2)
+        """A bound of the mean expressed genes per cell over many cells (for the index type of the written file): the
+        mean bursts per cell (a cell expresses at most one gene per burst), with 5% to spare."""
+        return 1.05 * self.depth * np.exp(self.depth_sd**2 / 2)
 
     def labels(self, n_cells: int) -> tuple[np.ndarray, np.ndarray]:
         """Cell type and perturbation codes (n,) of the first n cells (uniform over the combinations)."""
@@ -226,7 +227,7 @@ class ScaleDataset:
         from .ondisk import H5adWriter
 
         types, perts = self.labels(n_cells)
-        writer = H5adWriter(path, self.n_genes, max_nnz=int(n_cells * self.max_genes_per_cell()))
+        writer = H5adWriter(path, self.n_genes, max_nnz=int(n_cells * self.max_genes_per_cell()) + 100_000)
         try:
             for a in range(0, n_cells, chunk_cells):
                 b = min(a + chunk_cells, n_cells)
