@@ -11,7 +11,7 @@ STAMP       := $(VENV)/.installed
 export NXF_HOME ?= $(ROOT)/.cache/nxf-home
 export PATH := $(ROOT)/.cache/nextflow/bin:$(PATH)
 
-.PHONY: all venv nextflow browser lint-python test test-python test-pipeline demo bench bench-quick lint clean
+.PHONY: all venv nextflow browser lint-python test test-python test-pipeline demo bench bench-quick bench-scale lint clean
 
 all: test
 
@@ -64,6 +64,11 @@ bench: $(BENCH_STAMP) nextflow
 
 bench-quick: $(BENCH_STAMP) nextflow
 	$(PY) python/benchmarks/run_all.py --quick
+
+# every step at 100k, 300k and 1M synthetic cells x 20k genes (wall time, peak RSS, disk; ~2 h on 2 cores, ~40 GB of
+# scratch in .cache/bench-scale), into BENCHMARKS.md's `scale` section
+bench-scale: venv
+	nice -n 10 $(PY) python/benchmarks/bench_scale.py --cells 100000 300000 1000000 --threads 1
 
 lint: nextflow
 	$(NXF) lint main.nf modules subworkflows conf nextflow.config

@@ -549,6 +549,15 @@ def render(res: dict[str, Any]) -> str:
             render_tokenize(speed["tokenize"]),
             "",
         ]
+    if speed.get("scale"):
+        import bench_scale
+
+        out += [
+            "**The streamed steps at growing N** (a small version of `make bench-scale`; synthetic cell type x "
+            "perturbation counts):",
+            "",
+            bench_scale.render(speed["scale"], level=4),
+        ]
     nf = speed.get("nextflow")
     if nf:
         if "skipped" in nf:

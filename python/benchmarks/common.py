@@ -82,8 +82,16 @@ if pid == 0:
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as fh:
     fh.write(str(usage.ru_maxrss))
+with open(sys.argv[1] + ".cpu", "w") as fh:
+    fh.write(str(usage.ru_utime + usage.ru_stime))
 sys.exit(os.waitstatus_to_exitcode(status))
 """
+
+
+def child_cpu_seconds(log_path: Path) -> float:
+    """User + system CPU seconds of the last command `run_child` ran with this log (NaN if unknown)."""
+    path = Path(str(log_path.with_suffix(".maxrss")) + ".cpu")
+    return float(path.read_text()) if path.exists() else float("nan")
 
 
 def run_child(
@@ -292,6 +300,10 @@ class Plan:
     tokenize_cells: list[int] = field(default_factory=lambda: [20_000, 100_000])
     tokenize_genes: int = 20_000
     tokenize_nnz: int = 1_000
+    # the streamed steps at growing N (bench_scale.py; `make bench-scale` runs the full sizes); [] = not run
+    scale_cells: list[int] = field(default_factory=list)
+    scale_genes: int = 5_000
+    scale_steps: str = "PREPARE,TOKENIZE,GATHER"
     scaling_genes: list[int] = field(default_factory=lambda: [1_000, 2_000, 5_000, 10_000, 20_000])
     scaling_tokens: list[int] = field(default_factory=lambda: [128, 256, 512, 1_024, 2_048])
     scaling_steps: int = 3

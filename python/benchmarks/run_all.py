@@ -100,6 +100,7 @@ def make_plan(mode: str, threads: int, budget_minutes: float | None, datasets: l
             tokenize_cells=[5_000],
             tokenize_genes=5_000,
             tokenize_nnz=300,
+            scale_cells=[20_000, 60_000],
             scaling_genes=[1_000, 5_000],
             scaling_tokens=[128, 512],
             scaling_steps=1,
@@ -298,6 +299,34 @@ def run(plan: Plan, workdir: Path, out_md: Path | None, command: str) -> dict[st
         res["speed"]["tokenize"] = tokenize_synthetic(runner, plan, workdir / "tokenize_synthetic")
     else:
         res["skipped"].append("TOKENIZE on synthetic data (budget)")
+    if plan.scale_cells:
+        if budget.allows(90):
+            import bench_scale
+
+            res["speed"]["scale"] = bench_scale.main(
+                [
+                    "--cells",
+                    *map(str, plan.scale_cells),
+                    "--genes",
+                    str(plan.scale_genes),
+                    "--genes-per-cell",
+                    "300",
+                    "--steps",
+                    plan.scale_steps,
+                    "--no-costs",
+                    "--no-write",
+                    "--section",
+                    "quick-scale",
+                    "--threads",
+                    str(plan.threads),
+                    "--workdir",
+                    str(workdir / "scale"),
+                ]
+            )
+        else:
+            res["skipped"].append(
+                f"PREPARE/TOKENIZE/GATHER at growing N: not enough budget left ({budget.left():.0f} s)"
+            )
     # scaling gets what is left after a reserve for the real Nextflow run (--full); the wiring-only stub run of
     # --quick comes last and only if it still fits
     reserve = 600.0 if plan.nextflow == "run" else 0.0

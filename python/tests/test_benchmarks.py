@@ -256,3 +256,43 @@ def test_vae_bench_scripts_refuse_bad_arguments_naming_them(tmp_path, monkeypatc
             module.main()
         assert message in str(exc.value)
     assert not (tmp_path / "w").exists()  # nothing written
+
+
+@pytest.mark.slow  # 4 child processes: ~15 s on an idle 2-core machine, ~45 s on a loaded one
+def test_bench_scale_runs_its_steps_and_renders(tmp_path):
+    """The scale harness at toy sizes: every step it runs measured, the growth table and the section written."""
+    import bench_scale
+
+    out = tmp_path / "BENCHMARKS.md"
+    res = bench_scale.main(
+        [
+            "--cells",
+            "300",
+            "600",
+            "--genes",
+            "200",
+            "--genes-per-cell",
+            "30",
+            "--cells-per-side",
+            "200",
+            "--steps",
+            "PREPARE,GATHER",
+            "--no-costs",
+            "--threads",
+            "1",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--section",
+            "scale-test",
+            "--out",
+            str(out),
+        ]
+    )
+    assert [(r["step"], r["n_cells"]) for r in res["steps"]] == [
+        (step, n) for n in (300, 600) for step in ("PREPARE", "GATHER")
+    ]
+    assert all(r["wall_s"] > 0 and r["peak_rss_mb"] > 50 for r in res["steps"])
+    text = out.read_text()
+    assert "<!-- BEGIN scale-test -->" in text and "Growth with N" in text and "| 600 |" in text
+    with pytest.raises(SystemExit):
+        bench_scale.main(["--steps", "PREPARE,TRAIN", "--no-write", "--workdir", str(tmp_path / "x")])

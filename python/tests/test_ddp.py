@@ -30,8 +30,8 @@ from sclatent.distributed import GlobalBatchDraws, distributed_job, shard_rows
 from sclatent.synthetic import synthetic_counts
 from sclatent.tokens import TokenLoader, tokenize
 from sclatent.train import TrainConfig, default_split_batch
-from sclatent.train_prior import PriorTraining, train_prior
-from sclatent.train_vae import VAETraining, token_batch_rows, train_vae
+from sclatent.train_prior import LatentBatches, PriorTraining, train_prior
+from sclatent.train_vae import VAETraining, train_vae
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
@@ -331,17 +331,27 @@ def test_global_batch_draws_are_the_rows_of_one_process_draws() -> None:
         GlobalBatchDraws(g_rank, 3, slice(2, 5))
 
 
-def test_token_batch_rows_partition_a_batch(inputs) -> None:
-    tokens, _ = inputs
-    batch = next(iter(TokenLoader(tokens, "train", batch_size=7, seed=1)))
-    parts = [token_batch_rows(batch, shard_rows(len(batch), r, 3)) for r in range(3)]
-    assert [len(p) for p in parts] == [2, 2, 3]
-    assert all(p.genes.shape[1] == batch.genes.shape[1] for p in parts)  # the padded width is kept
-    np.testing.assert_array_equal(np.concatenate([p.dense_counts(40) for p in parts]), batch.dense_counts(40))
-    for field in ("genes", "counts", "mask", "library_size", "labels", "cell_index"):
-        np.testing.assert_array_equal(np.concatenate([getattr(p, field) for p in parts]), getattr(batch, field))
-    with pytest.raises(ValueError, match="contiguous"):
-        token_batch_rows(batch, slice(0, 9))
+def test_each_rank_collates_its_share_of_the_batch(inputs) -> None:
+    """The shares that 3 ranks collate put together are the batch one process collates (padded width, encoder
+    subsets of the cells over max_tokens, decoder targets), epoch after epoch and from a resumed position."""
+    tokens, latents = inputs
+    loader = TokenLoader(tokens, "train", batch_size=7, seed=1)
+    assert loader.max_tokens == 24 and loader.load_shard(0)["indptr"][-1] > 24 * 23  # cells get truncated
+    for epoch, start in ((0, 0), (1, 2)):
+        whole = list(loader.iter_epoch(epoch, start))
+        shares = [list(loader.iter_shares(epoch, start, lambda n, r=r: shard_rows(n, r, 3))) for r in range(3)]
+        assert [len(s) for s in shares] == [len(whole)] * 3
+        for k, batch in enumerate(whole):
+            parts = [s[k] for s in shares]
+            assert all(n == len(batch) for n, _ in parts)
+            parts = [p for _, p in parts]
+            assert all(p.genes.shape[1] == batch.genes.shape[1] for p in parts)  # the batch's padded width
+            for field in ("genes", "counts", "mask", "library_size", "labels", "cell_index"):
+                np.testing.assert_array_equal(np.concatenate([getattr(p, field) for p in parts]), getattr(batch, field))
+            np.testing.assert_array_equal(np.concatenate([p.dense_counts(40) for p in parts]), batch.dense_counts(40))
+    prior = LatentBatches(np.arange(11 * 2, dtype=np.float32).reshape(11, 2, 1), np.zeros((11, 1)), 5, seed=2)
+    for (n, (z, _)), whole_z in zip(prior.iter_shares(0, 0, lambda n: shard_rows(n, 1, 2)), prior.iter_epoch(0)):
+        assert torch.equal(z, whole_z[0][shard_rows(n, 1, 2)])
 
 
 def test_default_split_batch_and_job_from_environment(monkeypatch) -> None:

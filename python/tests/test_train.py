@@ -690,3 +690,45 @@ def test_train_vae_theta_lr_scale_speeds_up_the_dispersions_only(tmp_path: Path)
     with pytest.raises(InputError, match="theta_lr_scale"):
         run("bad", theta_lr_scale=0.0)
     assert not (tmp_path / "bad").exists()
+
+
+# --------------------------------------------------------------------------------------------------------
+# the background loader
+
+
+def test_prefetcher_keeps_order_raises_where_the_item_was_and_stops():
+    from sclatent.train import Prefetcher
+
+    assert list(Prefetcher(range(50), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        yield 2
+        raise ValueError("bad shard")
+
+    items = Prefetcher(failing())
+    assert next(items) == 1 and next(items) == 2
+    with pytest.raises(ValueError, match="bad shard"):
+        next(items)
+    endless = Prefetcher(itertools.count(), depth=2)
+    assert next(endless) == 0
+    endless.close()  # a run that stops mid-epoch
+    assert not endless._thread.is_alive()
+
+
+def test_run_does_not_depend_on_prefetch(tmp_path):
+    """Batches read ahead in a thread (the default) or in the loop: the same losses, to the bit."""
+    cfg = TrainConfig(max_steps=9, batch_size=10, lr=1e-2, log_every=1, checkpoint_every=100, seed=3)
+    for name, depth in (("inline", 0), ("ahead", 3)):
+        train(
+            make_model(),
+            toy_loss,
+            ToyData(),
+            cfg,
+            tmp_path / name,
+            model_config=MODEL_CONFIG,
+            progress=False,
+            prefetch=depth,
+        )
+    rows = [read_history(tmp_path / name / "history.csv")[1] for name in ("inline", "ahead")]
+    assert [r["loss"] for r in rows[0]] == [r["loss"] for r in rows[1]]

@@ -37,7 +37,7 @@ def _user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .train import NonFiniteLossError
+        from .errors import NonFiniteLossError
 
         try:
             return fn(*args, **kwargs)
@@ -589,7 +589,7 @@ def sample(
 @_user_errors
 def gather(shards, out) -> None:
     """Concatenate SAMPLE shards into one h5ad (ordered by replicate and cell index)."""
-    from .generate import gather as run
+    from .gather import gather as run
 
     run(list(shards), out)
 
@@ -621,7 +621,13 @@ def gather(shards, out) -> None:
     "--max-cells",
     default=None,
     type=int,
-    help="Seeded subsample cap per side for the kNN and MMD metrics [default: 10,000].",
+    help="Seeded subsample cap per side for MMD², 1-NN, PRDC, kNN-F1 and TSTR [default: 10,000].",
+)
+@click.option(
+    "--cells-per-side",
+    default=50_000,
+    type=int,
+    help="Cells read per side (the real cells; each generated replicate): a seeded subsample when there are more.",
 )
 @click.option(
     "--floor/--no-floor", default=True, help="Also compute the real-vs-real floor (two halves of the real cells)."
@@ -632,10 +638,28 @@ def gather(shards, out) -> None:
     type=int,
     help="Classes with fewer cells on either side are skipped (and listed) in the per-class metrics.",
 )
+@click.option(
+    "--class-max-cells",
+    default=1_000,
+    type=int,
+    help="Per-class metrics use at most this many cells per side of a class (seeded subsample).",
+)
 @click.option("--seed", default=0, type=int, help="Seed of every subsample.")
 @_user_errors
 def evaluate(
-    real, generated, outdir, condition_keys, reconstruction, dataset, n_pcs, max_cells, floor, min_cells_per_class, seed
+    real,
+    generated,
+    outdir,
+    condition_keys,
+    reconstruction,
+    dataset,
+    n_pcs,
+    max_cells,
+    cells_per_side,
+    floor,
+    min_cells_per_class,
+    class_max_cells,
+    seed,
 ) -> None:
     """EVALUATE: W2, MMD², FD, 1-NN, PRDC, kNN-F1, TSTR overall and per class, over replicates."""
     from .evaluate import run_evaluate
@@ -650,8 +674,10 @@ def evaluate(
         seed=seed,
         n_pcs=n_pcs,
         max_cells=max_cells,
+        cells_per_side=cells_per_side,
         floor=floor,
         min_cells_per_class=min_cells_per_class,
+        class_max_cells=class_max_cells,
     )
 
 

@@ -19,15 +19,10 @@ TARGET_SUM = 1e4  # counts per cell after normalisation (CFGen, scLDM)
 _BLOCK_BYTES = 64 * 2**20  # dense matrices are checked in row blocks of this size
 
 
-def check_counts(matrix: Any, obs_names: Sequence[str], var_names: Sequence[str], *, source: str) -> None:
-    """Raise InputError naming the first cell, gene and value of `matrix` (n, G) that is not a finite non-negative
-    integer (row-major order); sparse matrices are checked on their stored values, dense ones in row blocks."""
-    n, n_genes = matrix.shape
-    if len(obs_names) != n or len(var_names) != n_genes:
-        raise InputError(
-            f"{source}: counts have shape {matrix.shape} but {len(obs_names)} cell names and "
-            f"{len(var_names)} gene names"
-        )
+def bad_counts(matrix: Any) -> tuple[tuple[int, int, float] | None, int]:
+    """The first entry of `matrix` (n, G) that is not a finite non-negative integer, as (row, column, value) in
+    row-major order (None if there is none), and the number of such entries. Sparse matrices are checked on their
+    stored values, dense ones in row blocks."""
     first, n_bad = None, 0
     if sp.issparse(matrix):
         csr = sp.csr_matrix(matrix)
@@ -37,17 +32,23 @@ def check_counts(matrix: Any, obs_names: Sequence[str], var_names: Sequence[str]
         if n_bad:
             k = int(np.flatnonzero(bad)[0])
             first = (int(np.searchsorted(csr.indptr, k, side="right") - 1), int(csr.indices[k]), data[k].item())
-    else:
-        step = max(1, _BLOCK_BYTES // (8 * max(n_genes, 1)))
-        for start in range(0, n, step):
-            block = np.asarray(matrix[start : start + step], dtype=np.float64)
-            bad = ~np.isfinite(block) | (block < 0) | (np.floor(block) != block)
-            if bad.any():
-                r, c = np.argwhere(bad)[0]
-                first = first or (start + int(r), int(c), float(block[r, c]))
-                n_bad += int(bad.sum())
-    if first is None:
-        return
+        return first, n_bad
+    n, n_genes = matrix.shape
+    step = max(1, _BLOCK_BYTES // (8 * max(n_genes, 1)))
+    for start in range(0, n, step):
+        block = np.asarray(matrix[start : start + step], dtype=np.float64)
+        bad = ~np.isfinite(block) | (block < 0) | (np.floor(block) != block)
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            first = first or (start + int(r), int(c), float(block[r, c]))
+            n_bad += int(bad.sum())
+    return first, n_bad
+
+
+def counts_error(
+    first: tuple[int, int, float], n_bad: int, obs_names: Sequence[str], var_names: Sequence[str], *, source: str
+) -> InputError:
+    """The one-line error for bad counts: the first bad entry (row, column, value) named, and how many there are."""
     row, col, value = first
     what = (
         "NaN"
@@ -58,11 +59,25 @@ def check_counts(matrix: Any, obs_names: Sequence[str], var_names: Sequence[str]
         if value < 0
         else "non-integer"
     )
-    raise InputError(
+    return InputError(
         f"{source}: counts must be finite non-negative integers, found {what} value {value!r} at cell "
         f"'{obs_names[row]}', gene '{var_names[col]}' ({n_bad} bad entries in total; are these "
         f"normalised values? point --counts_layer at the raw counts)"
     )
+
+
+def check_counts(matrix: Any, obs_names: Sequence[str], var_names: Sequence[str], *, source: str) -> None:
+    """Raise InputError naming the first cell, gene and value of `matrix` (n, G) that is not a finite non-negative
+    integer (row-major order); sparse matrices are checked on their stored values, dense ones in row blocks."""
+    n, n_genes = matrix.shape
+    if len(obs_names) != n or len(var_names) != n_genes:
+        raise InputError(
+            f"{source}: counts have shape {matrix.shape} but {len(obs_names)} cell names and "
+            f"{len(var_names)} gene names"
+        )
+    first, n_bad = bad_counts(matrix)
+    if first is not None:
+        raise counts_error(first, n_bad, obs_names, var_names, source=source)
 
 
 def counts_matrix(adata: Any, layer: str, *, source: str) -> sp.csr_matrix:

@@ -25,6 +25,7 @@ from .inference import encode_batches, reconstruct_batches
 from .io import InputError, atomic_outputs, dump_json, provenance
 from .metrics import reconstruction_metrics
 from .tokens import TokenLoader, read_manifest, vocabulary_digest
+from .train import Prefetcher
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ def encode(model_path: str | Path, tokens_dir: str | Path, outdir: str | Path, c
         if split not in manifest["splits"]:
             continue
         loader = TokenLoader(tokens_dir, split, batch_size=cfg.batch_size, shuffle=False, seed=cfg.seed)
-        arrays.update({f"{split}_{k}": v for k, v in encode_batches(vae, loader.iter_epoch(0), device).items()})
+        batches = Prefetcher(loader.iter_epoch(0))  # the next batches collate while the model encodes
+        arrays.update({f"{split}_{k}": v for k, v in encode_batches(vae, batches, device).items()})
         log.info("encoded %d %s cells", loader.n_cells, split)
         if split == "test":
             recon = reconstruction(vae, loader, device, max_cells=cfg.max_cells, seed=cfg.seed)

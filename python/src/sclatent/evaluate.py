@@ -2,11 +2,16 @@
 
 Reads the real test cells (PREPARE's test.h5ad: counts, labels, `var["highly_variable"]`) and the gathered
 generated cells (SAMPLE + GATHER: `obs["replicate"]`), computes the metrics of `metrics.evaluate` for every
-replicate, aggregates them (`metrics.aggregate_replicates`: mean ± SEM over replicates of the per-replicate
-values / class means), and — as the reference every number should be read against — the same metrics between
-two seeded, stratified halves A and B of the real test cells ("real_vs_real": the floor this data allows),
+replicate (`evaluate_pair`), aggregates them (`metrics.aggregate_replicates`: mean ± SEM over replicates of the
+per-replicate values / class means), and — as the reference every number should be read against — the same metrics
+between two seeded, stratified halves A and B of the real test cells ("real_vs_real": the floor this data allows),
 next to the model at the same sizes ("generated_vs_real_half": |A| generated cells of replicate 0 vs B),
 because W2 and MMD² shrink with the number of cells compared.
+
+Scale: each side is a seeded uniform subsample of at most `cells_per_side` cells (the real cells; each replicate's
+generated cells), read from disk row by row or chunk by chunk, never the whole file; every metric then caps its own
+cells as documented in `metrics` (MMD², 1-NN, PRDC, kNN-F1, TSTR: `max_cells`; W2: `w2_max_cells`; per class:
+`class_max_cells`). metrics.json records the cells used and the caps.
 The reconstruction metrics of ENCODE are carried over. Writes `metrics.json` and `metrics_mqc.tsv`.
 """
 
@@ -17,28 +22,52 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import anndata as ad
 import numpy as np
 
-from .io import InputError, atomic_outputs, dump_json, provenance, read_h5ad, read_json
+from .counts import subsample
+from .io import InputError, atomic_outputs, dump_json, joint_labels, provenance, read_json
 from .metrics import aggregate_replicates, to_mqc_tsv
 from .metrics import evaluate as evaluate_metrics
+from .ondisk import H5adCounts, read_meta
 
 log = logging.getLogger(__name__)
+
+DEFAULT_CELLS_PER_SIDE = 50_000  # cells read per side (real; each generated replicate), seeded subsample
 
 
 def _split_halves(adata, keys: Sequence[str], seed: int):
     """Two disjoint halves of `adata`, stratified by the joint labels (seeded)."""
     rng = np.random.default_rng(seed)
-    strata = (
-        adata.obs[list(keys)].astype(str).agg("|".join, axis=1).to_numpy()
-        if keys
-        else np.zeros(adata.n_obs, dtype=object)
-    )
+    strata = joint_labels(adata.obs, list(keys)) if keys else np.zeros(adata.n_obs, dtype=str)
+    values, codes = np.unique(strata, return_inverse=True)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(values) + 1))
     first = np.zeros(adata.n_obs, dtype=bool)
-    for value in sorted(set(strata.tolist())):
-        idx = rng.permutation(np.flatnonzero(strata == value))
+    for v in range(len(values)):  # strata in sorted order, each stratum's cells in input order
+        idx = rng.permutation(order[bounds[v] : bounds[v + 1]])
         first[idx[: len(idx) // 2]] = True
     return adata[first].copy(), adata[~first].copy()
+
+
+def load_cells(path: str | Path, meta: ad.AnnData, rows: np.ndarray, cap: int | None, seed: Any) -> ad.AnnData:
+    """The cells `rows` (ascending) of an h5ad file, or a seeded uniform subsample of at most `cap` of them, in file
+    order, with their counts (read from disk for those rows only), obs, var and uns."""
+    keep = rows[subsample(len(rows), cap, seed)]
+    with H5adCounts(path) as counts:
+        X = counts.take(keep)
+    out = ad.AnnData(X=X, obs=meta.obs.iloc[keep].copy(), var=meta.var.copy())
+    out.uns = meta.uns
+    return out
+
+
+def evaluate_pair(real: ad.AnnData, generated: ad.AnnData, keys: Sequence[str], what: str, **kwargs: Any) -> dict:
+    """The metrics of one real-vs-generated comparison (`metrics.evaluate`); a problem with the inputs is an
+    InputError naming `what`."""
+    try:
+        return evaluate_metrics(real, generated, list(keys), "highly_variable", **kwargs)
+    except ValueError as exc:
+        raise InputError(f"{what}: {exc}") from None
 
 
 def run_evaluate(
@@ -52,38 +81,49 @@ def run_evaluate(
     seed: int = 0,
     n_pcs: int = 30,
     max_cells: int | None = None,
+    cells_per_side: int | None = DEFAULT_CELLS_PER_SIDE,
     floor: bool = True,
     **metric_kwargs: Any,
 ) -> dict[str, Any]:
     """Run EVALUATE; returns the metrics.json content."""
     t0 = time.time()
-    real = read_h5ad(real_path)
-    gen = read_h5ad(generated_path)
+    if cells_per_side is not None and cells_per_side < 1:
+        raise InputError(f"--cells-per-side must be >= 1, got {cells_per_side}")
+    real_meta = read_meta(real_path)
+    gen_meta = read_meta(generated_path)
     keys = (
         list(condition_keys)
         if condition_keys is not None
-        else list(real.uns.get("sclatent", {}).get("condition_keys", []))
+        else list(real_meta.uns.get("sclatent", {}).get("condition_keys", []))
     )
-    if "highly_variable" not in real.var.columns:
+    if "highly_variable" not in real_meta.var.columns:
         raise InputError(f"{real_path}: no var['highly_variable'] (the HVG flags written by PREPARE)")
-    reps = sorted(gen.obs["replicate"].unique().tolist()) if "replicate" in gen.obs.columns else [0]
+    has_reps = "replicate" in gen_meta.obs.columns
+    reps = sorted(gen_meta.obs["replicate"].unique().tolist()) if has_reps else [0]
     kwargs = {"n_pcs": n_pcs, "seed": seed, **({"max_cells": max_cells} if max_cells else {}), **metric_kwargs}
-    model_genes = list(gen.var_names)
-    per_rep = []
+    model_genes = list(gen_meta.var_names)
+    what = f"{generated_path} vs {real_path}"
+
+    real = load_cells(
+        real_path, real_meta, np.arange(real_meta.n_obs), cells_per_side, np.random.SeedSequence([seed, 0])
+    )
+    used = {"real": [int(real.n_obs), int(real_meta.n_obs)], "generated": {}}
+    per_rep, first = [], None
     for r in reps:
-        part = gen[gen.obs["replicate"] == r] if "replicate" in gen.obs.columns else gen
+        rows = np.flatnonzero(gen_meta.obs["replicate"].to_numpy() == r) if has_reps else np.arange(gen_meta.n_obs)
+        part = load_cells(generated_path, gen_meta, rows, cells_per_side, np.random.SeedSequence([seed, 1, int(r)]))
+        used["generated"][str(r)] = [int(part.n_obs), int(len(rows))]
         log.info("evaluating replicate %s: %d generated vs %d real cells", r, part.n_obs, real.n_obs)
-        try:
-            per_rep.append(evaluate_metrics(real, part, keys, "highly_variable", model_genes=model_genes, **kwargs))
-        except ValueError as exc:
-            raise InputError(f"{generated_path} vs {real_path}: {exc}") from None
+        per_rep.append(evaluate_pair(real, part, keys, what, model_genes=model_genes, **kwargs))
+        first = part if first is None else first
     summary = aggregate_replicates(per_rep)
     result: dict[str, Any] = {
-        "dataset": dataset or real.uns.get("sclatent", {}).get("dataset"),
+        "dataset": dataset or real_meta.uns.get("sclatent", {}).get("dataset"),
         "condition_keys": keys,
-        "n_real": int(real.n_obs),
-        "n_generated": int(gen.n_obs),
+        "n_real": int(real_meta.n_obs),
+        "n_generated": int(gen_meta.n_obs),
         "replicates": [int(r) for r in reps],
+        "cells_used": {"cells_per_side": cells_per_side, **used},
         "generation": summary,
         "generation_per_replicate": per_rep,
     }
@@ -92,7 +132,6 @@ def run_evaluate(
         # cells) is read against the model at the same sizes: generated cells (replicate 0, subsampled to
         # |A|, seeded) vs the same half B.
         a, b = _split_halves(real[:, model_genes].copy(), keys, seed)
-        first = gen[gen.obs["replicate"] == reps[0]] if "replicate" in gen.obs.columns else gen
         pick = np.sort(np.random.default_rng(seed).choice(first.n_obs, size=min(a.n_obs, first.n_obs), replace=False))
         log.info(
             "real-vs-real floor: %d vs %d cells (model at matched size: %d vs %d)", a.n_obs, b.n_obs, len(pick), b.n_obs
@@ -108,7 +147,7 @@ def run_evaluate(
             result["real_vs_real"] = result["generated_vs_real_half"] = None
     if reconstruction is not None:
         result["reconstruction"] = read_json(reconstruction).get("metrics", {})
-    sampler = gen.uns.get("sclatent", {})
+    sampler = gen_meta.uns.get("sclatent", {})
     result["sampler"] = {
         k: (v.tolist() if isinstance(v, np.ndarray) else v.item() if isinstance(v, np.generic) else v)
         for k, v in sampler.items()
@@ -117,7 +156,15 @@ def run_evaluate(
     result["elapsed_s"] = round(time.time() - t0, 3)
     result["provenance"] = provenance(
         "evaluate",
-        {"condition_keys": keys, "seed": seed, "n_pcs": n_pcs, "max_cells": max_cells, "floor": floor, **metric_kwargs},
+        {
+            "condition_keys": keys,
+            "seed": seed,
+            "n_pcs": n_pcs,
+            "max_cells": max_cells,
+            "cells_per_side": cells_per_side,
+            "floor": floor,
+            **metric_kwargs,
+        },
         {"real": real_path, "generated": generated_path},
     )
     outdir = Path(outdir)

@@ -37,8 +37,9 @@ from .checkpoint import Bundle, load_model
 from .device import check_precision, resolve_device
 from .flow import guided_velocity
 from .flow import sample as ode_sample
+from .gather import gather  # noqa: F401  (GATHER, torch-free; kept importable from here)
 from .inference import decode_chunks
-from .io import InputError, atomic_path, provenance, read_h5ad
+from .io import InputError, atomic_path, provenance
 
 log = logging.getLogger(__name__)
 
@@ -319,30 +320,29 @@ def requests_like(
     library: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None, pd.Index, int]:
     """Label codes (n, K) of the cells `rows` of a reference h5ad, their library sizes over the model genes when
-    `library` (else None), their names, and the reference's total number of cells. Only those rows' counts are
-    read (backed mode)."""
-    if not Path(path).exists():
-        raise InputError(f"{path}: file does not exist")
-    try:
-        ref = ad.read_h5ad(path, backed="r")
-    except Exception as exc:
-        raise InputError(
-            f"{path}: not a readable .h5ad file ({str(exc).splitlines()[0] if str(exc) else exc})"
-        ) from None
-    try:
+    `library` (else None), their names, and the reference's total number of cells. Only those rows' labels and
+    counts are read."""
+    from .ondisk import H5adCounts
+
+    with H5adCounts(path) as ref:
         n_total = ref.n_obs
         rows = rows or slice(0, n_total)
-        obs = ref.obs.iloc[rows]
+        a, b = max(0, rows.start or 0), min(n_total, n_total if rows.stop is None else rows.stop)
+        b = max(a, b)
+        missing = [k for k in keys if k not in ref.obs_columns]
+        if missing:
+            raise InputError(f"{path}: condition key '{missing[0]}' is not an obs column")
+        obs = pd.DataFrame({k: ref.obs_column(k, a, b) for k in keys}, index=pd.Index(ref.obs_names[a:b]))
         codes = label_codes(obs, keys, labels, source=path)
         lib = None
         if library:
-            cols = np.flatnonzero(pd.Index(ref.var_names.astype(str)).isin(list(model_genes)))
-            X = ref.X[rows.start : rows.stop]
-            X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(X)
-            lib = np.asarray(X[:, cols].sum(axis=1), dtype=np.float64).ravel() if len(cols) else np.zeros(len(obs))
+            cols = np.flatnonzero(ref.var_names.isin(list(model_genes)))
+            lib = np.zeros(b - a)
+            if len(cols):
+                for c0 in range(a, b, 65_536):
+                    X = ref.rows(c0, min(c0 + 65_536, b))
+                    lib[c0 - a : c0 - a + X.shape[0]] = np.asarray(X[:, cols].sum(axis=1), dtype=np.float64).ravel()
         return codes, lib, obs.index, n_total
-    finally:
-        ref.file.close()
 
 
 def write_generated(
@@ -488,32 +488,6 @@ def run_sample(
         info["seconds"],
         info["nfe_per_batch"],
     )
-    return adata
-
-
-def gather(paths: Sequence[str | Path], out: str | Path) -> ad.AnnData:
-    """Concatenate SAMPLE shards (same genes) into one h5ad, ordered by (replicate, cell_index)."""
-    if not paths:
-        raise InputError("gather: no shard files given")
-    parts = [read_h5ad(p) for p in paths]
-    genes = list(parts[0].var_names)
-    for p, a in zip(paths, parts):
-        missing = [c for c in ("cell_index", "replicate") if c not in a.obs.columns]
-        if missing:
-            raise InputError(f"gather: {p} is not a SAMPLE shard (no obs column {', '.join(repr(c) for c in missing)})")
-        if list(a.var_names) != genes:
-            raise InputError(f"gather: {p} has different genes than {paths[0]}")
-    adata = ad.concat(parts, join="outer", merge="first", uns_merge="first")
-    order = np.lexsort((adata.obs["cell_index"].to_numpy(), adata.obs["replicate"].to_numpy()))
-    adata = adata[order].copy()
-    if not adata.obs_names.is_unique:
-        raise InputError("gather: the shards overlap (repeated cells)")
-    first = dict(parts[0].uns.get("sclatent", {}))
-    first["seconds"] = float(sum(float(a.uns.get("sclatent", {}).get("seconds", 0.0)) for a in parts))
-    first["gathered_from"] = [Path(p).name for p in paths]
-    adata.uns["sclatent"] = first
-    with atomic_path(out) as tmp:
-        adata.write_h5ad(tmp)
     return adata
 
 

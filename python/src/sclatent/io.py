@@ -201,6 +201,14 @@ def check_unique_genes(var_names, *, source: str) -> None:
     )
 
 
+def joint_labels(obs: Any, keys: list[str], sep: str = "|") -> np.ndarray:
+    """Each cell's labels of `keys` (obs columns) joined by `sep`: (n,) str, vectorised over the cells."""
+    joint = obs[keys[0]].astype(str).to_numpy().astype(object)
+    for key in keys[1:]:
+        joint = joint + sep + obs[key].astype(str).to_numpy().astype(object)
+    return joint.astype(str)
+
+
 def write_h5ad(adata: ad.AnnData, path: str | os.PathLike) -> None:
     """Write an AnnData atomically (temp file in the same folder, then rename)."""
     with atomic_path(path) as tmp:

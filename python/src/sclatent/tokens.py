@@ -28,10 +28,11 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from .counts import check_counts
@@ -58,12 +59,14 @@ class _RunningStats:
         self.ss: dict[Any, float] = {}
 
     def add(self, keys: np.ndarray, values: np.ndarray) -> None:
-        for k in np.unique(keys):
-            v = values[keys == k]
-            k = k.item() if hasattr(k, "item") else k
-            self.n[k] = self.n.get(k, 0) + len(v)
-            self.s[k] = self.s.get(k, 0.0) + float(v.sum())
-            self.ss[k] = self.ss.get(k, 0.0) + float((v * v).sum())
+        uniq, inverse = np.unique(keys, return_inverse=True)  # one pass over the cells, whatever the classes
+        n = np.bincount(inverse, minlength=len(uniq))
+        s = np.bincount(inverse, weights=values, minlength=len(uniq))
+        ss = np.bincount(inverse, weights=values * values, minlength=len(uniq))
+        for k, a, b, c in zip(uniq.tolist(), n.tolist(), s.tolist(), ss.tolist()):
+            self.n[k] = self.n.get(k, 0) + a
+            self.s[k] = self.s.get(k, 0.0) + b
+            self.ss[k] = self.ss.get(k, 0.0) + c
 
     def result(self, names=None) -> dict[str, dict[str, float]]:
         out = {}
@@ -153,8 +156,7 @@ def _label_codes(obs, keys: list[str], categories: dict[str, list[str]], source:
     for j, key in enumerate(keys):
         if key not in obs.columns:
             raise InputError(f"{source}: condition key '{key}' is not an obs column")
-        lookup = {c: i for i, c in enumerate(categories[key])}
-        codes[:, j] = [lookup.get(v, -1) for v in obs[key].astype(str)]
+        codes[:, j] = pd.Index(categories[key]).get_indexer(obs[key].astype(str).to_numpy())  # -1 = unseen
     return codes
 
 
@@ -263,8 +265,8 @@ def _tokenize_split(
                 stats["__all__"].add(np.zeros(len(lib), dtype=np.int64), loglib)
                 for j, key in enumerate(keys):
                     stats[key].add(codes[:, j], loglib)
-                if len(keys) > 1:
-                    joint = np.array(["|".join(map(str, c)) for c in codes])
+                if len(keys) > 1:  # one integer per combination of label codes
+                    joint = np.ravel_multi_index(tuple(codes.T), [len(categories[k]) for k in keys])
                     stats["__joint__"].add(joint, loglib)
             writer.add(part)
             bar.update(stop - start)
@@ -367,8 +369,9 @@ def tokenize(
             info["n_cells_over_max_tokens"] = int((lengths > max_tokens).sum())
             splits["test"] = info
 
-        def joint_name(code: str) -> str:
-            return "|".join(categories[k][int(c)] for k, c in zip(keys, code.split("|")))
+        def joint_name(code: int) -> str:
+            idx = np.unravel_index(int(code), [len(categories[k]) for k in keys])
+            return "|".join(categories[k][int(c)] for k, c in zip(keys, idx))
 
         libsize = {
             "transform": "log(total counts over the vocabulary genes)",
@@ -574,6 +577,17 @@ class TokenLoader:
 
     def iter_epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[TokenBatch]:
         """Yield the batches of `epoch` in their deterministic order, skipping the first `start_batch`."""
+        for _, batch in self.iter_shares(epoch, start_batch, None):
+            yield batch
+
+    def iter_shares(
+        self, epoch: int, start_batch: int, share: Callable[[int], slice] | None
+    ) -> Iterator[tuple[int, TokenBatch]]:
+        """(cells in the batch, the batch's cells `share(cells)`) for the batches of `epoch` from `start_batch`.
+
+        The batch plan (which cells) is the same whatever the share; only the share's cells are collated, padded to
+        the width of the whole batch, with the truncation draws of the whole batch: so the shares of several
+        processes put together are the batch of one process (`share=None`: all its cells)."""
         shard_order = (
             np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
             if self.shuffle
@@ -590,47 +604,63 @@ class TokenLoader:
             for j, rows in enumerate(self._plan(shard, rng)):
                 if k >= start_batch:
                     trunc_rng = np.random.default_rng([self.seed, epoch, int(s), j, 1])
-                    yield self._collate(shard, rows, trunc_rng)
+                    part = share(len(rows)) if share is not None else None
+                    yield len(rows), collate(shard, rows, self.max_tokens, trunc_rng, part=part)
                 k += 1
 
     def __iter__(self) -> Iterator[TokenBatch]:
         return self.iter_epoch(0)
 
-    def _collate(self, shard: dict[str, np.ndarray], rows: np.ndarray, rng: np.random.Generator) -> TokenBatch:
-        return collate(shard, rows, self.max_tokens, rng)
-
 
 def collate(
-    shard: dict[str, np.ndarray], rows: np.ndarray, max_tokens: int | None, rng: np.random.Generator
+    shard: dict[str, np.ndarray],
+    rows: np.ndarray,
+    max_tokens: int | None,
+    rng: np.random.Generator,
+    *,
+    part: slice | None = None,
 ) -> TokenBatch:
     """A padded batch of the cells `rows` of a token shard: every expressed gene in the decoder target, at most
-    `max_tokens` of them (a random subset drawn from `rng`) as the encoder input."""
+    `max_tokens` of them (a random subset drawn from `rng`, in row order) as the encoder input.
+
+    `part`: collate only the cells rows[part] (one process's share), padded to the width of the whole batch and with
+    the subsets the whole batch would draw for them."""
     ip = shard["indptr"]
-    starts, stops = ip[rows], ip[rows + 1]
-    lens = stops - starts
-    t_indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    lens_all = ip[rows + 1] - ip[rows]  # (B,)
+    cap = max_tokens or int(lens_all.max(initial=0))
+    S = max(int(np.minimum(lens_all, cap).max(initial=0)), 1)  # the whole batch's padded width
+    a, b = (0, len(rows)) if part is None else (part.start, part.stop)
+    for n in lens_all[:a][lens_all[:a] > cap]:
+        rng.choice(n, size=cap, replace=False)  # the draws of the cells before the share
+    rows = rows[a:b]
+    starts, lens = ip[rows], lens_all[a:b]
+    B = len(rows)
+    t_indptr = np.zeros(B + 1, dtype=np.int64)
     np.cumsum(lens, out=t_indptr[1:])
-    sel = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]) if len(rows) else np.zeros(0, np.int64)
+    row_of = np.repeat(np.arange(B), lens)  # (nnz,)
+    pos = np.arange(int(t_indptr[-1])) - t_indptr[row_of]  # position of each value inside its cell
+    sel = starts[row_of] + pos
     t_genes = shard["genes"][sel].astype(np.int64)
     t_counts = shard["counts"][sel]
-    cap = max_tokens or int(lens.max(initial=0))
-    S = max(int(np.minimum(lens, cap).max(initial=0)), 1)
-    genes = np.zeros((len(rows), S), dtype=np.int64)
-    counts = np.zeros((len(rows), S), dtype=np.float32)
-    mask = np.zeros((len(rows), S), dtype=bool)
-    for i in range(len(rows)):
-        a, b = t_indptr[i], t_indptr[i + 1]
-        pick = np.sort(rng.choice(b - a, size=cap, replace=False)) + a if b - a > cap else np.arange(a, b)
-        genes[i, : len(pick)] = t_genes[pick]
-        counts[i, : len(pick)] = t_counts[pick]
-        mask[i, : len(pick)] = True
+    keep = np.ones(len(sel), dtype=bool)  # values that go into the encoder input
+    for i in np.flatnonzero(lens > cap):
+        drop = np.ones(int(lens[i]), dtype=bool)
+        drop[rng.choice(int(lens[i]), size=cap, replace=False)] = False
+        keep[t_indptr[i] : t_indptr[i + 1]] = ~drop
+    slot = pos if keep.all() else np.cumsum(keep) - 1 - np.concatenate([[0], np.cumsum(keep)])[t_indptr[row_of]]
+    genes = np.zeros((B, S), dtype=np.int64)
+    counts = np.zeros((B, S), dtype=np.float32)
+    mask = np.zeros((B, S), dtype=bool)
+    genes[row_of[keep], slot[keep]] = t_genes[keep]
+    counts[row_of[keep], slot[keep]] = t_counts[keep]
+    mask[row_of[keep], slot[keep]] = True
     labels = shard.get("labels")
     return TokenBatch(
         genes=genes,
         counts=counts,
         mask=mask,  # (B, S)
         library_size=shard["library_size"][rows].astype(np.float32),
-        labels=(labels[rows] if labels is not None else np.zeros((len(rows), 0))).astype(np.int64),
+        labels=(labels[rows] if labels is not None else np.zeros((B, 0))).astype(np.int64),
         cell_index=shard["cell_index"][rows].astype(np.int64) if "cell_index" in shard else rows.astype(np.int64),
         target_indptr=t_indptr,
         target_genes=t_genes,

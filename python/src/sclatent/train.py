@@ -22,8 +22,9 @@ uninterrupted one bit for bit on CPU.
 Several processes (DDP). Launched by ``torchrun`` (WORLD_SIZE > 1), every process joins the process group (nccl
 on CUDA, each rank on GPU ``LOCAL_RANK``; gloo on CPU) and trains the same run as one process would:
 
-- ``cfg.batch_size`` stays the *global* batch. Every rank reads the same global batch from ``data`` and keeps
-  its contiguous share of the cells (:func:`shard_rows`, cut by ``split_batch``);
+- ``cfg.batch_size`` stays the *global* batch. Every rank plans the same global batches and reads and collates
+  only its contiguous share of their cells (:func:`shard_rows`; ``data.iter_shares``, or ``split_batch`` for a
+  source without it);
 - the loss is weighted by ``world_size * n_rank / n_global`` before DDP averages the gradients, so the applied
   gradient is that of the global-batch mean (also when the cells do not split evenly);
 - the random numbers of the loss are those of the global batch (:class:`GlobalBatchDraws`), so every cell
@@ -44,11 +45,13 @@ import json
 import logging
 import math
 import os
+import queue
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 import torch
 import torch.distributed as dist
@@ -70,6 +73,7 @@ from .distributed import (
     rank_device,
     rank_share,
 )
+from .errors import NonFiniteLossError
 from .io import atomic_path, write_json
 
 logger = logging.getLogger(__name__)
@@ -80,18 +84,6 @@ WARMUP_INIT_DIV = 100.0
 # History columns around the loss terms; the terms returned by loss_fn go between "loss" and "lr".
 HISTORY_HEAD = ("step", "epoch", "loss")
 HISTORY_TAIL = ("lr", "grad_norm", "cells_per_s", "elapsed_s")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss or gradient norm; the last good checkpoint is left untouched."""
-
-    def __init__(self, step: int, what: str, value: float) -> None:
-        self.step = step
-        self.value = value
-        super().__init__(
-            f"non-finite {what} {value!r} at step {step}; training stopped, the last checkpoint on disk is "
-            "from before this step"
-        )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -401,10 +393,110 @@ class _History:
 class BatchSource(Protocol):
     """What :func:`train` needs from the data: deterministic epochs, resumable at a batch index.
 
-    ``n_batches(epoch)`` may be replaced by ``__len__`` when every epoch has the same number of batches.
+    ``n_batches(epoch)`` may be replaced by ``__len__`` when every epoch has the same number of batches. A source
+    may also offer ``iter_shares(epoch, start_batch, share)`` yielding ``(cells in the batch, the batch's cells
+    share(cells))``: under torchrun each process then reads and collates only its own cells of every batch.
     """
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterable[Any]: ...
+
+
+class Prefetcher:
+    """The items of an iterator, prepared `depth` items ahead by a background thread (same order).
+
+    Used for the training batches: the thread reads, collates and stages the next batches while the model runs.
+    An exception of the iterator is raised where the item would have been; `close()` stops the thread.
+    """
+
+    _DONE = object()
+
+    def __init__(self, items: Iterable[Any], depth: int = 2) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(iter(items),), daemon=True, name="sclatent-prefetch")
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, items: Iterator[Any]) -> None:
+        try:
+            for item in items:
+                if not self._put((item, None)):
+                    return
+        except BaseException as exc:  # handed to the consumer
+            self._put((None, exc))
+            return
+        self._put((self._DONE, None))
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> Any:
+        item, exc = self._queue.get()
+        if exc is not None:
+            self.close()
+            raise exc
+        if item is self._DONE:
+            self.close()
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+
+def _pinned(batch: Any) -> Any:
+    """Tensors of a (nested) batch in page-locked memory, so that the copy to the GPU can overlap compute."""
+    if isinstance(batch, torch.Tensor):
+        return batch.pin_memory()
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_pinned(b) for b in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_pinned(b) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _pinned(v) for k, v in batch.items()}
+    return batch
+
+
+def _epoch_batches(
+    data: Any,
+    epoch: int,
+    start_batch: int,
+    job: Distributed | None,
+    cells_in_batch: Callable[[Any], int],
+    split_batch: Callable[[Any, slice], Any],
+    stage_batch: Callable[[Any], Any],
+    pin: bool,
+) -> Iterator[tuple[int, slice | None, float, Any]]:
+    """(cells in the global batch, this rank's rows, its weight, its staged batch) for each batch of the epoch."""
+    if job is None:
+        for batch in data.iter_epoch(epoch, start_batch):
+            staged = stage_batch(batch)
+            yield cells_in_batch(batch), None, 1.0, _pinned(staged) if pin else staged
+    elif hasattr(data, "iter_shares"):
+        for n, part in data.iter_shares(epoch, start_batch, lambda n: rank_share(n, job)[0]):
+            rows, weight = rank_share(n, job)
+            staged = stage_batch(part)
+            yield n, rows, weight, _pinned(staged) if pin else staged
+    else:
+        for batch in data.iter_epoch(epoch, start_batch):
+            n = cells_in_batch(batch)
+            rows, weight = rank_share(n, job)
+            staged = stage_batch(split_batch(batch, rows))
+            yield n, rows, weight, _pinned(staged) if pin else staged
 
 
 def _n_batches(data: Any, epoch: int) -> int:
@@ -417,6 +509,11 @@ def _n_batches(data: Any, epoch: int) -> int:
     if n < 1:
         raise ValueError(f"data has {n} batches in epoch {epoch}; need at least one")
     return n
+
+
+def _close(items: Any) -> None:
+    if isinstance(items, Prefetcher):
+        items.close()
 
 
 def default_cells_in_batch(batch: Any) -> int:
@@ -558,6 +655,8 @@ def train(
     cells_in_batch: Callable[[Any], int] = default_cells_in_batch,
     move_batch: Callable[[Any, torch.device], Any] = default_move_batch,
     split_batch: Callable[[Any, slice], Any] = default_split_batch,
+    stage_batch: Callable[[Any], Any] | None = None,
+    prefetch: int = 2,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.max_steps`` optimiser steps; see the module docstring for the files.
 
@@ -566,9 +665,14 @@ def train(
     from ``cfg.seed``; draw with ``device=generator.device``). ``move_batch`` puts a batch on the device
     before ``loss_fn`` sees it; ``cells_in_batch`` counts its cells for cells/s.
 
-    Under torchrun (see the module docstring) ``split_batch(batch, rows)`` cuts a rank's cells out of a global
-    batch (before ``move_batch``); the loss and the terms must then be means over the cells of the batch, and
-    a random draw with the cells as first dimension one row per cell (:class:`GlobalBatchDraws`).
+    The batches are read ``prefetch`` batches ahead by a background thread (:class:`Prefetcher`; 0 = in the
+    loop), which also applies ``stage_batch`` (CPU work such as building tensors; on CUDA the result is pinned),
+    so that the data is ready when the model is. The order, and hence the run, does not depend on it.
+
+    Under torchrun (see the module docstring) a source with ``iter_shares`` collates only the rank's cells of
+    each global batch; otherwise ``split_batch(batch, rows)`` cuts them out of the global batch (before
+    ``stage_batch``). The loss and the terms must then be means over the cells of the batch, and a random draw
+    with the cells as first dimension one row per cell (:class:`GlobalBatchDraws`).
 
 
     ``resume=True`` continues from ``out_dir/checkpoint.pt`` exactly where it stopped; a different
@@ -586,6 +690,8 @@ def train(
         cells_in_batch=cells_in_batch,
         move_batch=move_batch,
         split_batch=split_batch,
+        stage_batch=stage_batch or (lambda b: b),
+        prefetch=prefetch,
     )
     if job is None:
         return _train(*args, device=device, job=None, **kwargs)
@@ -614,6 +720,8 @@ def _train(
     cells_in_batch: Callable[[Any], int],
     move_batch: Callable[[Any, torch.device], Any],
     split_batch: Callable[[Any, slice], Any],
+    stage_batch: Callable[[Any], Any],
+    prefetch: int,
 ) -> TrainResult:
     """The loop of :func:`train` on ``device``; ``job`` is None for one process, else this rank's place."""
     is_main = job is None or job.rank == 0  # the process that writes files
@@ -764,9 +872,12 @@ def _train(
                 n_in_epoch = _n_batches(data, epoch)
                 if not 0 <= batch_in_epoch < n_in_epoch:
                     raise ValueError(f"batch {batch_in_epoch} is outside epoch {epoch} ({n_in_epoch} batches)")
-                data_iter = iter(data.iter_epoch(epoch, batch_in_epoch))
+                batches = _epoch_batches(
+                    data, epoch, batch_in_epoch, job, cells_in_batch, split_batch, stage_batch, device.type == "cuda"
+                )
+                data_iter = Prefetcher(batches, prefetch) if prefetch > 0 else batches
             try:
-                batch = next(data_iter)
+                n_cells, rows, weight, batch = next(data_iter)
             except StopIteration:
                 raise RuntimeError(
                     f"data.iter_epoch({epoch}) stopped after {batch_in_epoch} batches, but the "
@@ -780,15 +891,13 @@ def _train(
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints from before lr_scales have none
 
-            n_cells = cells_in_batch(batch)
             if ddp is None:
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     loss, terms = loss_fn(model, move_batch(batch, device), generator)
                 loss_value = float(loss.detach())
                 term_values = {k: float(v) for k, v in terms.items()}
             else:
-                rows, weight = rank_share(n_cells, job)
-                local_batch = move_batch(split_batch(batch, rows), device)
+                local_batch = move_batch(batch, device)
                 with (
                     torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16),
                     GlobalBatchDraws(generator, n_cells, rows),
@@ -812,6 +921,7 @@ def _train(
             step += 1
             batch_in_epoch += 1
             if batch_in_epoch == n_in_epoch:
+                _close(data_iter)
                 epoch, batch_in_epoch, data_iter = epoch + 1, 0, None
             window.add(loss_value, term_values, grad_norm, n_cells)
 
@@ -837,6 +947,7 @@ def _train(
                 save_checkpoint()
             bar.update(1)
     finally:
+        _close(data_iter)
         bar.close()
 
     if job is not None:

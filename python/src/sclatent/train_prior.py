@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -59,10 +59,18 @@ class LatentBatches:
         return self.n_batches()
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _, batch in self.iter_shares(epoch, start_batch, None):
+            yield batch
+
+    def iter_shares(
+        self, epoch: int, start_batch: int, share: Callable[[int], slice] | None
+    ) -> Iterator[tuple[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """(cells in the batch, (z, labels) of its cells `share(cells)`) per batch (see train.BatchSource)."""
         order = torch.from_numpy(np.random.default_rng([self.seed, epoch]).permutation(len(self.z)))
         for b in range(start_batch, self.n_batches()):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            yield self.z[idx], self.labels[idx]
+            mine = idx if share is None else idx[share(len(idx))]
+            yield len(idx), (self.z[mine], self.labels[mine])
 
 
 class PriorLoss:

@@ -18,7 +18,7 @@ import torch
 
 from .io import InputError
 from .nn.vae import TransformerVAE, VAEConfig
-from .tokens import MANIFEST, TokenBatch, TokenLoader, read_manifest, vocabulary_digest
+from .tokens import MANIFEST, TokenLoader, read_manifest, vocabulary_digest
 from .train import TrainConfig, TrainResult, train, training_steps
 
 log = logging.getLogger(__name__)
@@ -106,25 +106,6 @@ class VAELoss:
         return out["loss"], {"nll": out["nll"].item(), "kl": out["kl"].item()}
 
 
-def token_batch_rows(batch: TokenBatch, rows: slice) -> TokenBatch:
-    """The cells `rows` of a token batch (one DDP rank's share): same padded width S, CSR target cut to match."""
-    a, b = rows.start, rows.stop
-    if rows.step not in (None, 1) or not 0 <= a <= b <= len(batch):
-        raise ValueError(f"rows must be a contiguous slice of the {len(batch)} cells, got {rows}")
-    lo, hi = int(batch.target_indptr[a]), int(batch.target_indptr[b])
-    return TokenBatch(
-        genes=batch.genes[a:b],
-        counts=batch.counts[a:b],
-        mask=batch.mask[a:b],  # (b - a, S)
-        library_size=batch.library_size[a:b],
-        labels=batch.labels[a:b],
-        cell_index=batch.cell_index[a:b],
-        target_indptr=batch.target_indptr[a : b + 1] - lo,
-        target_genes=batch.target_genes[lo:hi],
-        target_counts=batch.target_counts[lo:hi],
-    )
-
-
 def train_vae(
     tokens_dir: str | Path,
     out_dir: str | Path,
@@ -184,6 +165,5 @@ def train_vae(
         metadata=metadata,
         progress=progress,
         cells_in_batch=len,
-        move_batch=lambda b, device: b.to_torch(device, dense_target=G),
-        split_batch=token_batch_rows,
+        stage_batch=lambda b: b.to_torch("cpu", dense_target=G),  # in the prefetch thread
     )

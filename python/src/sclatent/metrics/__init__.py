@@ -6,6 +6,7 @@ the MultiQC table. No torch here.
 """
 
 from .distances import (
+    DEFAULT_CLASS_MAX_CELLS,
     DEFAULT_K,
     DEFAULT_MAX_CELLS,
     DEFAULT_MIN_CELLS_PER_CLASS,
@@ -27,6 +28,7 @@ from .multiqc import to_mqc_tsv
 from .reconstruction import reconstruction_metrics
 
 __all__ = [
+    "DEFAULT_CLASS_MAX_CELLS",
     "DEFAULT_K",
     "DEFAULT_MAX_CELLS",
     "DEFAULT_MIN_CELLS_PER_CLASS",

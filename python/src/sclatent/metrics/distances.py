@@ -7,10 +7,15 @@ before any seeded subsampling, so a permuted input gives bit-identical results. 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
-import ot
+
+# POT's array backends import torch when it is installed (a large import); the metrics hand it numpy
+# arrays only. A user's own setting wins.
+os.environ.setdefault("POT_BACKEND_DISABLE_PYTORCH", "1")
+import ot  # noqa: E402
 import scipy.linalg
 from numpy.typing import ArrayLike, NDArray
 from sklearn.linear_model import LogisticRegression
@@ -27,6 +32,9 @@ MMD_SIGMAS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)  # CFGen's mix_rbf
 DEFAULT_W2_MAX_CELLS = 3_000
 # MMD², 1-NN and PRDC are O(n^2) but cheap per pair: at most this many cells per side.
 DEFAULT_MAX_CELLS = 10_000
+# Per-class metrics are computed for every class (~1,600 joint classes on Parse 1M): at most this many cells per side
+# of one class, so that a few large classes do not each cost a full-size W2 (see docs/decisions).
+DEFAULT_CLASS_MAX_CELLS = 1_000
 DEFAULT_MIN_CELLS_PER_CLASS = 20  # CFGen paper-era rule; also > k for PRDC and >= 2 for a covariance
 DEFAULT_K = 10  # k of PRDC and of the kNN label classifier (CFGen: nn = 10)
 DISTRIBUTION_METRICS: tuple[str, ...] = (
@@ -318,46 +326,64 @@ def _labels_array(labels: ArrayLike, n: int, name: str) -> tuple[NDArray[np.str_
 
 
 def knn_label_f1(
-    X_real: ArrayLike, labels_real: ArrayLike, Y_gen: ArrayLike, labels_gen: ArrayLike, *, k: int = DEFAULT_K
+    X_real: ArrayLike,
+    labels_real: ArrayLike,
+    Y_gen: ArrayLike,
+    labels_gen: ArrayLike,
+    *,
+    k: int = DEFAULT_K,
+    max_cells: int | None = DEFAULT_MAX_CELLS,
+    seed: int = 0,
 ) -> float:
     """Macro F1 of a k-NN classifier fitted on the real cells predicting the generated cells' labels.
 
     The truth is the label each generated cell was generated with. kNN: scikit-learn, Euclidean, uniform
     votes (ties go to the first label in sorted order); macro F1 over the labels present in the truth or
-    the predictions (scikit-learn's default), 0 for a label without predictions.
+    the predictions (scikit-learn's default), 0 for a label without predictions. Each side is reduced to at
+    most `max_cells` cells (seeded subsample; None = all).
     """
     X = _as_features(X_real, "real features")
     Y = _as_features(Y_gen, "generated features")
     _check_dims(X, Y)
     lab_x, codes_x = _labels_array(labels_real, len(X), "labels_real")
     lab_y, codes_y = _labels_array(labels_gen, len(Y), "labels_gen")
-    ox, oy = _row_order(X, codes_x), _row_order(Y, codes_y)
+    seed_x, seed_y = _two_seeds(seed)
+    ox, oy = _subsample(X, max_cells, seed_x, codes_x), _subsample(Y, max_cells, seed_y, codes_y)
     clf = KNeighborsClassifier(n_neighbors=min(k, len(X)), algorithm="brute").fit(X[ox], lab_x[ox])
     pred = clf.predict(Y[oy])
     return float(f1_score(lab_y[oy], pred, average="macro", zero_division=0))
 
 
 def tstr_accuracy(
-    Y_gen: ArrayLike, labels_gen: ArrayLike, X_real: ArrayLike, labels_real: ArrayLike, *, seed: int = 0
+    Y_gen: ArrayLike,
+    labels_gen: ArrayLike,
+    X_real: ArrayLike,
+    labels_real: ArrayLike,
+    *,
+    seed: int = 0,
+    max_cells: int | None = DEFAULT_MAX_CELLS,
 ) -> dict[str, float]:
     """Train on synthetic, test on real: a classifier fitted on the generated cells and their labels,
     scored on the real cells. Returns {"accuracy", "macro_f1"}.
 
     Classifier: standardisation + multinomial logistic regression (L2, C=1, lbfgs, deterministic) on the
-    PC features; a linear model asks whether the generated classes sit where the real ones are.
+    PC features; a linear model asks whether the generated classes sit where the real ones are. Each side is
+    reduced to at most `max_cells` cells (seeded subsample; None = all).
     """
     Y = _as_features(Y_gen, "generated features")
     X = _as_features(X_real, "real features")
     _check_dims(X, Y)
     lab_y, codes_y = _labels_array(labels_gen, len(Y), "labels_gen")
-    lab_x, _ = _labels_array(labels_real, len(X), "labels_real")
-    if len(np.unique(lab_y)) < 2:
-        raise ValueError(f"tstr_accuracy needs at least 2 generated classes, got {np.unique(lab_y).tolist()}")
-    oy = _row_order(Y, codes_y)
+    lab_x, codes_x = _labels_array(labels_real, len(X), "labels_real")
+    seed_y, seed_x = _two_seeds(seed)
+    oy = _subsample(Y, max_cells, seed_y, codes_y)
+    if len(np.unique(lab_y[oy])) < 2:
+        raise ValueError(f"tstr_accuracy needs at least 2 generated classes, got {np.unique(lab_y[oy]).tolist()}")
+    ox = np.arange(len(X)) if max_cells is None or len(X) <= max_cells else _subsample(X, max_cells, seed_x, codes_x)
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
     model.fit(Y[oy], lab_y[oy])
-    pred = model.predict(X)
+    pred = model.predict(X[ox])
     return {
-        "accuracy": float(accuracy_score(lab_x, pred)),
-        "macro_f1": float(f1_score(lab_x, pred, average="macro", zero_division=0)),
+        "accuracy": float(accuracy_score(lab_x[ox], pred)),
+        "macro_f1": float(f1_score(lab_x[ox], pred, average="macro", zero_division=0)),
     }

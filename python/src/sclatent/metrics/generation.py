@@ -16,7 +16,9 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike, NDArray
 
+from ..io import joint_labels
 from .distances import (
+    DEFAULT_CLASS_MAX_CELLS,
     DEFAULT_K,
     DEFAULT_MAX_CELLS,
     DEFAULT_MIN_CELLS_PER_CLASS,
@@ -83,25 +85,47 @@ def _per_class(
     The k-NN metrics need k + 1 cells on a side, so that is the least `min_cells` can be.
     """
     min_cells = max(min_cells, int(metric_kwargs.get("k", DEFAULT_K)) + 1)
+    rows_x, rows_y = _rows_by_class(classes_x), _rows_by_class(classes_y)
     per_class: dict[str, dict[str, float]] = {}
     skipped = []
-    for cls in sorted(set(classes_x.tolist()) | set(classes_y.tolist())):
-        in_x, in_y = classes_x == cls, classes_y == cls
-        n_x, n_y = int(in_x.sum()), int(in_y.sum())
-        if n_x < min_cells or n_y < min_cells:
-            skipped.append({"class": cls, "n_real": n_x, "n_generated": n_y})
+    empty = np.zeros(0, dtype=np.intp)
+    for cls in sorted(set(rows_x) | set(rows_y)):
+        in_x, in_y = rows_x.get(cls, empty), rows_y.get(cls, empty)
+        if len(in_x) < min_cells or len(in_y) < min_cells:
+            skipped.append({"class": cls, "n_real": len(in_x), "n_generated": len(in_y)})
             continue
         per_class[cls] = distribution_metrics(X[in_x], Y[in_y], **metric_kwargs)
     if skipped:
+        shown = ", ".join(f"{s['class']} ({s['n_real']}/{s['n_generated']})" for s in skipped[:10])
         logger.warning(
-            "%s: skipped %d classes with fewer than %d cells on a side: %s",
+            "%s: skipped %d classes with fewer than %d cells on a side: %s%s",
             group,
             len(skipped),
             min_cells,
-            ", ".join(f"{s['class']} ({s['n_real']}/{s['n_generated']})" for s in skipped),
+            shown,
+            f" and {len(skipped) - 10} more" if len(skipped) > 10 else "",
         )
     summary = {m: mean_sem([v[m] for v in per_class.values()]) for m in DISTRIBUTION_METRICS}
-    return {"classes": per_class, "summary": summary, "n_classes": len(per_class), "skipped": skipped}
+    return {
+        "classes": per_class,
+        "summary": summary,
+        "n_classes": len(per_class),
+        "n_skipped": len(skipped),
+        "skipped": skipped,
+    }
+
+
+def _rows_by_class(classes: NDArray[np.str_]) -> dict[str, NDArray[np.intp]]:
+    """{class: its row indices, ascending}, in one pass over the cells."""
+    values, codes = np.unique(np.asarray(classes).astype(str), return_inverse=True)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(values) + 1))
+    return {str(v): order[bounds[i] : bounds[i + 1]] for i, v in enumerate(values)}
+
+
+def _min_cap(a: int | None, b: int | None) -> int | None:
+    """The smaller of two caps (None = no cap)."""
+    return b if a is None else a if b is None else min(a, b)
 
 
 def _json_safe(obj: Any) -> Any:
@@ -130,6 +154,7 @@ def evaluate(
     max_cells: int | None = DEFAULT_MAX_CELLS,
     w2_max_cells: int | None = DEFAULT_W2_MAX_CELLS,
     min_cells_per_class: int = DEFAULT_MIN_CELLS_PER_CLASS,
+    class_max_cells: int | None = DEFAULT_CLASS_MAX_CELLS,
     k: int = DEFAULT_K,
     real_layer: str | None = None,
     gen_layer: str | None = None,
@@ -142,9 +167,10 @@ def evaluate(
     with `real_adata.var_names`; every HVG must be among the shared genes (see `align_genes`).
 
     Output keys: "feature_space" (variant description), "settings", "overall" (distribution metrics on all
-    cells), "labels" (per key: kNN label F1 and TSTR), "per_class" (per key, and for >= 2 keys per joint
-    combination named "k1|k2": "classes" -> metrics of each class, "summary" -> mean ± SEM over classes,
-    "skipped" -> classes with fewer than `min_cells_per_class` cells on either side, with their counts).
+    cells), "labels" (per key: kNN label F1 and TSTR, each on at most `max_cells` cells per side), "per_class" (per
+    key, and for >= 2 keys per joint combination named "k1|k2": "classes" -> metrics of each class on at most
+    `class_max_cells` cells per side, "summary" -> mean ± SEM over classes, "skipped" / "n_skipped" -> classes with
+    fewer than `min_cells_per_class` cells on either side, with their counts).
     Cell order does not matter: both sides are put in a canonical order first.
     """
     keys = list(condition_keys)
@@ -181,6 +207,11 @@ def evaluate(
 
     real_pcs, gen_pcs, info = feature_space(real_counts, gen_counts, hvg_mask, n_pcs)
     metric_kwargs = {"k": k, "max_cells": max_cells, "w2_max_cells": w2_max_cells, "seed": seed}
+    class_kwargs = {
+        **metric_kwargs,
+        "max_cells": _min_cap(max_cells, class_max_cells),
+        "w2_max_cells": _min_cap(w2_max_cells, class_max_cells),
+    }
     result: dict[str, Any] = {
         "feature_space": info,
         "settings": {
@@ -189,6 +220,7 @@ def evaluate(
             "max_cells": max_cells,
             "w2_max_cells": w2_max_cells,
             "min_cells_per_class": min_cells_per_class,
+            "class_max_cells": class_max_cells,
             "k": k,
             "mmd_sigmas": list(MMD_SIGMAS),
             "joint_separator": JOINT_SEPARATOR,
@@ -201,9 +233,11 @@ def evaluate(
     }
     for key in keys:
         lab_r, lab_g = real_labels[key].to_numpy(), gen_labels[key].to_numpy()
-        entry: dict[str, Any] = {"knn_f1": knn_label_f1(real_pcs, lab_r, gen_pcs, lab_g, k=k)}
+        entry: dict[str, Any] = {
+            "knn_f1": knn_label_f1(real_pcs, lab_r, gen_pcs, lab_g, k=k, max_cells=max_cells, seed=seed)
+        }
         if len(np.unique(lab_g)) >= 2:
-            tstr = tstr_accuracy(gen_pcs, lab_g, real_pcs, lab_r, seed=seed)
+            tstr = tstr_accuracy(gen_pcs, lab_g, real_pcs, lab_r, seed=seed, max_cells=max_cells)
             entry.update({"tstr_accuracy": tstr["accuracy"], "tstr_macro_f1": tstr["macro_f1"]})
         else:
             logger.warning("condition %r: one generated class only, TSTR not computed", key)
@@ -212,11 +246,9 @@ def evaluate(
     groups = [[key] for key in keys] + ([keys] if len(keys) >= 2 else [])
     for group in groups:
         name = JOINT_SEPARATOR.join(group)
-        cls_r = real_labels[group].agg(JOINT_SEPARATOR.join, axis=1).to_numpy()
-        cls_g = gen_labels[group].agg(JOINT_SEPARATOR.join, axis=1).to_numpy()
-        result["per_class"][name] = _per_class(
-            real_pcs, cls_r, gen_pcs, cls_g, name, min_cells_per_class, metric_kwargs
-        )
+        cls_r = joint_labels(real_labels, group, JOINT_SEPARATOR)
+        cls_g = joint_labels(gen_labels, group, JOINT_SEPARATOR)
+        result["per_class"][name] = _per_class(real_pcs, cls_r, gen_pcs, cls_g, name, min_cells_per_class, class_kwargs)
     return _json_safe(result)
 
 

@@ -69,9 +69,10 @@ def cell_sample(inputs: ReportInputs, max_cells: int, seed: int) -> CellSample:
     """Seeded subsample (<= max_cells per side) of the real cells and of the first generated replicate."""
     real, gen = inputs.real, inputs.generated
     replicate = None
+    rows_g = np.arange(gen.n_obs)
     if "replicate" in gen.obs.columns:
         replicate = sorted(gen.obs["replicate"].unique().tolist())[0]
-        gen = gen[(gen.obs["replicate"] == replicate).to_numpy()]
+        rows_g = np.flatnonzero((gen.obs["replicate"] == replicate).to_numpy())
     try:
         genes = align_genes(real, gen)
     except ValueError as exc:
@@ -80,9 +81,9 @@ def cell_sample(inputs: ReportInputs, max_cells: int, seed: int) -> CellSample:
         ) from None
     rng = np.random.default_rng(seed)
     idx_r = subsample(real.n_obs, max_cells, rng)
-    idx_g = subsample(gen.n_obs, max_cells, rng)
-    real_s = real[idx_r, genes].copy()
-    gen_s = gen[idx_g, genes].copy()
+    idx_g = rows_g[subsample(len(rows_g), max_cells, rng)]
+    real_s = _cells(real, idx_r, inputs.paths.get("real"))[:, genes].copy()
+    gen_s = _cells(gen, idx_g, inputs.paths.get("generated"))[:, genes].copy()
     if "highly_variable" in real.var.columns:
         hvg = real.var.loc[genes, "highly_variable"].to_numpy(dtype=bool)
         note = f"{int(hvg.sum())} HVGs (PREPARE's flags) of {len(genes)} shared genes"
@@ -93,7 +94,23 @@ def cell_sample(inputs: ReportInputs, max_cells: int, seed: int) -> CellSample:
         hvg = np.ones(len(genes), dtype=bool)
         note = f"no flagged HVG among the shared genes: all {len(genes)} shared genes"
     keys = [k for k in _condition_keys(inputs) if k in real_s.obs.columns and k in gen_s.obs.columns]
-    return CellSample(real_s, gen_s, real.n_obs, gen.n_obs, replicate, keys, hvg, note)
+    return CellSample(real_s, gen_s, real.n_obs, len(rows_g), replicate, keys, hvg, note)
+
+
+def _cells(adata: Any, rows: np.ndarray, path: str | None) -> Any:
+    """The cells `rows` (ascending) of an AnnData with their counts: sliced in memory, or read from `path` for those
+    rows only when the AnnData holds no X."""
+    import anndata as ad
+
+    from ..ondisk import H5adCounts
+
+    if adata.X is not None:
+        return adata[rows]
+    with H5adCounts(path) as counts:
+        X = counts.take(rows)
+    out = ad.AnnData(X=X, obs=adata.obs.iloc[rows].copy(), var=adata.var.copy())
+    out.uns = adata.uns
+    return out
 
 
 def _csr(adata: Any) -> sp.csr_matrix:

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..io import InputError, read_h5ad, read_json
+from ..io import InputError, read_json
+from ..ondisk import read_meta
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,8 @@ class ReportInputs:
     reconstruction: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
-    real: Any = None  # AnnData
-    generated: Any = None  # AnnData
+    real: Any = None  # AnnData: obs, var, uns (X None when read from a file: the counts stay on disk)
+    generated: Any = None  # AnnData, as `real`
     trace: pd.DataFrame | None = None
     paths: dict[str, str] = field(default_factory=dict)
 
@@ -175,8 +176,8 @@ def load_inputs(
             name: load_metrics_json(p, f"EVALUATE metrics.json (baseline {name!r})")
             for name, p in (baselines or {}).items()
         },
-        real=read_h5ad(real) if real is not None else None,
-        generated=read_h5ad(generated) if generated is not None else None,
+        real=read_meta(real) if real is not None else None,  # counts stay on disk: cell_sample reads a subsample
+        generated=read_meta(generated) if generated is not None else None,
         trace=load_trace(trace) if trace is not None else None,
         paths=paths,
     )

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
+from ..io import joint_labels
 from ..metrics import DISTRIBUTION_METRICS, JOINT_SEPARATOR, mean_sem
 from .html import (
     BAR_METRICS,
@@ -283,7 +284,7 @@ def _generated_class_counts(gen: Any, groups: Sequence[str]) -> dict[str, dict[s
         keys = group.split(JOINT_SEPARATOR)
         if not all(k in gen.obs.columns for k in keys):
             continue
-        labels = gen.obs[keys].astype(str).agg(JOINT_SEPARATOR.join, axis=1)
+        labels = pd.Series(joint_labels(gen.obs, keys, JOINT_SEPARATOR))
         out[group] = {str(k): int(v) for k, v in labels.value_counts().items()}
     return out
 
