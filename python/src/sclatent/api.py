@@ -3,6 +3,7 @@
 import sclatent
 model = sclatent.Model.load("results/pbmc/model")          # a model bundle (model.pt) or its folder
 model.embed(adata)                                           # adata.obsm["X_sclatent"]
+model.embed_file("query.h5ad", "query_embedded.h5ad", gene_key="gene_ids")   # any panel, large files
 cells = model.sample(n=500, conditions={"cell_type": "B"}, cfg_scale=2.0)   # an AnnData of counts
 model = sclatent.Model.train(adata, condition_keys=["cell_type"])           # or train one from an AnnData
 """
@@ -25,17 +26,15 @@ from . import __version__
 from .checkpoint import Bundle, bundle_from_runs, load_model
 from .counts import counts_matrix
 from .device import resolve_device
+from .embed import EMBEDDING_KEY, embed_counts, embed_h5ad, embedding_uns
 from .errors import InputError
 from .generate import SampleConfig, Sampler, generated_anndata, label_codes, request_codes
-from .inference import encode_batches
 from .tokens import gene_index, memory_batches, tokens_of
 from .train import TrainConfig
 from .train_prior import PriorTraining
 from .train_vae import VAETraining
 
 log = logging.getLogger(__name__)
-
-EMBEDDING_KEY = "X_sclatent"
 
 
 class Model:
@@ -101,18 +100,41 @@ class Model:
         Genes are matched to the vocabulary by var_names or by the var column `gene_key` (e.g. Ensembl ids); genes
         outside it are ignored, vocabulary genes missing from the panel are simply absent from the cells' tokens.
         """
-        shard, panel = self._tokens(adata, layer, gene_key)
-        batches = memory_batches(shard, batch_size, None)
-        z = encode_batches(self.bundle.vae, batches, self.device)["z"]  # (n, m, d_latent)
-        z = z.reshape(len(z), -1)
+        if gene_key is not None and gene_key not in adata.var.columns:
+            raise InputError(f"gene_key '{gene_key}' is not a var column (var has: {', '.join(adata.var.columns)})")
+        names = adata.var_names if gene_key is None else adata.var[gene_key].astype(str)
+        col_to_id, panel = gene_index(names, self.genes, source="adata")
+        X = counts_matrix(adata, layer, source="adata")
+        z = embed_counts(self.bundle, X, col_to_id, self.device, batch_size)  # (n, m * d_latent)
         adata.obsm[key] = z
-        adata.uns[key] = {
-            "sclatent_version": __version__,
-            "model": str(self.bundle.info.get("path", "")),
-            "latent_shape": [self.bundle.vae.config.n_latent_tokens, self.bundle.vae.config.d_latent],
-            **panel,
-        }
+        config = {"layer": layer, "gene_key": gene_key, "key": key, "batch_size": batch_size}
+        adata.uns[key] = embedding_uns(self.bundle, panel, config)
         return z
+
+    def embed_file(
+        self,
+        h5ad: str | Path,
+        out: str | Path,
+        *,
+        layer: str = "X",
+        gene_key: str | None = None,
+        key: str = EMBEDDING_KEY,
+        batch_size: int = 256,
+        chunk_size: int = 8192,
+    ) -> dict[str, Any]:
+        """Write `out`: the AnnData file `h5ad` with obsm[key] and uns[key], read and written in row chunks (memory
+        bounded by `chunk_size` cells); the input file is not modified. Returns uns[key]."""
+        return embed_h5ad(
+            self.bundle,
+            h5ad,
+            out,
+            layer=layer,
+            gene_key=gene_key,
+            key=key,
+            batch_size=batch_size,
+            chunk_size=chunk_size,
+            device=str(self.device),
+        )
 
     @torch.no_grad()
     def reconstruct(

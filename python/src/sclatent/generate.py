@@ -292,10 +292,24 @@ def requests_from_conditions(n_cells: int, requests: Sequence[dict[str, str]], k
     return np.concatenate(rows) if rows else np.zeros((0, len(keys)), dtype=np.int64)
 
 
-def label_codes(obs: pd.DataFrame, keys: Sequence[str], labels: dict[str, list[str]], *, source: str) -> np.ndarray:
-    """Label codes (n, K) of cells from their obs columns; a missing column or an unknown value is an InputError."""
+def label_codes(
+    obs: pd.DataFrame,
+    keys: Sequence[str],
+    labels: dict[str, list[str]],
+    *,
+    source: str,
+    marginalise_missing: bool = False,
+) -> np.ndarray:
+    """Label codes (n, K) of cells from their obs columns; an unknown value is an InputError, and so is a missing
+    column unless `marginalise_missing` (then the key gets its null code: generated marginally over it)."""
     codes = np.zeros((len(obs), len(keys)), dtype=np.int64)
     for j, key in enumerate(keys):
+        if key not in obs.columns and marginalise_missing:
+            log.warning(
+                "%s: no obs column '%s' (a condition key of the model): generating marginally over it", source, key
+            )
+            codes[:, j] = len(labels[key])
+            continue
         if key not in obs.columns:
             raise InputError(f"{source}: condition key '{key}' is not an obs column")
         values = obs[key].astype(str).to_numpy()
@@ -333,7 +347,7 @@ def requests_like(
         n_total = ref.n_obs
         rows = rows or slice(0, n_total)
         obs = ref.obs.iloc[rows]
-        codes = label_codes(obs, keys, labels, source=path)
+        codes = label_codes(obs, keys, labels, source=path, marginalise_missing=True)
         lib = None
         if library:
             cols = np.flatnonzero(pd.Index(ref.var_names.astype(str)).isin(list(model_genes)))
