@@ -136,6 +136,12 @@ def check_samplesheet(samplesheet: str, base_dir: str | None, check_exists: bool
     default="inner",
     help="Combine files on their shared genes (inner) or all genes (outer, zeros where absent).",
 )
+@click.option(
+    "--gene-key",
+    default=None,
+    help="Use this var column (e.g. Ensembl ids) as the gene names instead of var_names, e.g. to match the "
+    "vocabulary of a trained model.",
+)
 @_user_errors
 def prepare(
     samplesheet,
@@ -150,6 +156,7 @@ def prepare(
     min_cells,
     min_counts,
     gene_join,
+    gene_key,
 ) -> None:
     """PREPARE: validate, combine, QC, split and flag HVGs for one dataset."""
     from .io import read_samplesheet
@@ -179,6 +186,7 @@ def prepare(
         min_cells=min_cells,
         min_counts=min_counts,
         gene_join=gene_join,
+        gene_key=gene_key,
     )
     run(rows, cfg, outdir)
 

@@ -56,6 +56,7 @@ class PrepareConfig:
     min_cells: int = 0
     min_counts: int = 0
     gene_join: str = "inner"
+    gene_key: str | None = None  # a var column to use as the gene names instead of var_names (e.g. Ensembl ids)
 
     def validate(self) -> None:
         if not 0.0 <= self.test_fraction < 1.0:
@@ -79,7 +80,13 @@ def _load_one(row: SampleRow, cfg: PrepareConfig) -> ad.AnnData:
     """Read one file into a minimal AnnData: CSR counts in X, the needed obs columns, var index only."""
     src = row.h5ad
     adata = read_h5ad(src)
-    check_unique_genes(adata.var_names, source=src)
+    genes = adata.var_names
+    if cfg.gene_key is not None:
+        if cfg.gene_key not in adata.var.columns:
+            avail = ", ".join(map(str, adata.var.columns)) or "no columns"
+            raise InputError(f"{src}: --gene_key '{cfg.gene_key}' is not a var column (var has: {avail})")
+        genes = pd.Index(adata.var[cfg.gene_key].astype(str))
+    check_unique_genes(genes, source=src)
     if adata.n_obs == 0:
         raise InputError(f"{src}: the file has no cells")
     X = counts_matrix(adata, cfg.counts_layer, source=src)
@@ -105,7 +112,7 @@ def _load_one(row: SampleRow, cfg: PrepareConfig) -> ad.AnnData:
         obs["batch"] = adata.obs["batch"].astype(str).to_numpy()
     obs["source_file"] = Path(src).name
     obs["split"] = row.split
-    out = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=adata.var_names.astype(str)))
+    out = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes.astype(str)))
     del adata
     return out
 
