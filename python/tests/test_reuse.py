@@ -337,3 +337,27 @@ def test_a_fine_tune_that_changes_the_architecture_is_refused(model, tmp_path) -
                   "--init-from", model["model"], "--preset", "default", *SHORT)  # fmt: skip
     assert "a fine-tune keeps the model's prior architecture, but the options change d_model 64 -> 256" in line
     assert not (tmp_path / "p" / "checkpoint.pt").exists()
+
+
+def test_the_api_fine_tunes_a_loaded_model(model, tmp_path) -> None:
+    import sclatent
+    from sclatent.train_prior import PriorTraining
+    from sclatent.train_vae import VAETraining
+
+    base = sclatent.Model.load(model["model"], device="cpu")
+    new = ad.read_h5ad(_new_data(tmp_path))
+    tuned = sclatent.Model.train(
+        new,
+        condition_keys=["cell_type", "donor"],
+        init_from=base,
+        vae=VAETraining(preset=None, max_steps=3, decode_genes=64),
+        prior=PriorTraining(preset=None, max_steps=3),
+        vae_batch_size=32,
+        device="cpu",
+        progress=False,
+    )
+    assert tuned.genes == base.genes + [f"NEW{i}" for i in range(20)]
+    assert tuned.labels["cell_type"] == base.labels["cell_type"] + ["Plasma"] and tuned.condition_keys[1] == "donor"
+    assert tuned.bundle.vae.config.to_dict() == {**base.bundle.vae.config.to_dict(), "n_genes": 2520}
+    assert tuned.bundle.info["vae"]["run"]["init_from"]
+    assert tuned.sample(n=3, conditions={"cell_type": "Plasma"}).n_obs == 3

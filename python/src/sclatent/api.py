@@ -6,10 +6,12 @@ model.embed(adata)                                           # adata.obsm["X_scl
 model.embed_file("query.h5ad", "query_embedded.h5ad", gene_key="gene_ids")   # any panel, large files
 cells = model.sample(n=500, conditions={"cell_type": "B"}, cfg_scale=2.0)   # an AnnData of counts
 model = sclatent.Model.train(adata, condition_keys=["cell_type"])           # or train one from an AnnData
+tuned = sclatent.Model.train(new, condition_keys=["cell_type"], init_from=model)   # or fine-tune one
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -218,11 +220,16 @@ class Model:
         device: str = "auto",
         workdir: str | Path | None = None,
         progress: bool = True,
+        init_from: str | Path | Model | None = None,
     ) -> Model:
         """Train a model on the cells of `adata` (raw counts in `layer`) and return it.
 
         genes: "all" (every var) or "hvg" (var['highly_variable']). The steps are the pipeline's (TOKENIZE,
         TRAIN_VAE, ENCODE, TRAIN_PRIOR, BUNDLE), run in `workdir` (a temporary folder by default).
+
+        init_from: fine-tune a trained model (a bundle path or a Model) instead: its vocabulary extended by the genes
+        of `adata` (per `genes`) and its labels by new values and keys; both stages start from its weights and keep
+        its architecture (`vae` / `prior` default to the model's; options that change it are refused).
         """
         from .encode import EncodeConfig, encode
         from .tokens import tokenize
@@ -232,11 +239,16 @@ class Model:
         missing = [k for k in condition_keys if k not in adata.obs.columns]
         if missing:
             raise InputError(f"condition key '{missing[0]}' is not an obs column")
-        vae = vae or VAETraining()
-        prior = prior or PriorTraining()
+        vae = vae or VAETraining(preset=None if init_from is not None else "default")
+        prior = prior or PriorTraining(preset=None if init_from is not None else "default")
         with tempfile.TemporaryDirectory(prefix="sclatent-") as tmp:
             work = Path(workdir) if workdir is not None else Path(tmp)
             work.mkdir(parents=True, exist_ok=True)
+            if isinstance(init_from, Model):
+                init_from = init_from.save(work / "init" / "model.pt")
+            if init_from is not None:
+                vae = dataclasses.replace(vae, init_from=str(init_from))
+                prior = dataclasses.replace(prior, init_from=str(init_from))
             X = counts_matrix(adata, layer, source="adata")
             obs = pd.DataFrame(
                 {k: adata.obs[k].astype(str).to_numpy() for k in condition_keys}, index=adata.obs_names.astype(str)
@@ -252,7 +264,15 @@ class Model:
                 raise InputError(f"genes must be 'all' or 'hvg', got '{genes}'")
             train_h5ad = work / "train.h5ad"
             ad.AnnData(X=sp.csr_matrix(X), obs=obs, var=var).write_h5ad(train_h5ad)
-            tokenize(train_h5ad, work / "tokens", genes=genes, condition_keys=list(condition_keys), progress=progress)
+            tokenize(
+                train_h5ad,
+                work / "tokens",
+                genes=genes,
+                condition_keys=list(condition_keys),
+                progress=progress,
+                model=init_from,
+                extend=init_from is not None,
+            )
             tcfg = TrainConfig(max_steps=1, batch_size=vae_batch_size, seed=seed, device=device)
             train_vae(work / "tokens", work / "vae", vae, tcfg, progress=progress)
             encode(work / "vae", work / "tokens", work / "encode", EncodeConfig(seed=seed, device=device))
