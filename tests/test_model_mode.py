@@ -82,3 +82,10 @@ def test_a_panel_without_overlap_stops_with_one_clear_line(test_profile_run, que
     assert re.search(r"sclatent (tokenize|embed): error: \S*query\.h5ad: none of its \d+ genes is in the model's "
                      r"vocabulary of 500 genes", run.output), run.output[-3000:]  # fmt: skip
     assert not (run.outdir / "query" / "tokenize").exists() and not (run.outdir / "query" / "embed").exists()
+
+
+def test_a_missing_model_file_is_named(query, tmp_path) -> None:
+    run = run_nextflow(tmp_path, "-profile", "test", "--input", str(query["sheet"]), "--model", "nowhere/model.pt")
+    assert run.returncode != 0
+    assert re.search(r"nowhere/model\.pt", run.output), run.output[-3000:]
+    assert not (run.outdir / "query").exists()
