@@ -5,6 +5,7 @@
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
     nextflow run main.nf -profile test
     nextflow run main.nf -profile slurm,gpu --input samplesheet.csv --outdir results
+    nextflow run main.nf --input new.csv --model results/pbmc/model/model.pt --outdir applied   (no training)
 ----------------------------------------------------------------------------------------------------------------
 */
 
@@ -15,6 +16,7 @@ include { TRAIN_VAE                             } from './modules/local/train_va
 include { ENCODE                                } from './modules/local/encode'
 include { TRAIN_PRIOR                           } from './modules/local/train_prior'
 include { BUNDLE                                } from './modules/local/bundle'
+include { EMBED                                 } from './modules/local/embed'
 include { SAMPLE                                } from './modules/local/sample'
 include { GATHER                                } from './modules/local/gather'
 include { EVALUATE                              } from './modules/local/evaluate'
@@ -25,7 +27,10 @@ include { PIPELINE_COMPLETION                   } from './subworkflows/local/uti
 /*
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
     THE PIPELINE: samplesheet -> per dataset: PREPARE -> TOKENIZE -> TRAIN_VAE -> ENCODE -> TRAIN_PRIOR
-                  -> BUNDLE -> SAMPLE (scattered: replicates x shards) -> GATHER -> EVALUATE -> REPORT
+                  -> BUNDLE -> SAMPLE (scattered: replicates x shards) -> GATHER -> EVALUATE -> REPORT,
+                  and EMBED of every input file (obsm['X_sclatent']).
+                  With a trained model (--model): PREPARE -> TOKENIZE over the model's vocabulary -> ENCODE,
+                  then SAMPLE ... REPORT and EMBED with that model; no training.
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 */
 
@@ -33,6 +38,7 @@ workflow SCLATENT {
     take:
     ch_samplesheet       // channel: path(samplesheet.csv)
     base_dir             // value: folder relative h5ad paths are resolved against
+    model                // value: null (train a model on each dataset) or the path of a model bundle to run
     sample_conditions    // value: null (like the test cells) or 'k=v,k2=v2;k=v3'
     sample_n_cells       // value: cells per requested condition
     sample_replicates    // value: generated replicates
@@ -45,36 +51,61 @@ workflow SCLATENT {
     //
     CHECK_SAMPLESHEET(ch_samplesheet, base_dir)
 
-    // [ meta(id, condition_keys), [h5ad, ...], [split, ...], [batch, ...] ], one item per dataset
-    ch_datasets = CHECK_SAMPLESHEET.out.csv
+    // [ meta(id, condition_keys), h5ad, split, batch ], one item per file
+    ch_files = CHECK_SAMPLESHEET.out.csv
         .splitCsv(header: true)
         .map { row ->
             def meta = [id: row.dataset, condition_keys: row.condition_keys ?: '']
             [meta, file(row.h5ad, checkIfExists: true), row.split ?: 'all', row.batch ?: '']
         }
-        .groupTuple()
+    // [ meta, [h5ad, ...], [split, ...], [batch, ...] ], one item per dataset
+    ch_datasets = ch_files.groupTuple()
 
     //
     // MODULE: combine + QC + split + HVG flags, per dataset
     //
     PREPARE(ch_datasets)
 
-    //
-    // MODULE: sparse tokens over a fixed vocabulary
-    //
-    TOKENIZE(PREPARE.out.h5ad)
+    if (model) {
+        //
+        // A trained model on new data: tokens over its vocabulary (missing genes absent), latents, no training
+        //
+        def bundle = file(model, checkIfExists: true)
+        ch_model = PREPARE.out.h5ad.map { meta, _train, _test -> [meta, bundle] }
+        TOKENIZE(PREPARE.out.h5ad, bundle)
+        ENCODE(ch_model.join(TOKENIZE.out.tokens))
+        ch_vae   = PREPARE.out.h5ad.map { meta, _train, _test -> [meta, []] }   // no training histories
+        ch_prior = ch_vae
+    } else {
+        //
+        // MODULES: sparse tokens over the data's vocabulary, stage 1 (VAE), latents, stage 2 (DiT prior)
+        //
+        TOKENIZE(PREPARE.out.h5ad, [])
+        TRAIN_VAE(TOKENIZE.out.tokens)
+        ENCODE(TRAIN_VAE.out.vae.join(TOKENIZE.out.tokens))
+        TRAIN_PRIOR(ENCODE.out.latents)
+        //
+        // MODULE: the model bundle (weights, vocabularies, versions) that SAMPLE and the Python API load
+        //
+        BUNDLE(TRAIN_VAE.out.vae.join(TRAIN_PRIOR.out.prior))
+        ch_model = BUNDLE.out.model
+        ch_vae   = TRAIN_VAE.out.vae
+        ch_prior = TRAIN_PRIOR.out.prior
+    }
 
     //
-    // MODULES: stage 1 (VAE), latents, stage 2 (DiT prior)
+    // MODULE: every input file with the model's embedding in obsm['X_sclatent'] (names made unique per dataset)
     //
-    TRAIN_VAE(TOKENIZE.out.tokens)
-    ENCODE(TRAIN_VAE.out.vae.join(TOKENIZE.out.tokens))
-    TRAIN_PRIOR(ENCODE.out.latents)
-
-    //
-    // MODULE: the model bundle (weights, vocabularies, versions) that SAMPLE and the Python API load
-    //
-    BUNDLE(TRAIN_VAE.out.vae.join(TRAIN_PRIOR.out.prior))
+    ch_embed_in = ch_files
+        .map { meta, h5ad, _split, _batch -> [meta, h5ad] }
+        .groupTuple()
+        .flatMap { meta, files ->
+            def clash = files*.name.unique().size() < files.size()
+            files.withIndex().collect { f, i -> [meta, f, clash ? "${i + 1}_${f.name}" : f.name] }
+        }
+        .combine(ch_model, by: 0)
+        .map { meta, h5ad, name, model_pt -> [meta + [embed_name: name], h5ad, model_pt] }
+    EMBED(ch_embed_in)
 
     //
     // MODULE: SAMPLE scattered into shards x replicates, gathered per dataset
@@ -95,7 +126,7 @@ workflow SCLATENT {
         def starts = (0..<((n + shard - 1).intdiv(shard))).collect { i -> i * shard }
         (0..<sample_replicates).collectMany { r -> starts.collect { a -> [meta, request, r, a, Math.min(a + shard, n)] } }
     }
-    ch_sample_in = BUNDLE.out.model
+    ch_sample_in = ch_model
         .join(PREPARE.out.h5ad.map { meta, _train, test -> [meta, test] })
         .combine(ch_shards, by: 0)
     SAMPLE(ch_sample_in)
@@ -116,9 +147,9 @@ workflow SCLATENT {
     ch_test = PREPARE.out.h5ad.map { meta, _train, test -> [meta, test] }
     ch_report_in = PREPARE.out.json
         .join(TOKENIZE.out.tokens)
-        .join(TRAIN_VAE.out.vae)
+        .join(ch_vae)
         .join(ENCODE.out.reconstruction)
-        .join(TRAIN_PRIOR.out.prior)
+        .join(ch_prior)
         .join(EVALUATE.out.json)
         .join(ch_test)
         .join(GATHER.out.h5ad)
@@ -129,9 +160,10 @@ workflow SCLATENT {
     report       = REPORT.out.html        // channel: [ meta, report.html ]
     prepare_json = PREPARE.out.json       // channel: [ meta, prepare.json ]
     tokens       = TOKENIZE.out.tokens    // channel: [ meta, tokens/ ]
-    vae          = TRAIN_VAE.out.vae      // channel: [ meta, vae/ ]
-    prior        = TRAIN_PRIOR.out.prior  // channel: [ meta, prior/ ]
-    model        = BUNDLE.out.model       // channel: [ meta, model.pt ]
+    vae          = ch_vae                 // channel: [ meta, vae/ ] ([ meta, [] ] with --model)
+    prior        = ch_prior               // channel: [ meta, prior/ ] ([ meta, [] ] with --model)
+    model        = ch_model               // channel: [ meta, model.pt ]
+    embedded     = EMBED.out.h5ad         // channel: [ meta, <input>.h5ad with obsm['X_sclatent'] ]
     generated    = GATHER.out.h5ad        // channel: [ meta, generated.h5ad ]
     metrics      = EVALUATE.out.json      // channel: [ meta, metrics.json ]
 }
@@ -149,6 +181,7 @@ workflow {
     SCLATENT(
         PIPELINE_INITIALISATION.out.samplesheet,
         PIPELINE_INITIALISATION.out.base_dir,
+        params.model,
         params.sample_conditions,
         params.sample_n_cells,
         params.sample_replicates,

@@ -183,6 +183,21 @@ def test_condition_key_missing_in_one_file(tmp_path, write_sheet):
     assert r.exit_code == 2 and "b.h5ad: condition key 'cell_type' is not an obs column" in r.output
 
 
+def test_gene_key_names_the_genes_by_a_var_column(tmp_path, write_sheet):
+    """--gene-key: another var column (e.g. Ensembl ids, to match a model's vocabulary) becomes the gene names."""
+    a = synthetic_counts(n_cells=60, n_genes=40, seed=1)
+    a.var["ensembl"] = [f"ENSG{i:05d}" for i in range(a.n_vars)]
+    a.write_h5ad(tmp_path / "a.h5ad")
+    sheet = write_sheet([["ds", "a.h5ad", "", ""]])
+    out = tmp_path / "out"
+    assert run_cli(*prepare_args(sheet, out, "--n-hvg", "10", "--gene-key", "ensembl")).exit_code == 0
+    train = ad.read_h5ad(out / "train.h5ad")
+    assert list(train.var_names) == list(a.var["ensembl"])
+    r = run_cli(*prepare_args(sheet, tmp_path / "out2", "--gene-key", "symbol"))
+    assert r.exit_code == 2 and "a.h5ad: --gene_key 'symbol' is not a var column (var has: ensembl)" in r.output
+    assert not (tmp_path / "out2" / "train.h5ad").exists()
+
+
 def test_samplesheet_condition_keys_override(tmp_path, make_h5ad, write_sheet):
     make_h5ad("a", n_cells=80, n_batches=2)
     sheet = write_sheet([["ds", "a.h5ad", "", "", "cell_type;batch"]], header="dataset,h5ad,split,batch,condition_keys")

@@ -25,6 +25,8 @@ process REPORT {
     }
     def baseline_args = [baseline_names, baselines].transpose().collect { name, file -> "--baseline '${name}=${file}'" }.join(' ')
     def trace_arg     = trace ? "--trace ${trace}" : ''
+    // vae and prior are [] when the pipeline runs a trained model (--model): no training histories
+    def history_args  = [vae ? "--vae-history ${vae}/history.csv" : '', prior ? "--prior-history ${prior}/history.csv" : ''].join(' ')
     """
     export OMP_NUM_THREADS=${task.cpus}
     export NUMBA_CACHE_DIR=\$PWD/.numba_cache
@@ -34,8 +36,7 @@ process REPORT {
         --dataset ${meta.id} \\
         --prepare ${prepare_json} \\
         --manifest ${tokens}/manifest.json \\
-        --vae-history ${vae}/history.csv \\
-        --prior-history ${prior}/history.csv \\
+        ${history_args} \\
         --reconstruction ${reconstruction} \\
         --metrics ${metrics} \\
         --real ${real} \\

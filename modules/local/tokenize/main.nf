@@ -7,6 +7,8 @@ process TOKENIZE {
 
     input:
     tuple val(meta), path(train), path(test)
+    // a model bundle to tokenize over its vocabulary and labels (running a trained model), or [] for none
+    path(model)
 
     output:
     tuple val(meta), path('tokens'), emit: tokens
@@ -16,13 +18,15 @@ process TOKENIZE {
     task.ext.when == null || task.ext.when
 
     script:
-    def args = task.ext.args ?: ''
+    def args      = task.ext.args ?: ''
+    def model_arg = model ? "--model ${model}" : ''
     """
     sclatent tokenize \\
         --train ${train} \\
         --test ${test} \\
         --outdir tokens \\
         --no-progress \\
+        ${model_arg} \\
         ${args}
     """
 

@@ -3,12 +3,15 @@
 import sclatent
 model = sclatent.Model.load("results/pbmc/model")          # a model bundle (model.pt) or its folder
 model.embed(adata)                                           # adata.obsm["X_sclatent"]
+model.embed_file("query.h5ad", "query_embedded.h5ad", gene_key="gene_ids")   # any panel, large files
 cells = model.sample(n=500, conditions={"cell_type": "B"}, cfg_scale=2.0)   # an AnnData of counts
 model = sclatent.Model.train(adata, condition_keys=["cell_type"])           # or train one from an AnnData
+tuned = sclatent.Model.train(new, condition_keys=["cell_type"], init_from=model)   # or fine-tune one
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -25,17 +28,15 @@ from . import __version__
 from .checkpoint import Bundle, bundle_from_runs, load_model
 from .counts import counts_matrix
 from .device import resolve_device
+from .embed import EMBEDDING_KEY, embed_counts, embed_h5ad, embedding_uns
 from .errors import InputError
 from .generate import SampleConfig, Sampler, generated_anndata, label_codes, request_codes
-from .inference import encode_batches
 from .tokens import gene_index, memory_batches, tokens_of
 from .train import TrainConfig
 from .train_prior import PriorTraining
 from .train_vae import VAETraining
 
 log = logging.getLogger(__name__)
-
-EMBEDDING_KEY = "X_sclatent"
 
 
 class Model:
@@ -101,18 +102,41 @@ class Model:
         Genes are matched to the vocabulary by var_names or by the var column `gene_key` (e.g. Ensembl ids); genes
         outside it are ignored, vocabulary genes missing from the panel are simply absent from the cells' tokens.
         """
-        shard, panel = self._tokens(adata, layer, gene_key)
-        batches = memory_batches(shard, batch_size, None)
-        z = encode_batches(self.bundle.vae, batches, self.device)["z"]  # (n, m, d_latent)
-        z = z.reshape(len(z), -1)
+        if gene_key is not None and gene_key not in adata.var.columns:
+            raise InputError(f"gene_key '{gene_key}' is not a var column (var has: {', '.join(adata.var.columns)})")
+        names = adata.var_names if gene_key is None else adata.var[gene_key].astype(str)
+        col_to_id, panel = gene_index(names, self.genes, source="adata")
+        X = counts_matrix(adata, layer, source="adata")
+        z = embed_counts(self.bundle, X, col_to_id, self.device, batch_size)  # (n, m * d_latent)
         adata.obsm[key] = z
-        adata.uns[key] = {
-            "sclatent_version": __version__,
-            "model": str(self.bundle.info.get("path", "")),
-            "latent_shape": [self.bundle.vae.config.n_latent_tokens, self.bundle.vae.config.d_latent],
-            **panel,
-        }
+        config = {"layer": layer, "gene_key": gene_key, "key": key, "batch_size": batch_size}
+        adata.uns[key] = embedding_uns(self.bundle, panel, config)
         return z
+
+    def embed_file(
+        self,
+        h5ad: str | Path,
+        out: str | Path,
+        *,
+        layer: str = "X",
+        gene_key: str | None = None,
+        key: str = EMBEDDING_KEY,
+        batch_size: int = 256,
+        chunk_size: int = 8192,
+    ) -> dict[str, Any]:
+        """Write `out`: the AnnData file `h5ad` with obsm[key] and uns[key], read and written in row chunks (memory
+        bounded by `chunk_size` cells); the input file is not modified. Returns uns[key]."""
+        return embed_h5ad(
+            self.bundle,
+            h5ad,
+            out,
+            layer=layer,
+            gene_key=gene_key,
+            key=key,
+            batch_size=batch_size,
+            chunk_size=chunk_size,
+            device=str(self.device),
+        )
 
     @torch.no_grad()
     def reconstruct(
@@ -196,11 +220,16 @@ class Model:
         device: str = "auto",
         workdir: str | Path | None = None,
         progress: bool = True,
+        init_from: str | Path | Model | None = None,
     ) -> Model:
         """Train a model on the cells of `adata` (raw counts in `layer`) and return it.
 
         genes: "all" (every var) or "hvg" (var['highly_variable']). The steps are the pipeline's (TOKENIZE,
         TRAIN_VAE, ENCODE, TRAIN_PRIOR, BUNDLE), run in `workdir` (a temporary folder by default).
+
+        init_from: fine-tune a trained model (a bundle path or a Model) instead: its vocabulary extended by the genes
+        of `adata` (per `genes`) and its labels by new values and keys; both stages start from its weights and keep
+        its architecture (`vae` / `prior` default to the model's; options that change it are refused).
         """
         from .encode import EncodeConfig, encode
         from .tokens import tokenize
@@ -210,11 +239,16 @@ class Model:
         missing = [k for k in condition_keys if k not in adata.obs.columns]
         if missing:
             raise InputError(f"condition key '{missing[0]}' is not an obs column")
-        vae = vae or VAETraining()
-        prior = prior or PriorTraining()
+        vae = vae or VAETraining(preset=None if init_from is not None else "default")
+        prior = prior or PriorTraining(preset=None if init_from is not None else "default")
         with tempfile.TemporaryDirectory(prefix="sclatent-") as tmp:
             work = Path(workdir) if workdir is not None else Path(tmp)
             work.mkdir(parents=True, exist_ok=True)
+            if isinstance(init_from, Model):
+                init_from = init_from.save(work / "init" / "model.pt")
+            if init_from is not None:
+                vae = dataclasses.replace(vae, init_from=str(init_from))
+                prior = dataclasses.replace(prior, init_from=str(init_from))
             X = counts_matrix(adata, layer, source="adata")
             obs = pd.DataFrame(
                 {k: adata.obs[k].astype(str).to_numpy() for k in condition_keys}, index=adata.obs_names.astype(str)
@@ -230,7 +264,15 @@ class Model:
                 raise InputError(f"genes must be 'all' or 'hvg', got '{genes}'")
             train_h5ad = work / "train.h5ad"
             ad.AnnData(X=sp.csr_matrix(X), obs=obs, var=var).write_h5ad(train_h5ad)
-            tokenize(train_h5ad, work / "tokens", genes=genes, condition_keys=list(condition_keys), progress=progress)
+            tokenize(
+                train_h5ad,
+                work / "tokens",
+                genes=genes,
+                condition_keys=list(condition_keys),
+                progress=progress,
+                model=init_from,
+                extend=init_from is not None,
+            )
             tcfg = TrainConfig(max_steps=1, batch_size=vae_batch_size, seed=seed, device=device)
             train_vae(work / "tokens", work / "vae", vae, tcfg, progress=progress)
             encode(work / "vae", work / "tokens", work / "encode", EncodeConfig(seed=seed, device=device))

@@ -136,6 +136,12 @@ def check_samplesheet(samplesheet: str, base_dir: str | None, check_exists: bool
     default="inner",
     help="Combine files on their shared genes (inner) or all genes (outer, zeros where absent).",
 )
+@click.option(
+    "--gene-key",
+    default=None,
+    help="Use this var column (e.g. Ensembl ids) as the gene names instead of var_names, e.g. to match the "
+    "vocabulary of a trained model.",
+)
 @_user_errors
 def prepare(
     samplesheet,
@@ -150,6 +156,7 @@ def prepare(
     min_cells,
     min_counts,
     gene_join,
+    gene_key,
 ) -> None:
     """PREPARE: validate, combine, QC, split and flag HVGs for one dataset."""
     from .io import read_samplesheet
@@ -179,6 +186,7 @@ def prepare(
         min_cells=min_cells,
         min_counts=min_counts,
         gene_join=gene_join,
+        gene_key=gene_key,
     )
     run(rows, cfg, outdir)
 
@@ -197,9 +205,29 @@ def prepare(
 )
 @click.option("--shard-size", default=50_000, type=int, help="Cells per shard (bounds the loader's memory).")
 @click.option("--seed", default=0, type=int, help="Seed recorded for the loader.")
+@click.option(
+    "--model",
+    default=None,
+    type=click.Path(exists=True),
+    help="Tokenize over this model bundle's vocabulary and labels (to run or fine-tune it on new data): vocabulary "
+    "genes the file lacks are absent from its tokens, its other genes ignored [default: the file's own vocabulary].",
+)
+@click.option(
+    "--gene-key",
+    default=None,
+    help="With --model: match genes to the vocabulary by this var column (e.g. Ensembl ids) [default: var_names].",
+)
+@click.option(
+    "--extend",
+    is_flag=True,
+    help="With --model: add the file's genes (per --genes), label values and condition keys the model lacks, "
+    "for a fine-tune (train-vae / train-prior --init-from).",
+)
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @_user_errors
-def tokenize(train, test, outdir, genes, condition_keys, max_tokens, shard_size, seed, progress) -> None:
+def tokenize(
+    train, test, outdir, genes, condition_keys, max_tokens, shard_size, seed, model, gene_key, extend, progress
+) -> None:
     """TOKENIZE: sparse (gene id, count) tokens over a fixed vocabulary, sharded."""
     from .tokens import tokenize as run
 
@@ -213,6 +241,9 @@ def tokenize(train, test, outdir, genes, condition_keys, max_tokens, shard_size,
         shard_size=shard_size,
         seed=seed,
         progress=progress,
+        model=model,
+        gene_key=gene_key,
+        extend=extend,
     )
 
 
@@ -248,6 +279,13 @@ def _training_options(*, lr: float, batch_size: int, ema: float | None, min_step
         ),
         click.option("--threads", default=None, type=int, help="CPU threads for torch [default: torch's choice]."),
         click.option("--resume", is_flag=True, help="Continue the run in --outdir from its checkpoint."),
+        click.option(
+            "--init-from",
+            default=None,
+            type=click.Path(exists=True),
+            help="Fine-tune: start from this model bundle's weights and architecture (a new optimiser and "
+            "schedule on these data; new genes and labels get new rows).",
+        ),
         click.option("--progress/--no-progress", default=True, help="Show a progress bar."),
     ]
 
@@ -283,9 +321,9 @@ def _train_config(kw: dict, **stage_defaults):
 @click.option(
     "--preset",
     type=click.Choice(["default", "scldm", "tiny"]),
-    default="default",
+    default=None,
     help="default: the authors' sizes with the adopted per-gene additions; scldm: the authors' model as "
-    "released; tiny: a small model for tests and CPU demos.",
+    "released; tiny: a small model for tests and CPU demos [default: default, or the --init-from model's].",
 )
 @click.option(
     "--embedding",
@@ -297,14 +335,15 @@ def _train_config(kw: dict, **stage_defaults):
 @click.option(
     "--likelihood",
     type=click.Choice(["nb", "zinb", "poisson", "gaussian"]),
-    default="nb",
-    help="Count likelihood of the decoder (gaussian: on log1p(1e4 x / L)).",
+    default=None,
+    help="Count likelihood of the decoder (gaussian: on log1p(1e4 x / L)) [default: nb, or the --init-from model's].",
 )
 @click.option(
     "--beta",
-    default=0.0,
+    default=None,
     type=click.FloatRange(min=0),
-    help="KL weight: 0 = the authors' deterministic encoder, > 0 = a beta-VAE with a Gaussian posterior.",
+    help="KL weight: 0 = the authors' deterministic encoder, > 0 = a beta-VAE with a Gaussian posterior "
+    "[default: 0, or the --init-from model's].",
 )
 @click.option(
     "--decode-genes",
@@ -320,9 +359,11 @@ def train_vae_cmd(tokens, outdir, preset, embedding, likelihood, beta, decode_ge
     """TRAIN_VAE: train the exchangeable Transformer VAE (MCAB encoder and decoder)."""
     from .train_vae import VAETraining, train_vae
 
-    overrides = {"likelihood": likelihood, "beta": beta, **({"embedding": embedding} if embedding else {})}
+    given = {"likelihood": likelihood, "beta": beta, "embedding": embedding}
+    overrides = {k: v for k, v in given.items() if v is not None}
     run = VAETraining(
-        preset=preset,
+        preset=preset if preset is not None or kw["init_from"] else "default",
+        init_from=kw["init_from"],
         model_overrides=overrides,
         epochs=kw["epochs"],
         min_steps=kw["min_steps"],
@@ -365,6 +406,40 @@ def encode(model, tokens, outdir, batch_size, max_cells, seed, device, threads) 
     run(model, tokens, outdir, EncodeConfig(batch_size=batch_size, max_cells=max_cells, seed=seed, device=device))
 
 
+@main.command()
+@click.option("--model", required=True, type=click.Path(exists=True), help="Model bundle (model.pt) or its folder.")
+@click.option("--h5ad", "h5ad", required=True, type=FILE, help="The AnnData to embed (raw counts; any gene panel).")
+@click.option("--out", required=True, type=FILE, help="Output h5ad: the input with obsm[KEY] and uns[KEY].")
+@click.option("--layer", default="X", help="Where the raw counts are: X or a layer name.")
+@click.option(
+    "--gene-key",
+    default=None,
+    help="Match genes to the model's vocabulary by this var column (e.g. Ensembl ids) [default: var_names].",
+)
+@click.option("--key", default="X_sclatent", help="obsm / uns key of the embedding.")
+@click.option("--batch-size", default=256, type=int, help="Cells per encoder batch.")
+@click.option("--chunk-size", default=8192, type=int, help="Cells read from the file at a time (bounds memory).")
+@click.option("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
+@click.option("--threads", default=None, type=int, help="CPU threads for torch.")
+@_user_errors
+def embed(model, h5ad, out, layer, gene_key, key, batch_size, chunk_size, device, threads) -> None:
+    """EMBED: the model's latent representation of every cell of an AnnData, on any gene panel, into obsm."""
+    from .embed import embed_h5ad
+
+    _threads(threads)
+    embed_h5ad(
+        model,
+        h5ad,
+        out,
+        layer=layer,
+        gene_key=gene_key,
+        key=key,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        device=device,
+    )
+
+
 @main.command("train-prior")
 @click.option(
     "--latents",
@@ -376,8 +451,9 @@ def encode(model, tokens, outdir, batch_size, max_cells, seed, device, threads) 
 @click.option(
     "--preset",
     type=click.Choice(["default", "tiny"]),
-    default="default",
-    help="DiT sizes: default (the authors': 256 wide, 8 blocks, 8 heads) or tiny.",
+    default=None,
+    help="DiT sizes: default (the authors': 256 wide, 8 blocks, 8 heads) or tiny [default: default, or the "
+    "--init-from model's].",
 )
 @click.option(
     "--rho",
@@ -392,7 +468,12 @@ def train_prior_cmd(latents, outdir, preset, rho, **kw) -> None:
     from .train_prior import PriorTraining, train_prior
 
     run = PriorTraining(
-        preset=preset, epochs=kw["epochs"], min_steps=kw["min_steps"], max_steps=kw["max_steps"], rho=rho
+        preset=preset if preset is not None or kw["init_from"] else "default",
+        epochs=kw["epochs"],
+        min_steps=kw["min_steps"],
+        max_steps=kw["max_steps"],
+        rho=rho,
+        init_from=kw["init_from"],
     )
     tcfg = _train_config(kw, betas=(0.9, 0.999), decay_frac=1.0, decay_shape="cosine")
     train_prior(latents, outdir, run, tcfg, resume=kw["resume"], progress=kw["progress"])

@@ -293,10 +293,24 @@ def requests_from_conditions(n_cells: int, requests: Sequence[dict[str, str]], k
     return np.concatenate(rows) if rows else np.zeros((0, len(keys)), dtype=np.int64)
 
 
-def label_codes(obs: pd.DataFrame, keys: Sequence[str], labels: dict[str, list[str]], *, source: str) -> np.ndarray:
-    """Label codes (n, K) of cells from their obs columns; a missing column or an unknown value is an InputError."""
+def label_codes(
+    obs: pd.DataFrame,
+    keys: Sequence[str],
+    labels: dict[str, list[str]],
+    *,
+    source: str,
+    marginalise_missing: bool = False,
+) -> np.ndarray:
+    """Label codes (n, K) of cells from their obs columns; an unknown value is an InputError, and so is a missing
+    column unless `marginalise_missing` (then the key gets its null code: generated marginally over it)."""
     codes = np.zeros((len(obs), len(keys)), dtype=np.int64)
     for j, key in enumerate(keys):
+        if key not in obs.columns and marginalise_missing:
+            log.warning(
+                "%s: no obs column '%s' (a condition key of the model): generating marginally over it", source, key
+            )
+            codes[:, j] = len(labels[key])
+            continue
         if key not in obs.columns:
             raise InputError(f"{source}: condition key '{key}' is not an obs column")
         values = obs[key].astype(str).to_numpy()
@@ -329,11 +343,9 @@ def requests_like(
         rows = rows or slice(0, n_total)
         a, b = max(0, rows.start or 0), min(n_total, n_total if rows.stop is None else rows.stop)
         b = max(a, b)
-        missing = [k for k in keys if k not in ref.obs_columns]
-        if missing:
-            raise InputError(f"{path}: condition key '{missing[0]}' is not an obs column")
-        obs = pd.DataFrame({k: ref.obs_column(k, a, b) for k in keys}, index=pd.Index(ref.obs_names[a:b]))
-        codes = label_codes(obs, keys, labels, source=path)
+        present = [k for k in keys if k in ref.obs_columns]  # a model key the reference lacks is marginalised
+        obs = pd.DataFrame({k: ref.obs_column(k, a, b) for k in present}, index=pd.Index(ref.obs_names[a:b]))
+        codes = label_codes(obs, keys, labels, source=path, marginalise_missing=True)
         lib = None
         if library:
             cols = np.flatnonzero(ref.var_names.isin(list(model_genes)))

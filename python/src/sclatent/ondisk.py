@@ -141,6 +141,14 @@ class H5adCounts:
             values = np.asarray(read_elem(node))[start:stop]
         return pd.Series(values, index=self.obs_names[start:stop], name=name)
 
+    def var_column(self, name: str) -> pd.Index:
+        """One var column as strings (e.g. Ensembl ids to use as the gene names); an InputError names what exists."""
+        columns = [str(c) for c in self.file["var"].attrs.get("column-order", [])]
+        if name not in columns:
+            avail = ", ".join(columns) or "no columns"
+            raise InputError(f"{self.path}: --gene_key '{name}' is not a var column (var has: {avail})")
+        return pd.Index(np.asarray(read_elem(self.file["var"][name])).astype(str))
+
     def take(self, rows: np.ndarray) -> sp.csr_matrix:
         """The rows `rows` (sorted, unique) as CSR in the stored dtype.
 

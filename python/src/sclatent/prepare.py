@@ -60,6 +60,7 @@ class PrepareConfig:
     min_cells: int = 0
     min_counts: int = 0
     gene_join: str = "inner"
+    gene_key: str | None = None  # a var column to use as the gene names instead of var_names (e.g. Ensembl ids)
 
     def validate(self) -> None:
         if not 0.0 <= self.test_fraction < 1.0:
@@ -100,6 +101,8 @@ def _open_source(row: SampleRow, cfg: PrepareConfig) -> Source:
     src = row.h5ad
     counts = H5adCounts(src, cfg.counts_layer)
     try:
+        if cfg.gene_key is not None:
+            counts.var_names = counts.var_column(cfg.gene_key)
         check_unique_genes(counts.var_names, source=src)
         if counts.n_obs == 0:
             raise InputError(f"{src}: the file has no cells")

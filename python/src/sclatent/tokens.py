@@ -37,6 +37,7 @@ import scipy.sparse as sp
 
 from .counts import check_counts
 from .io import InputError, atomic_path, dump_json, provenance, read_json
+from .panel import ModelPanel
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +152,14 @@ def _concat_rows(parts: list[dict[str, np.ndarray]], n_keys: int) -> dict[str, n
     }
 
 
-def _label_codes(obs, keys: list[str], categories: dict[str, list[str]], source: str) -> np.ndarray:
+def _label_codes(
+    obs, keys: list[str], categories: dict[str, list[str]], source: str, missing_ok: bool = False
+) -> np.ndarray:
     codes = np.zeros((len(obs), len(keys)), dtype=np.int32)
     for j, key in enumerate(keys):
+        if key not in obs.columns and missing_ok:  # a model's key the cells lack: unknown (-1) for every cell
+            codes[:, j] = -1
+            continue
         if key not in obs.columns:
             raise InputError(f"{source}: condition key '{key}' is not an obs column")
         codes[:, j] = pd.Index(categories[key]).get_indexer(obs[key].astype(str).to_numpy())  # -1 = unseen
@@ -231,16 +237,23 @@ def _tokenize_split(
     chunk_size: int,
     stats: dict[str, _RunningStats] | None,
     progress: bool,
+    panel: ModelPanel | None = None,
 ) -> dict[str, Any]:
     backed = ad.read_h5ad(path, backed="r")
     try:
-        var_index = {g: i for i, g in enumerate(backed.var_names.astype(str))}
-        missing = [g for g in vocab if g not in var_index]
-        if missing:
-            raise InputError(f"{path}: {len(missing)} vocabulary genes are missing from the file, e.g. '{missing[0]}'")
-        col_to_id = np.zeros(backed.n_vars, dtype=np.int32)  # column -> token id (0 = not in the vocabulary)
-        col_to_id[[var_index[g] for g in vocab]] = np.arange(1, len(vocab) + 1, dtype=np.int32)
-        codes_all = _label_codes(backed.obs, keys, categories, path)
+        panel_info = None
+        if panel is not None:  # a model's vocabulary: any panel, genes matched by name or a var column
+            col_to_id, panel_info = gene_index(panel.names(backed.var, path), vocab, source=path)
+        else:
+            var_index = {g: i for i, g in enumerate(backed.var_names.astype(str))}
+            missing = [g for g in vocab if g not in var_index]
+            if missing:
+                raise InputError(
+                    f"{path}: {len(missing)} vocabulary genes are missing from the file, e.g. '{missing[0]}'"
+                )
+            col_to_id = np.zeros(backed.n_vars, dtype=np.int32)  # column -> token id (0 = not in the vocabulary)
+            col_to_id[[var_index[g] for g in vocab]] = np.arange(1, len(vocab) + 1, dtype=np.int32)
+        codes_all = _label_codes(backed.obs, keys, categories, path, missing_ok=panel is not None)
         obs_names = backed.obs_names.astype(str).to_numpy()
         writer = _ShardWriter(folder, shard_size, len(keys))
         lengths = np.zeros(backed.n_obs, dtype=np.int64)
@@ -264,10 +277,12 @@ def _tokenize_split(
                 loglib = np.log(np.maximum(lib, 1.0))
                 stats["__all__"].add(np.zeros(len(lib), dtype=np.int64), loglib)
                 for j, key in enumerate(keys):
-                    stats[key].add(codes[:, j], loglib)
+                    known = codes[:, j] >= 0  # label values a model does not know (-1) have no statistics
+                    stats[key].add(codes[known, j], loglib[known])
                 if len(keys) > 1:  # one integer per combination of label codes
-                    joint = np.ravel_multi_index(tuple(codes.T), [len(categories[k]) for k in keys])
-                    stats["__joint__"].add(joint, loglib)
+                    known = (codes >= 0).all(axis=1)
+                    joint = np.ravel_multi_index(tuple(codes[known].T), [len(categories[k]) for k in keys])
+                    stats["__joint__"].add(joint, loglib[known])
             writer.add(part)
             bar.update(stop - start)
         writer.flush()
@@ -281,6 +296,7 @@ def _tokenize_split(
             "len_quantiles": {q: int(np.percentile(lengths, q)) for q in (50, 90, 99)} if len(lengths) else {},
             "n_empty_cells": int((lengths == 0).sum()),
             "n_cells_unseen_labels": n_unseen,
+            **({"panel": panel_info} if panel_info is not None else {}),
             "_lengths": lengths,
         }
     finally:
@@ -299,10 +315,20 @@ def tokenize(
     chunk_size: int = 8192,
     seed: int = 0,
     progress: bool = True,
+    model: Any = None,
+    gene_key: str | None = None,
+    extend: bool = False,
 ) -> dict[str, Any]:
-    """Tokenize train (and test) cells into `outdir` (written atomically as a whole folder)."""
+    """Tokenize train (and test) cells into `outdir` (written atomically as a whole folder).
+
+    With `model` (a model bundle's path, or a loaded bundle) the vocabulary and labels are the model's
+    (`ModelPanel`): genes matched by name or by the var column `gene_key`, `extend` adds new genes and labels.
+    """
     t0 = time.time()
     train_path = str(train_path)
+    if model is None and (gene_key is not None or extend):
+        raise InputError("--gene-key and --extend match a file to a model's vocabulary: give --model")
+    panel = ModelPanel.of(model, gene_key, extend) if model is not None else None
     if genes not in ("hvg", "all"):
         raise InputError(f"--genes must be 'hvg' or 'all', got '{genes}'")
     if max_tokens < 1:
@@ -321,30 +347,34 @@ def tokenize(
         if head.n_obs == 0:
             raise InputError(f"{train_path}: no cells to tokenize")
         recorded = list(head.uns.get("sclatent", {}).get("condition_keys", [])) if "sclatent" in head.uns else None
-        if condition_keys is None:
-            condition_keys = recorded or []
-        elif recorded is not None and list(condition_keys) != recorded:
-            log.warning(
-                "condition keys %s differ from those PREPARE recorded (%s); using %s",
-                condition_keys,
-                recorded,
-                condition_keys,
-            )
-        keys = list(condition_keys)
-        var_names = head.var_names.astype(str)
-        if genes == "hvg":
-            if "highly_variable" not in head.var.columns:
-                raise InputError(f"{train_path}: --genes hvg needs var['highly_variable'] (written by PREPARE)")
-            vocab = list(var_names[head.var["highly_variable"].to_numpy(dtype=bool)])
+        if panel is not None:
+            requested = list(condition_keys) if condition_keys is not None else recorded
+            vocab, keys, categories = panel.vocabulary(head, genes, requested, train_path)
         else:
-            vocab = list(var_names)
+            if condition_keys is None:
+                condition_keys = recorded or []
+            elif recorded is not None and list(condition_keys) != recorded:
+                log.warning(
+                    "condition keys %s differ from those PREPARE recorded (%s); using %s",
+                    condition_keys,
+                    recorded,
+                    condition_keys,
+                )
+            keys = list(condition_keys)
+            var_names = head.var_names.astype(str)
+            if genes == "hvg":
+                if "highly_variable" not in head.var.columns:
+                    raise InputError(f"{train_path}: --genes hvg needs var['highly_variable'] (written by PREPARE)")
+                vocab = list(var_names[head.var["highly_variable"].to_numpy(dtype=bool)])
+            else:
+                vocab = list(var_names)
+            categories = {}
+            for key in keys:
+                if key not in head.obs.columns:
+                    raise InputError(f"{train_path}: condition key '{key}' is not an obs column")
+                categories[key] = sorted(set(head.obs[key].astype(str)))
         if not vocab:
             raise InputError(f"{train_path}: the gene vocabulary is empty")
-        categories = {}
-        for key in keys:
-            if key not in head.obs.columns:
-                raise InputError(f"{train_path}: condition key '{key}' is not an obs column")
-            categories[key] = sorted(set(head.obs[key].astype(str)))
     finally:
         head.file.close()
 
@@ -356,14 +386,14 @@ def tokenize(
         tmp = Path(tmp)
         splits = {}
         info = _tokenize_split(
-            train_path, tmp / "train", vocab, keys, categories, shard_size, chunk_size, stats, progress
+            train_path, tmp / "train", vocab, keys, categories, shard_size, chunk_size, stats, progress, panel
         )
         lengths = info.pop("_lengths")
         info["n_cells_over_max_tokens"] = int((lengths > max_tokens).sum())
         splits["train"] = info
         if test_path is not None:
             info = _tokenize_split(
-                str(test_path), tmp / "test", vocab, keys, categories, shard_size, chunk_size, None, progress
+                str(test_path), tmp / "test", vocab, keys, categories, shard_size, chunk_size, None, progress, panel
             )
             lengths = info.pop("_lengths")
             info["n_cells_over_max_tokens"] = int((lengths > max_tokens).sum())
@@ -380,11 +410,13 @@ def tokenize(
         }
         if len(keys) > 1:
             libsize["joint"] = stats["__joint__"].result(joint_name)
+        if panel is not None and panel.extend:
+            panel.merge_library_size(libsize, keys)
         manifest = {
             "format_version": FORMAT_VERSION,
             "n_genes": len(vocab),
             "genes": vocab,
-            "gene_selection": genes,
+            "gene_selection": genes if panel is None else "model" + (f"+{genes}" if panel.extend else ""),
             "pad_id": 0,
             "condition_keys": keys,
             "labels": categories,
@@ -400,6 +432,11 @@ def tokenize(
                     "max_tokens": max_tokens,
                     "shard_size": shard_size,
                     "seed": seed,
+                    **(
+                        {"model": panel.path, "gene_key": panel.gene_key, "extend": panel.extend}
+                        if panel is not None
+                        else {}
+                    ),
                 },
                 {"train": train_path, "test": str(test_path) if test_path else None},
             ),

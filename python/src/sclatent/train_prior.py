@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from .finetune import init_provenance, load_init, prior_config, transfer_prior
 from .flow import flow_matching_loss
 from .io import InputError, read_json
 from .nn.dit import DiT, DiTConfig
@@ -28,11 +29,12 @@ log = logging.getLogger(__name__)
 class PriorTraining:
     """What `sclatent train-prior` sets besides the optimiser and schedule (`TrainConfig`)."""
 
-    preset: str = "default"  # DiTConfig.preset name
+    preset: str | None = "default"  # DiTConfig.preset name; None: the --init-from model's (else "default")
     epochs: float = 100.0
     min_steps: int = 2000  # at least this many steps whatever the epochs give (ignored with max_steps)
     max_steps: int | None = None
     rho: float = 0.2  # probability of dropping each label to its null token (independently per attribute)
+    init_from: str | None = None  # a model bundle whose prior weights the run starts from (finetune.py)
 
     def validate(self) -> None:
         if not 0.0 <= self.rho <= 1.0:
@@ -121,17 +123,38 @@ def train_prior(
     n_classes = [len(sidecar["labels"][k]) for k in sidecar["condition_keys"]]
     if labels.shape[1] != len(n_classes):
         raise InputError(f"{latents_path}: labels have {labels.shape[1]} columns but {len(n_classes)} condition keys")
-    mean = z.mean(axis=0)  # (m, dl)
-    std = z.std(axis=0) + 1e-6  # (m, dl)
+    init = load_init(run.init_from, "prior") if run.init_from else None
+    if init is not None and tuple(init.latent_mean.shape) == z.shape[1:]:
+        # a fine-tune keeps the model's standardisation, so that its prior's latent space does not move
+        mean, std = init.latent_mean.numpy(), init.latent_std.numpy()  # (m, dl)
+    else:
+        mean = z.mean(axis=0)  # (m, dl)
+        std = z.std(axis=0) + 1e-6  # (m, dl)
     z = (z - mean) / std
     try:
-        model_cfg = DiTConfig.preset(run.preset, d_latent=z.shape[2], n_tokens=z.shape[1], n_classes=n_classes)
+        asked = (
+            DiTConfig.preset(run.preset or "default", d_latent=z.shape[2], n_tokens=z.shape[1], n_classes=n_classes)
+            if run.preset is not None or not run.init_from
+            else None
+        )
     except ValueError as exc:
         raise InputError(f"DiT configuration: {exc}") from None
+    model_cfg = prior_config(run.init_from, init, asked, z.shape[1:], n_classes) if init is not None else asked
     data = LatentBatches(z, labels, tcfg.batch_size, tcfg.seed)
     tcfg.max_steps = training_steps(run.epochs, data.n_batches(), run.min_steps, run.max_steps)
     torch.manual_seed(tcfg.seed)
     model = DiT(model_cfg)
+    started_from = None
+    if init is not None:
+        keys, categories = list(sidecar["condition_keys"]), sidecar["labels"]
+        started_from = {"path": str(run.init_from), **init_provenance(init)}
+        started_from.update(transfer_prior(init.prior, init.labels, init.condition_keys, model, categories, keys))
+        log.info(
+            "fine-tuning the prior of %s: new label values %s, keys left out %s",
+            run.init_from,
+            started_from["labels_added"] or "none",
+            started_from["keys_left_out"] or "none",
+        )
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "DiT %s: %d parameters, %d latent cells, %d steps, rho=%.2f",
@@ -154,6 +177,7 @@ def train_prior(
         "vocabulary_digest": sidecar["vocabulary_digest"],
         "vae": sidecar["vae"],
         "latents": str(latents_path),
+        "init_from": started_from,
     }
     return train(
         model,

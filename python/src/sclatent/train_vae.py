@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .finetune import init_provenance, load_init, transfer_vae, vae_config
 from .io import InputError
 from .nn.vae import TransformerVAE, VAEConfig
 from .tokens import MANIFEST, TokenLoader, read_manifest, vocabulary_digest
@@ -30,7 +31,7 @@ ZERO_FRACTION = 0.25  # the least share of a cell's decoded genes drawn from its
 class VAETraining:
     """What `sclatent train-vae` sets besides the optimiser and schedule (`TrainConfig`)."""
 
-    preset: str = "default"  # VAEConfig.preset name
+    preset: str | None = "default"  # VAEConfig.preset name; None: the --init-from model's (else "default")
     model_overrides: dict[str, Any] = field(default_factory=dict)  # VAEConfig fields (likelihood, beta, ...)
     epochs: float = 100.0
     min_steps: int = 5000  # at least this many steps whatever the epochs give (ignored with max_steps)
@@ -38,6 +39,7 @@ class VAETraining:
     decode_genes: int = 512  # genes per cell in the loss; 0 = all genes
     max_tokens: int | None = None  # encoder input cap (default: the manifest's)
     theta_lr_scale: float = 10.0  # learning-rate multiplier of the per-gene dispersions (nb, zinb)
+    init_from: str | None = None  # a model bundle whose VAE weights the run starts from (finetune.py)
 
     def validate(self) -> None:
         if not (math.isfinite(self.theta_lr_scale) and self.theta_lr_scale > 0):
@@ -119,15 +121,30 @@ def train_vae(
     run.validate()
     manifest = read_manifest(tokens_dir)
     G = int(manifest["n_genes"])
-    try:
-        model_cfg = VAEConfig.preset(run.preset, G, **run.model_overrides)
-    except (ValueError, TypeError) as exc:
-        raise InputError(f"VAE configuration: {exc}") from None
+    init = load_init(run.init_from, "vae") if run.init_from else None
+    if init is not None:
+        model_cfg = vae_config(run.init_from, init, G, run.preset, run.model_overrides)
+    else:
+        try:
+            model_cfg = VAEConfig.preset(run.preset or "default", G, **run.model_overrides)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"VAE configuration: {exc}") from None
     loader = TokenLoader(
         tokens_dir, "train", batch_size=tcfg.batch_size, shuffle=True, seed=tcfg.seed, max_tokens=run.max_tokens
     )
     tcfg.max_steps = training_steps(run.epochs, loader.n_batches(), run.min_steps, run.max_steps)
     model = TransformerVAE(model_cfg, seed=tcfg.seed)
+    started_from = None
+    if init is not None:
+        started_from = {"path": str(run.init_from), **init_provenance(init)}
+        started_from.update(transfer_vae(init.vae, init.genes, model, manifest["genes"]))
+        log.info(
+            "fine-tuning the VAE of %s: %d genes kept, %d added, %d of its genes not in the tokens' vocabulary",
+            run.init_from,
+            started_from["genes_kept"],
+            started_from["genes_added"],
+            started_from["genes_left_out"],
+        )
     if model.head.log_theta is not None and run.theta_lr_scale != 1.0:
         tcfg.lr_scales = {**tcfg.lr_scales, "head.log_theta": run.theta_lr_scale}
     n_params = sum(p.numel() for p in model.parameters())
@@ -153,6 +170,7 @@ def train_vae(
         "library_size": manifest["library_size"],
         "tokens_manifest": str(Path(tokens_dir) / MANIFEST),
         "tokens_provenance": manifest.get("provenance", {}),
+        "init_from": started_from,
     }
     return train(
         model,
