@@ -584,6 +584,107 @@ def sample(
 
 
 @main.command()
+@click.option("--model", required=True, type=click.Path(exists=True), help="Model bundle (model.pt) from BUNDLE.")
+@click.option(
+    "--h5ad",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="Real cells: raw counts and an obs column for every condition key of the model.",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    required=True,
+    help="key=value (or k=v,k2=v2): the labels the cells are carried to; repeatable; other keys keep the cell's own.",
+)
+@click.option("--where", multiple=True, help="key=value (or k=v,k2=v2): transfer only the cells with these obs values.")
+@click.option(
+    "--out", default=None, type=FILE, help="Output h5ad [default: <h5ad name>_transfer.h5ad in the current folder]."
+)
+@click.option("--layer", default="X", help="Where the raw counts are: X or a layer name.")
+@click.option(
+    "--guidance",
+    type=click.Choice(["joint", "additive"]),
+    default="joint",
+    help="Classifier-free guidance of both integrations: joint (paper eq. 11) or additive (CFGen).",
+)
+@click.option(
+    "--cfg-scale",
+    "cfg_scale",
+    multiple=True,
+    default=("1.0",),
+    help="Guidance weight w, or key=w per attribute (additive); repeatable.",
+)
+@click.option("--method", type=click.Choice(["euler", "heun", "dopri5"]), default="heun", help="ODE solver.")
+@click.option("--n-steps", default=8, type=int, help="Steps of the fixed-step solvers (each direction).")
+@click.option("--atol", default=1e-5, type=float, help="dopri5 absolute tolerance.")
+@click.option("--rtol", default=1e-5, type=float, help="dopri5 relative tolerance.")
+@click.option("--counts", type=click.Choice(["sample", "mean"]), default="sample", help="NB draws or the NB mean.")
+@click.option("--genes", default=None, help="Output genes: a comma list or @file (one per line) [default: all].")
+@click.option("--batch-size", default=512, type=int, help="Cells per batch.")
+@click.option("--seed", default=0, type=int, help="Seed of the NB draws.")
+@click.option("--keep-latents", is_flag=True, help="Store the new latents in obsm['X_latent'].")
+@click.option("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    help="Arithmetic of the DiT: fp32 or bf16 autocast; the VAE stays fp32.",
+)
+@click.option("--threads", default=None, type=int, help="CPU threads for torch.")
+@_user_errors
+def transfer(
+    model,
+    h5ad,
+    overrides,
+    where,
+    out,
+    layer,
+    guidance,
+    cfg_scale,
+    method,
+    n_steps,
+    atol,
+    rtol,
+    counts,
+    genes,
+    batch_size,
+    seed,
+    keep_latents,
+    device,
+    precision,
+    threads,
+) -> None:
+    """TRANSFER: real cells carried to other labels (counterfactuals): each cell is encoded, its latent integrated
+    back to noise under its own labels, then forward under the requested ones, and decoded with its library size."""
+    from .generate import SampleConfig, parse_conditions
+    from .transfer import run_transfer
+
+    _threads(threads)
+    scale, per = _parse_scales(cfg_scale)
+    cfg = SampleConfig(
+        guidance=guidance,
+        cfg_scale=scale,
+        cfg_scales=per,
+        method=method,
+        n_steps=n_steps,
+        atol=atol,
+        rtol=rtol,
+        batch_size=batch_size,
+        seed=seed,
+        counts=counts,
+        keep_latents=keep_latents,
+        precision=precision,
+    )
+    cfg.validate()
+    wanted = parse_conditions([p for item in overrides for p in item.split(",") if p.strip()], option="--set")
+    chosen = parse_conditions([p for item in where for p in item.split(",") if p.strip()], option="--where")
+    out = out or f"{Path(h5ad).name.removesuffix('.h5ad')}_transfer.h5ad"
+    run_transfer(model, h5ad, out, wanted, cfg, where=chosen, layer=layer, genes=_gene_list(genes), device=device)
+
+
+@main.command()
 @click.argument("shards", nargs=-1, type=click.Path(dir_okay=False, exists=True))
 @click.option("--out", required=True, type=FILE, help="Gathered h5ad.")
 @_user_errors

@@ -6,7 +6,8 @@ This module is the single place where the prior's formulas live:
 * flow-matching loss ``E_{t, eps} || v(x_t, t, y~) - u_t ||^2`` with per-attribute label dropout ``y -> y~``;
 * guidance: *joint* (eq. 11) ``v = v_null + w (v_y - v_null)`` and *additive* (CFGen)
   ``v = v_null + sum_j w_j (v_{y_j} - v_null)``;
-* samplers integrating ``dx/dt = v(x, t)`` from t = 0 to t = 1: ``euler``, ``heun``, adaptive ``dopri5``.
+* samplers integrating ``dx/dt = v(x, t)`` from t = 0 to t = 1 (generation) or back from 1 to 0 (inversion, for
+  counterfactual transfer): ``euler``, ``heun``, adaptive ``dopri5``; one implementation for both directions.
 
 A velocity function has the signature ``velocity_fn(x (B, ...), t (B,)) -> (B, ...)``.
 Shapes: ``B`` samples, ``m`` latent tokens, ``dl`` latent width, ``K`` condition keys.
@@ -190,7 +191,7 @@ def guided_velocity(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# ODE samplers, t = 0 (noise) -> t = 1 (data)
+# ODE samplers, t = 0 (noise) -> t = 1 (data), or back
 # --------------------------------------------------------------------------------------------------------------
 class _CountingRHS:
     """Wraps a velocity function: takes a python-float time, counts evaluations (NFE)."""
@@ -210,25 +211,26 @@ class _CountingRHS:
         return v
 
 
-def _euler(f: _CountingRHS, x: Tensor, n_steps: int) -> Tensor:
-    """Explicit Euler on the uniform grid t_i = i / n_steps: n_steps evaluations."""
-    h = 1.0 / n_steps
+def _euler(f: _CountingRHS, x: Tensor, n_steps: int, t0: float, t1: float) -> Tensor:
+    """Explicit Euler on the uniform grid t_i = t0 + i (t1 - t0) / n_steps: n_steps evaluations."""
+    h = (t1 - t0) / n_steps
     for i in range(n_steps):
-        x = x + h * f(i / n_steps, x)
+        x = x + h * f(t0 + (t1 - t0) * i / n_steps, x)
     return x
 
 
-def _heun(f: _CountingRHS, x: Tensor, n_steps: int) -> Tensor:
-    """Heun's method (explicit trapezoid) on t_i = i / n_steps, corrector on every step: 2 n_steps evaluations.
+def _heun(f: _CountingRHS, x: Tensor, n_steps: int, t0: float, t1: float) -> Tensor:
+    """Heun's method (explicit trapezoid) on t_i = t0 + i (t1 - t0) / n_steps, corrector on every step:
+    2 n_steps evaluations.
 
     The last step keeps its corrector: the velocity field is regular at t = 1 (unlike EDM's sigma = 0 endpoint).
     """
-    h = 1.0 / n_steps
+    h = (t1 - t0) / n_steps
     for i in range(n_steps):
-        t0, t1 = i / n_steps, (i + 1) / n_steps
-        k1 = f(t0, x)
+        ta, tb = t0 + (t1 - t0) * i / n_steps, t0 + (t1 - t0) * (i + 1) / n_steps
+        k1 = f(ta, x)
         x_pred = x + h * k1
-        k2 = f(t1, x_pred)
+        k2 = f(tb, x_pred)
         x = x + 0.5 * h * (k1 + k2)
     return x
 
@@ -256,48 +258,49 @@ def _rms(x: Tensor) -> float:
     return float(torch.sqrt(torch.mean(x.double() ** 2)))
 
 
-def _initial_step(f: _CountingRHS, x0: Tensor, f0: Tensor, atol: float, rtol: float) -> float:
-    """Starting step size of Hairer, Nørsett & Wanner (II.4, p. 169), order 5, capped at the interval length 1.
-
-    Costs one evaluation."""
+def _initial_step(f: _CountingRHS, x0: Tensor, f0: Tensor, atol: float, rtol: float, t0: float, sign: float) -> float:
+    """Starting step size (a magnitude) of Hairer, Nørsett & Wanner (II.4, p. 169), order 5, capped at the interval
+    length 1; the trial step goes in the direction `sign` from t0. Costs one evaluation."""
     scale = atol + rtol * x0.abs()
     d0, d1 = _rms(x0 / scale), _rms(f0 / scale)
     h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
     h0 = min(h0, 1.0)
-    f1 = f(h0, x0 + h0 * f0)
+    f1 = f(t0 + sign * h0, x0 + sign * h0 * f0)
     d2 = _rms((f1 - f0) / scale) / h0
     h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 5)
     return min(100 * h0, h1, 1.0)
 
 
-def _dopri5(f: _CountingRHS, x: Tensor, atol: float, rtol: float, max_steps: int) -> Tensor:
-    """Adaptive Dormand–Prince 5(4) with FSAL and local error control on [0, 1].
+def _dopri5(f: _CountingRHS, x: Tensor, atol: float, rtol: float, max_steps: int, t0: float, t1: float) -> Tensor:
+    """Adaptive Dormand–Prince 5(4) with FSAL and local error control from t0 to t1 (either direction).
 
     A step is accepted when RMS(err / (atol + rtol max(|x|, |x_new|))) <= 1 (the norm runs over the whole batch,
     so all samples share one step-size sequence). Step factor ``0.9 err^(-1/5)`` clipped to [0.2, 10] (no growth
     right after a rejection). Cost: 2 evaluations to start + 6 per attempted step.
     """
-    t = 0.0
+    sign = 1.0 if t1 > t0 else -1.0
+    t = t0
     k1 = f(t, x)
-    h = _initial_step(f, x, k1, atol, rtol)
+    h = _initial_step(f, x, k1, atol, rtol, t0, sign)  # step magnitude; the signed step is sign * h
     accepted = rejected = 0
     just_rejected = False
-    while t < 1.0:
+    while sign * (t1 - t) > 0:
         if accepted + rejected >= max_steps:
-            raise RuntimeError(f"dopri5 did not reach t=1 within max_steps={max_steps} (t={t:.6f}, h={h:.3e})")
+            raise RuntimeError(f"dopri5 did not reach t={t1:g} within max_steps={max_steps} (t={t:.6f}, h={h:.3e})")
         if h < 1e-12:
             raise RuntimeError(f"dopri5 step size underflow at t={t:.6f} (h={h:.3e}); is the velocity finite?")
-        last = h >= 1.0 - t
+        last = h >= sign * (t1 - t)
         if last:
-            h = 1.0 - t
-        t_new = 1.0 if last else t + h
+            h = sign * (t1 - t)
+        t_new = t1 if last else t + sign * h
+        hs = sign * h  # signed step
         ks = [k1]
         for i in range(1, 7):
             dx = sum(a * k for a, k in zip(_DP_A[i], ks) if a != 0.0)
-            ks.append(f(t + _DP_C[i] * h if i < 6 else t_new, x + h * dx))
+            ks.append(f(t + _DP_C[i] * hs if i < 6 else t_new, x + hs * dx))
         # row 7 of A equals b5, so the stage-7 state is the 5th-order solution and ks[6] = f(t_new, x_new) (FSAL)
-        x_new = x + h * sum(b * k for b, k in zip(_DP_B5, ks) if b != 0.0)
-        err_vec = h * sum(e * k for e, k in zip(_DP_E, ks) if e != 0.0)
+        x_new = x + hs * sum(b * k for b, k in zip(_DP_B5, ks) if b != 0.0)
+        err_vec = hs * sum(e * k for e, k in zip(_DP_E, ks) if e != 0.0)
         scale = atol + rtol * torch.maximum(x.abs(), x_new.abs())
         err = _rms(err_vec / scale)
         if not math.isfinite(err):
@@ -319,32 +322,51 @@ def _dopri5(f: _CountingRHS, x: Tensor, atol: float, rtol: float, max_steps: int
 
 
 @torch.no_grad()
-def sample(
+def integrate(
     velocity_fn: VelocityFn,
-    x0: Tensor,
+    x: Tensor,
+    t0: float,
+    t1: float,
     method: Literal["euler", "heun", "dopri5"] = "dopri5",
     n_steps: int | None = None,
     atol: float = 1e-5,
     rtol: float = 1e-5,
     max_steps: int = 100_000,
 ) -> tuple[Tensor, int]:
-    """Integrate dx/dt = velocity_fn(x, t) from t = 0 (x0, noise drawn by the caller) to t = 1 (data).
+    """Integrate dx/dt = velocity_fn(x, t) from time t0 (state x) to t1, forwards (t1 > t0) or backwards.
 
     ``euler`` / ``heun`` take ``n_steps`` uniform steps (NFE = n_steps / 2 n_steps); ``dopri5`` is adaptive with
-    tolerances ``atol`` / ``rtol`` (NFE = 2 + 6 x attempted steps) and refuses ``n_steps``. Returns (x1, nfe), where
-    nfe counts calls of velocity_fn (a guided call batching several model evaluations counts once).
+    tolerances ``atol`` / ``rtol`` (NFE = 2 + 6 x attempted steps) and refuses ``n_steps``. Returns (x(t1), nfe),
+    where nfe counts calls of velocity_fn (a guided call batching several model evaluations counts once).
     """
     if method not in SAMPLERS:
         raise ValueError(f"unknown sampler {method!r}; choose one of {SAMPLERS}")
-    f = _CountingRHS(velocity_fn, x0)
+    if not (0.0 <= t0 <= 1.0 and 0.0 <= t1 <= 1.0) or t0 == t1:
+        raise ValueError(f"integration needs two different times in [0, 1], got t0={t0!r}, t1={t1!r}")
+    f = _CountingRHS(velocity_fn, x)
     if method in ("euler", "heun"):
         if n_steps is None or not isinstance(n_steps, int) or n_steps < 1:
             raise ValueError(f"sampler {method!r} needs n_steps >= 1, got {n_steps!r}")
-        x1 = _euler(f, x0, n_steps) if method == "euler" else _heun(f, x0, n_steps)
+        out = _euler(f, x, n_steps, t0, t1) if method == "euler" else _heun(f, x, n_steps, t0, t1)
     else:
         if n_steps is not None:
             raise ValueError(f"dopri5 is adaptive and does not use n_steps (got {n_steps!r}); set atol/rtol instead")
         if not (atol > 0 and rtol > 0):
             raise ValueError(f"dopri5 needs atol > 0 and rtol > 0, got atol={atol!r}, rtol={rtol!r}")
-        x1 = _dopri5(f, x0, atol, rtol, max_steps)
-    return x1, f.nfe
+        out = _dopri5(f, x, atol, rtol, max_steps, t0, t1)
+    return out, f.nfe
+
+
+def sample(
+    velocity_fn: VelocityFn, x0: Tensor, method: str = "dopri5", n_steps: int | None = None, **kw
+) -> tuple[Tensor, int]:
+    """Generate: integrate from t = 0 (x0, noise drawn by the caller) to t = 1 (data); see :func:`integrate`."""
+    return integrate(velocity_fn, x0, 0.0, 1.0, method, n_steps, **kw)  # type: ignore[arg-type]
+
+
+def invert(
+    velocity_fn: VelocityFn, x1: Tensor, method: str = "dopri5", n_steps: int | None = None, **kw
+) -> tuple[Tensor, int]:
+    """Invert: integrate backwards from data x1 at t = 1 to the noise at t = 0 that the same field carries to x1
+    (the probability-flow ODE is deterministic, so :func:`sample` of the result returns x1 up to the ODE error)."""
+    return integrate(velocity_fn, x1, 1.0, 0.0, method, n_steps, **kw)  # type: ignore[arg-type]
