@@ -136,6 +136,12 @@ def check_samplesheet(samplesheet: str, base_dir: str | None, check_exists: bool
     default="inner",
     help="Combine files on their shared genes (inner) or all genes (outer, zeros where absent).",
 )
+@click.option(
+    "--holdout",
+    default="",
+    help="Attribute combinations whose cells go to the test split only, never to training: "
+    "'cell_type=X,condition=Y;cell_type=Z' (';' between combinations).",
+)
 @_user_errors
 def prepare(
     samplesheet,
@@ -150,8 +156,10 @@ def prepare(
     min_cells,
     min_counts,
     gene_join,
+    holdout,
 ) -> None:
     """PREPARE: validate, combine, QC, split and flag HVGs for one dataset."""
+    from .holdout import parse_holdout
     from .io import read_samplesheet
     from .prepare import PrepareConfig
     from .prepare import prepare as run
@@ -179,6 +187,7 @@ def prepare(
         min_cells=min_cells,
         min_counts=min_counts,
         gene_join=gene_join,
+        holdout=parse_holdout(holdout),
     )
     run(rows, cfg, outdir)
 

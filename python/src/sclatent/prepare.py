@@ -10,7 +10,8 @@ Rules (also in docs/usage.md):
   before/after numbers go to prepare.json.
 - Split: rows with `split` = train/test keep it; cells of `all` files are split at random (seeded), stratified
   by the joint combination of the condition keys, with `test_fraction` of each stratum in test (a stratum of
-  one cell stays in train).
+  one cell stays in train). Cells of a `holdout` combination go to test whatever their row says
+  (`holdout.holdout_mask`); both splits record the combinations training saw (`uns["sclatent"]`).
 - HVGs: scanpy `highly_variable_genes(flavor="seurat_v3")` on the training counts; `var["highly_variable"]`.
 - Training cells are written in a seeded random order (so contiguous token shards are random samples);
   test cells keep their input order.
@@ -31,6 +32,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .counts import counts_matrix
+from .holdout import combinations_of, combo_name, holdout_mask
 from .io import (
     InputError,
     SampleRow,
@@ -56,6 +58,7 @@ class PrepareConfig:
     min_cells: int = 0
     min_counts: int = 0
     gene_join: str = "inner"
+    holdout: list[dict[str, str]] = field(default_factory=list)  # combinations sent to test only (never trained on)
 
     def validate(self) -> None:
         if not 0.0 <= self.test_fraction < 1.0:
@@ -221,8 +224,9 @@ def stratified_split(strata: np.ndarray, test_fraction: float, rng: np.random.Ge
 
 def _split(adata: ad.AnnData, cfg: PrepareConfig, rng: np.random.Generator) -> np.ndarray:
     given = adata.obs["split"].to_numpy()
-    is_test = given == "test"
-    free = given == "all"
+    held = holdout_mask(adata.obs, cfg.holdout, cfg.condition_keys)  # (n,) held-out combinations: test only
+    is_test = (given == "test") | held
+    free = (given == "all") & ~held
     if free.any():
         if cfg.condition_keys:
             strata = adata.obs.loc[free, cfg.condition_keys].astype(str).agg("|".join, axis=1).to_numpy()
@@ -303,9 +307,20 @@ def prepare(rows: list[SampleRow], cfg: PrepareConfig, outdir: str | Path) -> di
         "train": _class_counts(train.obs, cfg.condition_keys),
         "test": _class_counts(test.obs, cfg.condition_keys),
     }
+    if cfg.holdout:
+        report["holdout"] = {
+            "combinations": [combo_name(c) for c in cfg.holdout],
+            "test_cells": int(holdout_mask(test.obs, cfg.holdout, cfg.condition_keys).sum()),
+        }
     report["elapsed_s"] = round(time.time() - t0, 3)
     report["provenance"] = provenance("prepare", asdict(cfg))
-    uns = {"dataset": cfg.dataset, "condition_keys": list(cfg.condition_keys), "counts_layer_in": cfg.counts_layer}
+    uns = {
+        "dataset": cfg.dataset,
+        "condition_keys": list(cfg.condition_keys),
+        "counts_layer_in": cfg.counts_layer,
+        "holdout": [combo_name(c) for c in cfg.holdout],
+        "train_combinations": combinations_of(train.obs, cfg.condition_keys),
+    }
     for part in (train, test):
         part.uns["sclatent"] = uns
 
