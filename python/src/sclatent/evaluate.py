@@ -8,6 +8,10 @@ two seeded, stratified halves A and B of the real test cells ("real_vs_real": th
 next to the model at the same sizes ("generated_vs_real_half": |A| generated cells of replicate 0 vs B),
 because W2 and MMD² shrink with the number of cells compared.
 The reconstruction metrics of ENCODE are carried over. Writes `metrics.json` and `metrics_mqc.tsv`.
+
+Combinations never seen in training (the real cells' `uns["sclatent"]["train_combinations"]`, written by PREPARE)
+are scored on their own (`metrics.heldout`: model, real-vs-real floor and nearest seen combinations, under
+"held_out"); every other number is then about the seen combinations only.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 from .io import InputError, atomic_outputs, dump_json, provenance, read_h5ad, read_json
 from .metrics import aggregate_replicates, to_mqc_tsv
 from .metrics import evaluate as evaluate_metrics
+from .metrics.heldout import score_held_out, seen_only
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,25 @@ def _split_halves(adata, keys: Sequence[str], seed: int):
         idx = rng.permutation(np.flatnonzero(strata == value))
         first[idx[: len(idx) // 2]] = True
     return adata[first].copy(), adata[~first].copy()
+
+
+def _held_out(real, gen, keys, model_genes, generated_path, real_path, kwargs):
+    """The held-out section (empty when training saw every combination) and the seen cells of both sides."""
+    seen = real.uns.get("sclatent", {}).get("train_combinations")
+    if seen is None or len(keys) < 2:
+        return {}, real, gen
+    options = {k: v for k, v in kwargs.items() if k in ("n_pcs", "seed", "k", "max_cells", "w2_max_cells")}
+    try:
+        held = score_held_out(real, gen, keys, list(seen), model_genes=model_genes, **options)
+    except ValueError as exc:
+        raise InputError(f"{generated_path} vs {real_path}: {exc}") from None
+    if not held:
+        return {}, real, gen
+    seen_real = seen_only(real, keys, held["combinations"])
+    if seen_real.n_obs == 0:  # every test cell is of a never-seen combination: the main section scores them all
+        held["scope_note"] = "every test cell is of a never-seen combination; the main metrics score them all"
+        return held, real, gen
+    return held, seen_real, seen_only(gen, keys, held["combinations"])
 
 
 def run_evaluate(
@@ -69,6 +93,7 @@ def run_evaluate(
     reps = sorted(gen.obs["replicate"].unique().tolist()) if "replicate" in gen.obs.columns else [0]
     kwargs = {"n_pcs": n_pcs, "seed": seed, **({"max_cells": max_cells} if max_cells else {}), **metric_kwargs}
     model_genes = list(gen.var_names)
+    held_out, real, gen = _held_out(real, gen, keys, model_genes, generated_path, real_path, kwargs)
     per_rep = []
     for r in reps:
         part = gen[gen.obs["replicate"] == r] if "replicate" in gen.obs.columns else gen
@@ -87,6 +112,11 @@ def run_evaluate(
         "generation": summary,
         "generation_per_replicate": per_rep,
     }
+    if held_out:
+        result["generation_scope"] = (
+            "all test cells" if "scope_note" in held_out else "seen combinations (the never-seen ones: held_out)"
+        )
+        result["held_out"] = held_out
     if floor:
         # Distances shrink with the number of cells compared, so the floor (half A vs half B of the real
         # cells) is read against the model at the same sizes: generated cells (replicate 0, subsampled to

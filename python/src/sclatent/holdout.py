@@ -14,8 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
-
-JOINT_SEPARATOR = "|"  # joint class names: values of the condition keys in key order, e.g. "HCC827|Drop-seq"
+from .metrics.distances import JOINT_SEPARATOR  # joint class names: the keys' values in key order, "HCC827|Drop-seq"
 
 
 def parse_holdout(text: str | None) -> list[dict[str, str]]:
