@@ -181,6 +181,16 @@ def test_evaluate_scores_never_seen_combinations_apart(tmp_path, caplog) -> None
     assert metrics["n_real"] == test.n_obs - 80 and metrics["n_generated"] == 9 * 60 - 60
     seen_classes = metrics["generation"]["per_class"]["cell_type|perturbation"]["n_classes"]
     assert seen_classes == [8]
+    # the report says which combination was never seen, with its table
+    r = CliRunner().invoke(
+        main, ["report", "--metrics", str(tmp_path / "ev/metrics.json"), "--out", str(tmp_path / "r.html")]
+    )
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "r.html").read_text()
+    section = page[page.index('<section id="held-out">') :]
+    section = section[: section.index("</section>")]
+    assert "Never seen in training: type_0|pert_1." in section and "real half A (floor)" in section
+    assert section.count("<tr>") == 1 + 2 + 2 * 2  # header, model and floor, two neighbours and the model at their n
 
 
 def test_compositional_truth_is_seeded_and_composes() -> None:

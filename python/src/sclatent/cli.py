@@ -394,14 +394,25 @@ def encode(model, tokens, outdir, batch_size, max_cells, seed, device, threads) 
     type=click.FloatRange(0, 1),
     help="Label dropout: each attribute is replaced by its null token with this probability, independently.",
 )
+@click.option(
+    "--label-dropout",
+    type=click.Choice(["independent", "shared"]),
+    default="independent",
+    help="Label dropout: each attribute on its own (independent) or all of a cell's together (shared).",
+)
 @_training_options(lr=5e-4, batch_size=256, ema=0.999, min_steps=2000)
 @_user_errors
-def train_prior_cmd(latents, outdir, preset, rho, **kw) -> None:
-    """TRAIN_PRIOR: train the DiT flow-matching prior with per-attribute label dropout."""
+def train_prior_cmd(latents, outdir, preset, rho, label_dropout, **kw) -> None:
+    """TRAIN_PRIOR: train the DiT flow-matching prior with label dropout."""
     from .train_prior import PriorTraining, train_prior
 
     run = PriorTraining(
-        preset=preset, epochs=kw["epochs"], min_steps=kw["min_steps"], max_steps=kw["max_steps"], rho=rho
+        preset=preset,
+        epochs=kw["epochs"],
+        min_steps=kw["min_steps"],
+        max_steps=kw["max_steps"],
+        rho=rho,
+        dropout=label_dropout,
     )
     tcfg = _train_config(kw, betas=(0.9, 0.999), decay_frac=1.0, decay_shape="cosine")
     train_prior(latents, outdir, run, tcfg, resume=kw["resume"], progress=kw["progress"])

@@ -56,7 +56,9 @@ def _normal(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) ->
     return torch.randn(shape, generator=generator, device=generator.device).to(like.device, like.dtype)
 
 
-def flow_matching_loss(model: DiT, z: Tensor, labels: Tensor, generator: torch.Generator, rho: float) -> Tensor:
+def flow_matching_loss(
+    model: DiT, z: Tensor, labels: Tensor, generator: torch.Generator, rho: float, scheme: str = "independent"
+) -> Tensor:
     """Flow-matching MSE for a batch of data latents.
 
     z (B, m, dl) are data latents, labels (B, K) their label codes. Draws, in this order from generator:
@@ -68,7 +70,7 @@ def flow_matching_loss(model: DiT, z: Tensor, labels: Tensor, generator: torch.G
     b = z.shape[0]
     t = _uniform((b,), generator, z)  # (B,)
     eps = _normal(tuple(z.shape), generator, z)  # (B, m, dl)
-    dropped = drop_labels(labels, model.config, rho, generator)  # (B, K)
+    dropped = drop_labels(labels, model.config, rho, generator, scheme)  # (B, K)
     x_t = interpolate(z, eps, t)  # (B, m, dl)
     v = model(x_t, t, dropped)  # (B, m, dl)
     return torch.mean((v - target_velocity(z, eps)) ** 2)

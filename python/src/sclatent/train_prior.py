@@ -33,6 +33,7 @@ class PriorTraining:
     min_steps: int = 2000  # at least this many steps whatever the epochs give (ignored with max_steps)
     max_steps: int | None = None
     rho: float = 0.2  # probability of dropping each label to its null token (independently per attribute)
+    dropout: str = "independent"  # label-dropout scheme (nn.dit.DROPOUT_SCHEMES)
 
     def validate(self) -> None:
         if not 0.0 <= self.rho <= 1.0:
@@ -66,14 +67,15 @@ class LatentBatches:
 
 
 class PriorLoss:
-    """loss_fn for `train.train`: flow matching with per-attribute label dropout."""
+    """loss_fn for `train.train`: flow matching with label dropout."""
 
-    def __init__(self, rho: float) -> None:
+    def __init__(self, rho: float, scheme: str = "independent") -> None:
         self.rho = rho
+        self.scheme = scheme
 
     def __call__(self, model: DiT, batch: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator):
         z, labels = batch
-        loss = flow_matching_loss(model, z, labels, generator, self.rho)
+        loss = flow_matching_loss(model, z, labels, generator, self.rho, self.scheme)
         return loss, {}
 
 
@@ -149,7 +151,7 @@ def train_prior(
     }
     return train(
         model,
-        PriorLoss(run.rho),
+        PriorLoss(run.rho, run.dropout),
         data,
         tcfg,
         Path(out_dir),
