@@ -57,12 +57,46 @@ def _held_combos(test: Any, keys: list[str], seen: list[str]) -> list[dict[str, 
     return [dict(zip(keys, c.split("|"))) for c in unseen_combinations(test.obs, keys, seen)]
 
 
+N_SPLITS = 5  # half splits of each held-out combination's real cells averaged over (one split is noisy)
+
+
+def _mean_metrics(items: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [m for m in items if m and "error" not in m]
+    if not ok:
+        return {"error": "not scored"}
+    return {k: float(np.mean([m[k] for m in ok])) for k in ok[0] if isinstance(ok[0][k], (int, float))}
+
+
 def score(test: Any, gen: Any, keys: list[str], seen: list[str], genes: list[str], seed: int) -> dict[str, Any]:
-    """Held-out section and (when the generated cells cover them) the seen combinations' metrics."""
+    """Held-out section averaged over N_SPLITS half splits (seeds 0..N-1, the same for every row), and (when the
+    generated cells cover them) the seen combinations' metrics."""
     from sclatent.metrics import evaluate as evaluate_metrics
     from sclatent.metrics.heldout import score_held_out, seen_only
 
-    held = score_held_out(test, gen, keys, seen, model_genes=genes, seed=seed)
+    splits = [score_held_out(test, gen, keys, seen, model_genes=genes, seed=s) for s in range(N_SPLITS)]
+    held = dict(splits[0])
+    per = {}
+    for combo in splits[0]["per_combination"]:
+        entries = [sp["per_combination"][combo] for sp in splits if combo in sp["per_combination"]]
+        e = dict(entries[0])
+        e["model"] = _mean_metrics([x["model"] for x in entries])
+        e["floor"] = _mean_metrics([x["floor"] for x in entries])
+        nearest = {}
+        for key in e["nearest"]:
+            near = [x["nearest"][key] for x in entries if x["nearest"].get(key) and "real" in x["nearest"][key]]
+            if near:
+                nearest[key] = {
+                    "combination": near[0]["combination"],
+                    "n": near[0]["n"],
+                    "real": _mean_metrics([n["real"] for n in near]),
+                    "model": _mean_metrics([n["model"] for n in near]),
+                }
+            else:
+                nearest[key] = None
+        e["nearest"] = nearest
+        per[combo] = e
+    held["per_combination"] = per
+    held["n_splits"] = N_SPLITS
     out: dict[str, Any] = {"held_out": held}
     seen_gen = seen_only(gen, keys, held["combinations"])
     if seen_gen.n_obs:
@@ -95,155 +129,6 @@ def vae_ceiling(model_path: Path, test: Any, keys: list[str], seen: list[str], s
     gen.var_names = list(bundle.genes)
     gen.obs["replicate"] = 0
     return score(test, gen, keys, seen, list(bundle.genes), seed)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# candidate: composition through seen combinations (the parallelogram a x b = a x b' + c x b - c x b')
-# ---------------------------------------------------------------------------------------------------------------
-def parallelograms(target: tuple[int, int], seen: set[tuple[int, int]], base_value: int | None = None) -> list:
-    """(base, plus, minus) code pairs with base = (a, b'), plus = (c, b), minus = (c, b') all seen, for the target
-    (a, b) of two keys; `base_value` fixes b' (a transferred cell's own second label)."""
-    a, b = target
-    out = []
-    for a2, b2 in sorted(seen):
-        if a2 != a or b2 == b or (base_value is not None and b2 != base_value):
-            continue
-        for c, d in sorted(seen):
-            if c != a and d == b and (c, b2) in seen:
-                out.append(((a, b2), (c, b), (c, b2)))
-    return out
-
-
-class ComposedVelocity:
-    """v = v_null + w (v_comp - v_null), v_comp = mean over parallelograms of v(base) + v(plus) - v(minus), per row
-    (rows without a parallelogram use their own label, i.e. joint guidance)."""
-
-    def __init__(self, model: Any, codes: Any, seen: set, w: float, base_values: Any = None) -> None:
-        import torch
-
-        self.model = model
-        b, k = codes.shape
-        null = torch.tensor(model.config.null_codes, dtype=torch.long)
-        rows: list[list[tuple[tuple[int, ...], float]]] = []
-        for i in range(b):
-            target = tuple(int(x) for x in codes[i])
-            bv = None if base_values is None else int(base_values[i])
-            grams = parallelograms(target, seen, bv) if target not in seen else []
-            terms: dict[tuple[int, ...], float] = {}
-            if grams:
-                for base, plus, minus in grams:
-                    for lab, c in ((base, 1.0), (plus, 1.0), (minus, -1.0)):
-                        terms[lab] = terms.get(lab, 0.0) + w * c / len(grams)
-            else:
-                terms[target] = w
-            nk = tuple(int(x) for x in null)
-            terms[nk] = terms.get(nk, 0.0) + (1.0 - w)
-            rows.append(list(terms.items()))
-        n_terms = max(len(r) for r in rows)
-        self.labels = torch.zeros((n_terms, b, k), dtype=torch.long)
-        self.coef = torch.zeros((n_terms, b))
-        for i, r in enumerate(rows):
-            for j in range(n_terms):
-                lab, c = r[j] if j < len(r) else (tuple(int(x) for x in null), 0.0)
-                self.labels[j, i] = torch.tensor(lab)
-                self.coef[j, i] = c
-        self.n_terms, self.b = n_terms, b
-
-    def __call__(self, x: Any, t: Any) -> Any:
-        import torch
-
-        out = self.model(
-            torch.cat([x] * self.n_terms), torch.cat([t] * self.n_terms), self.labels.reshape(-1, self.labels.shape[-1])
-        )
-        out = out.view(self.n_terms, self.b, *x.shape[1:])
-        return (self.coef.view(self.n_terms, self.b, 1, 1) * out).sum(0)
-
-
-def composed_generation(model: Any, test: Any, keys: list[str], held: list, w: float, seed: int, reps: int) -> Any:
-    """Cells of the held-out combinations (as many as their test cells) from noise through the composed field."""
-    import anndata as ad
-    import torch
-
-    from sclatent.flow import sample as ode_sample
-    from sclatent.generate import SampleConfig, Sampler, generated_anndata, label_codes, lognormal_params
-
-    sampler = Sampler(model.bundle, SampleConfig(), torch.device("cpu"))
-    seen = {
-        tuple(sampler.labels[k].index(v) for k, v in zip(keys, name.split("|")))
-        for name in sampler.library_stats["joint"]
-    }
-    mask = np.zeros(test.n_obs, dtype=bool)
-    for combo in held:
-        m = np.ones(test.n_obs, dtype=bool)
-        for k, v in combo.items():
-            m &= test.obs[k].astype(str).to_numpy() == v
-        mask |= m
-    obs = test.obs[mask]
-    codes = label_codes(obs, keys, sampler.labels, source="test")
-    parts = []
-    for r in range(reps):
-        g = torch.Generator().manual_seed(1000 * seed + r)
-        x0 = torch.randn((len(codes), *sampler.latent_shape), generator=g)
-        field = ComposedVelocity(sampler.prior, codes, seen, w)
-        with torch.no_grad():
-            z, _ = ode_sample(field, x0, "heun", 2)
-        z = z * sampler.bundle.latent_std + sampler.bundle.latent_mean
-        mu, sd = lognormal_params(codes, keys, sampler.labels, sampler.library_stats)
-        lib = torch.exp(
-            torch.as_tensor(mu + sd * np.asarray(torch.randn(len(codes), generator=g)), dtype=torch.float32)
-        )
-        X = sampler.decode(z, lib.clamp_min(1.0), None, g)
-        out = generated_anndata(X, codes, sampler, sampler.genes)
-        out.obs["replicate"] = r
-        parts.append(out)
-    return ad.concat(parts)
-
-
-def composed_transfer(model: Any, train: Any, keys: list[str], held: list, w: float, seed: int) -> Any:
-    """Training cells of each held-out combination's first-key value (other second-key values), inverted under their
-    own labels and carried forward through the composed field anchored at their own second label."""
-    import anndata as ad
-    import torch
-
-    from sclatent.counts import counts_matrix
-    from sclatent.flow import invert
-    from sclatent.flow import sample as ode_sample
-    from sclatent.generate import SampleConfig, Sampler, label_codes
-    from sclatent.tokens import gene_index, memory_batches, tokens_of
-    from sclatent.transfer import transferred_anndata
-
-    sampler = Sampler(model.bundle, SampleConfig(method="heun", n_steps=8), torch.device("cpu"))
-    seen = {
-        tuple(sampler.labels[k].index(v) for k, v in zip(keys, name.split("|")))
-        for name in sampler.library_stats["joint"]
-    }
-    parts = []
-    for combo in held:
-        mask = train.obs[keys[0]].astype(str).to_numpy() == combo[keys[0]]
-        mask &= train.obs[keys[1]].astype(str).to_numpy() != combo[keys[1]]
-        cells = train[mask].copy()
-        src = label_codes(cells.obs, keys, sampler.labels, source="train")
-        tgt = src.copy()
-        tgt[:, 1] = sampler.labels[keys[1]].index(combo[keys[1]])
-        ids, _ = gene_index(cells.var_names, sampler.genes, source="train")
-        shard = tokens_of(counts_matrix(cells, "X", source="train"), ids)
-        batch = next(memory_batches(shard, 100000, None))
-        t = batch.to_torch("cpu")
-        with torch.no_grad():
-            z, _ = sampler.vae.encode(t["genes"], t["counts"], t["mask"])
-            zs = (z - sampler.bundle.latent_mean) / sampler.bundle.latent_std
-            from sclatent.flow import guided_velocity
-
-            noise, _ = invert(guided_velocity(sampler.prior, torch.as_tensor(src), "joint", w), zs, "heun", 8)
-            field = ComposedVelocity(sampler.prior, tgt, seen, w, base_values=src[:, 1])
-            x1, _ = ode_sample(field, noise, "heun", 8)
-            z_new = x1 * sampler.bundle.latent_std + sampler.bundle.latent_mean
-        g = torch.Generator().manual_seed(seed)
-        X = sampler.decode(z_new, t["library_size"].float().clamp_min(1.0), None, g)
-        out = transferred_anndata(X, src, tgt, sampler, sampler.genes, cells.obs_names)
-        out.obs["replicate"] = 0
-        parts.append(out)
-    return ad.concat(parts)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -347,11 +232,10 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             t0 = time.perf_counter()
             w = rv["w"]
-            if rv["route"] == "compose":
-                gen = composed_generation(model, test, keys, held, w, args.seed, args.replicates)
-            elif rv["route"] == "transfer-compose":
-                gen = composed_transfer(model, train, keys, held, w, args.seed)
-            elif rv["route"] == "noise":
+            # "noise"/"transfer": the joint request as it is; "compose"/"transfer-compose": a combination never
+            # seen in training composed from seen ones (flow.analogies)
+            unseen = "analogy" if rv["route"] in ("compose", "transfer-compose") else "joint"
+            if rv["route"] in ("noise", "compose"):
                 parts = []
                 for r in range(args.replicates):
                     g = model.sample(
@@ -361,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
                         seed=1000 * args.seed + r,
                         method="heun",
                         n_steps=2,
+                        unseen=unseen,
                     )
                     g.obs["replicate"] = r
                     parts.append(g)
@@ -374,13 +259,19 @@ def main(argv: list[str] | None = None) -> None:
                         mask &= train.obs[key].astype(str).to_numpy() != combo[key]
                     source = train[mask].copy()
                     sets = {k: v for k, v in combo.items() if k != first}
-                    g = model.transfer(source, set=sets, guidance=rv["guidance"], cfg_scale=w, seed=args.seed)
+                    g = model.transfer(
+                        source, set=sets, guidance=rv["guidance"], cfg_scale=w, seed=args.seed, unseen=unseen
+                    )
                     g.obs["replicate"] = 0
                     parts.append(g)
                 gen = ad.concat(parts)
             gen_s = time.perf_counter() - t0
+            gen_path = d / "generated" / (name.replace(" | ", "__").replace(":", "_") + ".h5ad")
+            gen_path.parent.mkdir(parents=True, exist_ok=True)
+            gen.write_h5ad(gen_path)
             scores = score(test, gen, keys, seen, model.genes, args.seed)
             results["rows"][name] = {
+                "gen_path": str(gen_path),
                 "prior": pv,
                 "route": rv,
                 "prior_train_s": prior_s,
@@ -408,7 +299,9 @@ def main(argv: list[str] | None = None) -> None:
             g.obs["replicate"] = r
             parts.append(g)
         gen = ad.concat(parts)
+        gen.write_h5ad(d / "generated" / "scvi_covariates.h5ad")
         results["rows"]["scvi_covariates"] = {
+            "gen_path": str(d / "generated" / "scvi_covariates.h5ad"),
             "scvi": info,
             "train_s": info["train_s"],
             "scores": score(test, gen, keys, seen, genes, args.seed),

@@ -11,7 +11,16 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from sclatent.flow import flow_matching_loss, guided_velocity, integrate, interpolate, invert, sample, target_velocity
+from sclatent.flow import (
+    analogies,
+    flow_matching_loss,
+    guided_velocity,
+    integrate,
+    interpolate,
+    invert,
+    sample,
+    target_velocity,
+)
 from sclatent.nn.dit import DiT, DiTConfig, null_labels
 
 
@@ -187,6 +196,55 @@ def test_guidance_rejects_bad_requests() -> None:
         guided_velocity(model, labels + 5, "joint", 1.0)
     with pytest.raises(ValueError, match="batch size 5"):
         guided_velocity(model, labels, "joint", 2.0)(x[:5], t[:5])
+
+
+def test_analogies_compose_an_unseen_combination_from_seen_ones() -> None:
+    # cell types 0-2 x conditions 0-2; (0, 1) never seen; seen counts decide which parallelograms are kept
+    seen = {(0, 0): 50, (0, 2): 5, (1, 0): 40, (1, 1): 40, (1, 2): 40, (2, 0): 30, (2, 1): 30}
+    grams = analogies((0, 1), seen, limit=10)
+    # each: base differs from (0, 1) in one key, plus - minus switches that key where both values were seen
+    assert sorted(grams) == sorted([((0, 0), (1, 1), (1, 0)), ((0, 0), (2, 1), (2, 0)), ((0, 2), (1, 1), (1, 2))])
+    assert grams[0] == ((0, 0), (2, 1), (2, 0)) or grams[0] == ((0, 0), (1, 1), (1, 0))  # most cells first
+    assert grams[-1] == ((0, 2), (1, 1), (1, 2))  # (0, 2) has 5 cells
+    assert len(analogies((0, 1), seen, limit=2)) == 2
+    assert analogies((1, 1), seen) == []  # seen: no analogy
+    assert analogies((0, 1), {(0, 0): 1, (1, 0): 1}) == []  # no context holds condition 1
+    # a transferred cell of (0, 2) keeps its own combination as the base
+    assert analogies((0, 1), seen, base=(0, 2)) == [((0, 2), (1, 1), (1, 2))]
+    # three keys: switch one key at a time
+    seen3 = {(0, 0, 0): 3, (1, 1, 0): 3, (1, 0, 0): 3}
+    assert analogies((0, 1, 0), seen3) == [((0, 0, 0), (1, 1, 0), (1, 0, 0))]
+
+
+@torch.no_grad()
+def test_analogy_guidance_formula() -> None:
+    model = _randomised_dit([3, 3], seed=2)
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(3, 2, 3, generator=g), torch.rand(3, generator=g)
+    labels = torch.tensor([[0, 1], [1, 1], [3, 3]])  # an unseen pair, a seen one, nothing requested
+    grams = [[((0, 0), (1, 1), (1, 0)), ((0, 0), (2, 1), (2, 0))], [], []]
+
+    def v(rows: list[list[int]]) -> Tensor:
+        return model(x, t, torch.tensor(rows))
+
+    null = v([[3, 3]] * 3)
+    comp = 0.5 * (v([[0, 0]] * 3) + v([[1, 1]] * 3) - v([[1, 0]] * 3)) + 0.5 * (
+        v([[0, 0]] * 3) + v([[2, 1]] * 3) - v([[2, 0]] * 3)
+    )
+    for w in (1.0, 2.5):
+        field = guided_velocity(model, labels, "joint", w, analogies=grams)
+        out = field(x, t)
+        torch.testing.assert_close(out[0], (null + w * (comp - null))[0], **BATCHED)
+        torch.testing.assert_close(out[1], (null + w * (v(labels.tolist()) - null))[1], **BATCHED)
+        torch.testing.assert_close(out[2], null[2], **BATCHED)
+        # only the rows that need them: 5 distinct terms for row 0 (+ null when w != 1), 1-2 for row 1, 1 for row 2
+        assert field.model_rows == (5 + 1 + 1 if w == 1.0 else 6 + 2 + 1)
+    assert torch.equal(
+        guided_velocity(model, labels, "joint", 2.0, analogies=[[], [], []])(x, t),
+        guided_velocity(model, labels, "joint", 2.0)(x, t),
+    )
+    with pytest.raises(ValueError, match="one list per sample"):
+        guided_velocity(model, labels, "joint", 2.0, analogies=[[]])
 
 
 # ------------------------------------------------------------------------------------------------------- samplers

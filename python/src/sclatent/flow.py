@@ -6,6 +6,9 @@ This module is the single place where the prior's formulas live:
 * flow-matching loss ``E_{t, eps} || v(x_t, t, y~) - u_t ||^2`` with per-attribute label dropout ``y -> y~``;
 * guidance: *joint* (eq. 11) ``v = v_null + w (v_y - v_null)`` and *additive* (CFGen)
   ``v = v_null + sum_j w_j (v_{y_j} - v_null)``;
+* analogy, for a combination y never seen in training: ``v_y = v_base + v_plus - v_minus`` (averaged over up to
+  a few such parallelograms) with base, plus and minus seen combinations, base equal to y but for one key, plus and
+  minus another context with y's and base's value of that key;
 * samplers integrating ``dx/dt = v(x, t)`` from t = 0 to t = 1 (generation) or back from 1 to 0 (inversion, for
   counterfactual transfer): ``euler``, ``heun``, adaptive ``dopri5``; one implementation for both directions.
 
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -79,6 +82,49 @@ def flow_matching_loss(
 # --------------------------------------------------------------------------------------------------------------
 # Classifier-free guidance
 # --------------------------------------------------------------------------------------------------------------
+Combination = tuple[int, ...]  # the label codes of every condition key (no null code)
+Analogy = tuple[Combination, Combination, Combination]  # (base, plus, minus)
+MAX_ANALOGIES = 4  # parallelograms averaged per unseen combination (each costs three model evaluations)
+
+
+def analogies(
+    target: Combination, seen: Mapping[Combination, int], base: Combination | None = None, limit: int = MAX_ANALOGIES
+) -> list[Analogy]:
+    """Parallelograms that compose the unseen combination `target` from seen ones: (base, plus, minus) with
+    base = target except in one key j (value u), plus = a seen context holding target's value of j, minus = the
+    same context with u. Then target = base + (plus - minus): the effect of switching key j from u to target's
+    value, measured where both were seen, applied to base. `seen` maps each seen combination to its training cells;
+    the `limit` parallelograms whose least-populated member has the most cells are kept (ties in code order).
+    With `base` (a transferred cell's own combination) only the parallelograms built on it are used, when any is.
+    Empty for a seen target or when no parallelogram exists."""
+    if target in seen:
+        return []
+    found: dict[frozenset, tuple[int, Analogy]] = {}
+    # the last keys first: each parallelogram is kept in the orientation whose base differs from the target in the
+    # latest key (with keys cell type, condition: the base is the same cell type under another condition)
+    for j in reversed(range(len(target))):
+        for other in seen:
+            if other[j] == target[j] or any(other[i] != target[i] for i in range(len(target)) if i != j):
+                continue  # base: differs from the target in key j only
+            u = other[j]
+            for plus in seen:
+                if plus[j] != target[j] or plus == target:
+                    continue
+                minus = plus[:j] + (u,) + plus[j + 1 :]
+                if minus not in seen or minus == other:
+                    continue
+                key = frozenset([(other, plus), (plus, other)]) | {minus}
+                weight = min(seen[other], seen[plus], seen[minus])
+                if key not in found:
+                    found[key] = (weight, (other, plus, minus))
+    grams = sorted(found.values(), key=lambda item: (-item[0], item[1]))
+    if base is not None:
+        own = [g for g in grams if base in g[1][:2]]
+        grams = own or grams
+        grams = [(w, (base, g[1] if g[0] == base else g[0], g[2])) for w, g in grams] if own else grams
+    return [g for _, g in grams[:limit]]
+
+
 class GuidedVelocity:
     """Guided velocity field ``(x (B, m, dl), t (B,)) -> (B, m, dl)`` for a fixed request ``labels`` (B, K).
 
@@ -87,6 +133,10 @@ class GuidedVelocity:
     * ``"joint"`` (paper eq. 11), scalar w: ``v = v_null + w (v_y - v_null)``, y = the requested subset.
     * ``"additive"`` (CFGen), one weight per key: ``v = v_null + sum_j w_j (v_{y_j} - v_null)`` over the requested
       attributes j of each sample, where y_j keeps only attribute j.
+
+    ``analogies`` (joint guidance only): per sample, the parallelograms of :func:`analogies` that stand in for its
+    combination when it was never seen, ``v_y = mean over them of (v_base + v_plus - v_minus)``; an empty list keeps
+    the sample's own request. Those terms are evaluated only for the samples that need them.
 
     All evaluations of one call are concatenated along the batch into a single model forward. Evaluations that
     cannot change the result are skipped, which makes the identities exact: w = 0 is the unconditional model,
@@ -97,7 +147,13 @@ class GuidedVelocity:
     """
 
     def __init__(
-        self, model: DiT, labels: Tensor, guidance: str, w: float | Sequence[float], autocast: bool = False
+        self,
+        model: DiT,
+        labels: Tensor,
+        guidance: str,
+        w: float | Sequence[float],
+        autocast: bool = False,
+        analogies: Sequence[Sequence[Analogy]] | None = None,
     ) -> None:
         if guidance not in GUIDANCE_MODES:
             raise ValueError(f"unknown guidance {guidance!r}; choose one of {GUIDANCE_MODES}")
@@ -120,7 +176,11 @@ class GuidedVelocity:
             self.weights = [float(w)]
             wj = float(w)
             self.row_requested = requested.any(dim=1)  # (B,)
-            if wj == 0.0 or not bool(self.row_requested.any()):
+            if analogies is not None and len(analogies) != labels.shape[0]:
+                raise ValueError(f"analogies must hold one list per sample ({labels.shape[0]}), got {len(analogies)}")
+            if wj != 0.0 and analogies is not None and any(analogies):
+                self._combination_plan(labels, null, wj, analogies)
+            elif wj == 0.0 or not bool(self.row_requested.any()):
                 self._plan = "single"
                 self.requests = null
             elif wj == 1.0:
@@ -151,14 +211,49 @@ class GuidedVelocity:
                 self.term_masks = [requested[:, j] for j in self.active]  # each (B,)
                 single = [torch.where(torch.arange(k, device=labels.device) == j, labels, null) for j in self.active]
                 self.requests = torch.cat([null, *single])  # ((1 + J) B, K)
-        self.n_terms = self.requests.shape[0] // self.batch_size
+        self.n_terms = -(-self.requests.shape[0] // self.batch_size)
         logger.debug("guidance %s w=%s: %d evaluations per call", guidance, self.weights, self.n_terms)
+
+    def _combination_plan(self, labels: Tensor, null: Tensor, w: float, grams: Sequence[Sequence[Analogy]]) -> None:
+        """Per sample, the weighted label rows of ``v_null + w (v_y - v_null)`` with v_y its analogy terms or its own
+        request: (sample index, labels, coefficient) entries, evaluated together and summed per sample."""
+        rows, requests, coefs = [], [], []
+        for i in range(labels.shape[0]):
+            own = tuple(int(c) for c in labels[i])
+            nul = tuple(int(c) for c in null[i])
+            terms: dict[tuple[int, ...], float] = {}
+            if not bool(self.row_requested[i]):
+                terms[nul] = 1.0
+            else:
+                for base, plus, minus in grams[i]:
+                    for combo, sign in ((base, 1.0), (plus, 1.0), (minus, -1.0)):
+                        terms[combo] = terms.get(combo, 0.0) + w * sign / len(grams[i])
+                if not grams[i]:
+                    terms[own] = w
+                terms[nul] = terms.get(nul, 0.0) + (1.0 - w)
+            for combo, c in terms.items():
+                if c != 0.0:
+                    rows.append(i)
+                    requests.append(combo)
+                    coefs.append(c)
+        self._plan = "combination"
+        self.rows = torch.tensor(rows, dtype=torch.long, device=labels.device)  # (E,)
+        self.requests = torch.tensor(requests, dtype=labels.dtype, device=labels.device)  # (E, K)
+        self.coefs = torch.tensor(coefs, dtype=torch.float32, device=labels.device)  # (E,)
+        self.model.check_labels(self.requests, len(rows))
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         """Guided velocity at (x (B, m, dl), t (B,)) -> (B, m, dl); one batched model forward."""
         b = self.batch_size
         if x.shape[0] != b:
             raise ValueError(f"x has batch size {x.shape[0]} but the guidance request has {b}")
+        if self._plan == "combination":
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                out = self.model(x[self.rows], t[self.rows], self.requests)  # (E, m, dl)
+            self.model_calls += 1
+            self.model_rows += len(self.rows)
+            weighted = self.coefs.to(x.dtype).view(-1, *([1] * (x.ndim - 1))) * out.to(x.dtype)
+            return torch.zeros_like(x).index_add_(0, self.rows, weighted)
         xs = torch.cat([x] * self.n_terms) if self.n_terms > 1 else x  # (T B, m, dl)
         ts = torch.cat([t] * self.n_terms) if self.n_terms > 1 else t  # (T B,)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -187,9 +282,10 @@ def guided_velocity(
     guidance: Literal["joint", "additive"] = "joint",
     w: float | Sequence[float] = 1.0,
     autocast: bool = False,
+    analogies: Sequence[Sequence[Analogy]] | None = None,
 ) -> GuidedVelocity:
     """Velocity function of the guided field for request labels (B, K); see :class:`GuidedVelocity`."""
-    return GuidedVelocity(model, labels, guidance, w, autocast=autocast)
+    return GuidedVelocity(model, labels, guidance, w, autocast=autocast, analogies=analogies)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch
 
 from .checkpoint import Bundle, load_model
 from .device import check_precision, resolve_device
-from .flow import guided_velocity
+from .flow import analogies, guided_velocity
 from .flow import integrate as ode_integrate
 from .inference import decode_chunks
 from .io import InputError, atomic_path, provenance, read_h5ad
@@ -64,6 +64,7 @@ class SampleConfig:
     prior: str = "ldm"  # "ldm" (the DiT prior) | "gaussian" (N(0, I), the paper's ablation)
     keep_latents: bool = False
     precision: str = "fp32"  # "fp32" or "bf16" (autocast of the DiT's products)
+    unseen: str = "analogy"  # a combination never seen in training, under joint guidance: "analogy" | "joint"
 
     def validate(self) -> None:
         if self.guidance not in ("joint", "additive"):
@@ -82,6 +83,8 @@ class SampleConfig:
             raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.precision not in ("fp32", "bf16"):
             raise InputError(f"--precision must be fp32 or bf16, got '{self.precision}'")
+        if self.unseen not in ("analogy", "joint"):
+            raise InputError(f"--unseen must be analogy or joint, got '{self.unseen}'")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -198,10 +201,48 @@ class Sampler:
             raise InputError(f"--cfg-scale {unknown[0]}=...: not a condition key ({', '.join(self.keys)})")
         return [float(scales.get(k, self.cfg.cfg_scale)) for k in self.keys]
 
-    def integrate(self, codes: torch.Tensor, x: torch.Tensor, backward: bool = False) -> tuple[torch.Tensor, int]:
+    def seen_combinations(self) -> dict[tuple[int, ...], int]:
+        """The combinations of every condition key seen in training (label codes) and their training cells."""
+        if not hasattr(self, "_seen"):
+            self._seen = {}
+            for name, stats in self.library_stats.get("joint", {}).items():
+                values = name.split("|")
+                if len(values) == len(self.keys) and all(v in self.labels[k] for k, v in zip(self.keys, values)):
+                    combo = tuple(self.labels[k].index(v) for k, v in zip(self.keys, values))
+                    self._seen[combo] = int(stats.get("n", 1))
+        return self._seen
+
+    def analogies_of(self, codes: torch.Tensor, base: torch.Tensor | None = None) -> list | None:
+        """Per request row, the parallelograms standing in for a combination never seen in training (joint
+        guidance with `unseen="analogy"`; `base`: each row's own combination when transferring), else None."""
+        if self.cfg.guidance != "joint" or self.cfg.unseen != "analogy" or len(self.keys) < 2:
+            return None
+        seen = self.seen_combinations()
+        nulls = [len(self.labels[k]) for k in self.keys]
+        rows, cache = [], {}
+        for i, row in enumerate(codes.tolist()):
+            own = tuple(base[i].tolist()) if base is not None else None
+            if (tuple(row), own) not in cache:
+                full = all(c < n for c, n in zip(row, nulls))
+                cache[(tuple(row), own)] = analogies(tuple(row), seen, own) if full else []
+            rows.append(cache[(tuple(row), own)])
+        return rows if any(rows) else None
+
+    def integrate(
+        self, codes: torch.Tensor, x: torch.Tensor, backward: bool = False, base: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, int]:
         """Integrate the guided flow under label codes (B, K) from noise x (B, m, dl) at t = 0 to t = 1, or with
-        `backward` from standardised latents x at t = 1 back to t = 0: the other end and the sampler's NFE."""
-        guided = guided_velocity(self.prior, codes, guidance=self.cfg.guidance, w=self._weights(), autocast=self.bf16)
+        `backward` from standardised latents x at t = 1 back to t = 0: the other end and the sampler's NFE.
+        A combination never seen in training is composed from seen ones (`analogies_of`; `base` (B, K): the
+        rows' own combinations when transferring)."""
+        guided = guided_velocity(
+            self.prior,
+            codes,
+            guidance=self.cfg.guidance,
+            w=self._weights(),
+            autocast=self.bf16,
+            analogies=self.analogies_of(codes, base),
+        )
         kw = (
             {"atol": self.cfg.atol, "rtol": self.cfg.rtol}
             if self.cfg.method == "dopri5"

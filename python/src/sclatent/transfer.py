@@ -91,7 +91,7 @@ class Transfer:
         (B, m, dl), the noise (B, m, dl) the cells invert to, and the NFE of both integrations together."""
         b = self.sampler.bundle
         noise, nfe_back = self.sampler.integrate(source, (z - b.latent_mean) / b.latent_std, backward=True)
-        x1, nfe_fwd = self.sampler.integrate(target, noise)
+        x1, nfe_fwd = self.sampler.integrate(target, noise, base=source)
         return x1 * b.latent_std + b.latent_mean, noise, nfe_back + nfe_fwd
 
     @torch.no_grad()
