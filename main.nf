@@ -19,6 +19,7 @@ include { BUNDLE                                } from './modules/local/bundle'
 include { EMBED                                 } from './modules/local/embed'
 include { SAMPLE                                } from './modules/local/sample'
 include { GATHER                                } from './modules/local/gather'
+include { TRANSFER                              } from './modules/local/transfer'
 include { EVALUATE                              } from './modules/local/evaluate'
 include { REPORT                                } from './modules/local/report'
 include { PIPELINE_INITIALISATION               } from './subworkflows/local/utils_sclatent'
@@ -28,9 +29,9 @@ include { PIPELINE_COMPLETION                   } from './subworkflows/local/uti
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
     THE PIPELINE: samplesheet -> per dataset: PREPARE -> TOKENIZE -> TRAIN_VAE -> ENCODE -> TRAIN_PRIOR
                   -> BUNDLE -> SAMPLE (scattered: replicates x shards) -> GATHER -> EVALUATE -> REPORT,
-                  and EMBED of every input file (obsm['X_sclatent']).
+                  EMBED of every input file (obsm['X_sclatent']), and TRANSFER of the test cells (--transfer).
                   With a trained model (--model): PREPARE -> TOKENIZE over the model's vocabulary -> ENCODE,
-                  then SAMPLE ... REPORT and EMBED with that model; no training.
+                  then SAMPLE ... REPORT, EMBED and TRANSFER with that model; no training.
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 */
 
@@ -44,6 +45,7 @@ workflow SCLATENT {
     sample_replicates    // value: generated replicates
     sample_shard_size    // value: cells per SAMPLE task
     sample_batch_size    // value: cells per sampling batch
+    transfer             // value: null, or the labels to carry the test cells to ('k=v,k2=v2')
 
     main:
     //
@@ -65,6 +67,13 @@ workflow SCLATENT {
     // MODULE: combine + QC + split + HVG flags, per dataset
     //
     PREPARE(ch_datasets)
+    // the console names the combinations kept out of training (the task log is not enough)
+    PREPARE.out.json.subscribe { meta, json ->
+        def held = new groovy.json.JsonSlurper().parseText(json.text).holdout
+        if (held) {
+            log.warn("${meta.id}: held out of training (test cells only): ${held.combinations.join('; ')} (${held.test_cells} cells)")
+        }
+    }
 
     if (model) {
         //
@@ -133,6 +142,15 @@ workflow SCLATENT {
     GATHER(SAMPLE.out.h5ad.groupTuple())
 
     //
+    // MODULE: counterfactual transfer of the test cells to other labels (with --transfer)
+    //
+    ch_transferred = channel.empty()
+    if (transfer) {
+        TRANSFER(ch_model.join(PREPARE.out.h5ad.map { meta, _train, test -> [meta, test] }))
+        ch_transferred = TRANSFER.out.h5ad
+    }
+
+    //
     // MODULE: metrics of the generated cells against the real test cells
     //
     EVALUATE(
@@ -140,6 +158,15 @@ workflow SCLATENT {
             .join(GATHER.out.h5ad)
             .join(ENCODE.out.reconstruction)
     )
+    // combinations never seen in training: their scores on the console, not only in a task log
+    EVALUATE.out.json.subscribe { meta, json ->
+        def held = new groovy.json.JsonSlurper().parseText(json.text).held_out
+        held?.per_combination?.each { combo, e ->
+            def near = e.nearest.findAll { _k, n -> n?.real }.collect { _k, n -> "${n.combination} ${String.format('%.3g', n.real.w2 as double)}" }
+            log.warn("${meta.id}: ${combo} was never seen in training: W2 ${String.format('%.3g', e.model.w2 as double)} " +
+                "(real-vs-real floor ${String.format('%.3g', e.floor.w2 as double)}; nearest seen real cells: ${near.join(', ') ?: 'none'}); see the report's 'Held out' section")
+        }
+    }
 
     //
     // MODULE: one self-contained HTML report per dataset
@@ -166,6 +193,7 @@ workflow SCLATENT {
     embedded     = EMBED.out.h5ad         // channel: [ meta, <input>.h5ad with obsm['X_sclatent'] ]
     generated    = GATHER.out.h5ad        // channel: [ meta, generated.h5ad ]
     metrics      = EVALUATE.out.json      // channel: [ meta, metrics.json ]
+    transferred  = ch_transferred         // channel: [ meta, transferred.h5ad ] (with --transfer)
 }
 
 /*
@@ -187,6 +215,7 @@ workflow {
         params.sample_replicates,
         params.sample_shard_size,
         params.sample_batch_size,
+        params.transfer,
     )
 
     PIPELINE_COMPLETION()

@@ -11,15 +11,17 @@ the throughput, and the epochs are set so that the run takes about that long (re
 ("equal wall time": scVI is given our time, not the reverse).
 
 Rows of the generation table: every model generates one cell per evaluation cell (per replicate); conditional
-models take each cell's labels (`sample --like`), unconditional ones (our LDM with no labels, the Gaussian
-prior ablation, scVI) do not. The real-vs-real floor (EVALUATE: two stratified halves A, B of the real cells)
-is compared with each model at the same sizes (|A| generated cells vs B), because W2 and MMD² shrink as the
-number of cells grows.
+models take each cell's labels (`sample --like`; scVI with the labels as categorical covariates), unconditional
+ones (our LDM with no labels, the Gaussian prior ablation) do not. The real-vs-real floor (EVALUATE: two
+stratified halves A, B of the real cells) is compared with each model at the same sizes (|A| generated cells vs
+B), because W2 and MMD² shrink as the number of cells grows.
 
-sc_mixology: one attribute combination (HCC827 x Drop-seq) is kept out of training (its cells are test cells
-only); the main tables evaluate on the other test cells; the held-out table generates the combination with
-`sample --conditions` and scores it against its real cells, next to the nearest seen combinations, all in one
-30-PC space fitted on the real test cells.
+Held-out combinations (sc_mixology: HCC827 x Drop-seq; compositional: three cell type x perturbation pairs) are
+kept out of training by PREPARE --holdout. EVALUATE scores them apart (metrics.heldout: each model against half B
+of the combination's real cells, next to the real-vs-real floor and the nearest seen combinations' real cells);
+the main tables are about the seen combinations. The held-out table of each dataset puts every model and both
+references side by side, with counterfactual transfer (the same cell type's training cells carried to the held-out
+condition) as one more row.
 """
 
 from __future__ import annotations
@@ -31,8 +33,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import scipy.sparse as sp
 from common import (
     BenchError,
     Budget,
@@ -41,7 +41,6 @@ from common import (
     Runner,
     StepRecord,
     child_env,
-    combo_name,
     load_average,
     run_child,
     training_summary,
@@ -58,8 +57,8 @@ VARIANTS: dict[str, tuple[str, bool]] = {
     "ldm_additive": ("sclatent LDM, additive guidance", True),
     "ldm_uncond": ("sclatent LDM, unconditional", False),
     "vae_gaussian": ("sclatent VAE + N(0, I) prior (ablation)", False),
-    "scvi_equal_epochs": ("scVI, equal epochs (unconditional)", False),
-    "scvi_equal_time": ("scVI, equal wall time (unconditional)", False),
+    "scvi_equal_epochs": ("scVI, labels as covariates, equal epochs", True),
+    "scvi_equal_time": ("scVI, labels as covariates, equal wall time", True),
 }
 
 
@@ -80,23 +79,18 @@ def _epochs_for(seconds: float, items_per_s: float, n_items: int, bounds: tuple[
     return round(min(max(epochs, bounds[0]), bounds[1]), 2)
 
 
-def _write_eval_splits(test_path: Path, spec: DatasetSpec, out: Path) -> tuple[Path, Path | None]:
-    """(evaluation cells, held-out cells): the test cells without / with only the held-out combination."""
-    if spec.held_out is None:
-        return test_path, None
+def _n_seen(test_path: Path, keys: list[str]) -> int:
+    """Test cells of the combinations training saw (all of them without held-out combinations)."""
     import anndata as ad
 
-    test = ad.read_h5ad(test_path)
-    mask = np.ones(test.n_obs, dtype=bool)
-    for key, value in spec.held_out.items():
-        mask &= test.obs[key].astype(str).to_numpy() == value
-    if not mask.any():
-        raise BenchError(f"{spec.name}: no test cell of the held-out combination {combo_name(spec.held_out)}")
-    out.mkdir(parents=True, exist_ok=True)
-    seen, held = out / "test_seen.h5ad", out / "test_heldout.h5ad"
-    test[~mask].copy().write_h5ad(seen)
-    test[mask].copy().write_h5ad(held)
-    return seen, held
+    from sclatent.metrics.heldout import seen_only, unseen_combinations
+
+    test = ad.read_h5ad(test_path, backed="r")
+    seen = test.uns.get("sclatent", {}).get("train_combinations")
+    obs = test.obs.copy()
+    test.file.close()
+    unseen = unseen_combinations(obs, keys, None if seen is None else list(seen))
+    return len(obs) if not unseen else int(seen_only(ad.AnnData(obs=obs), keys, unseen).n_obs)
 
 
 def _n_obs(path: Path) -> int:
@@ -121,6 +115,7 @@ def _generation_entry(metrics_path: Path, label: str, conditional: bool, extra: 
         "summary": res["generation"],
         "half": half.get("overall"),
         "floor": (res.get("real_vs_real") or {}).get("overall"),
+        "held_out": res.get("held_out"),
         "n_real": res["n_real"],
         "n_generated": res["n_generated"],
         **extra,
@@ -153,6 +148,7 @@ def run_dataset(spec: DatasetSpec, plan: Plan, runner: Runner, budget: Budget, w
             3,
             "--seed",
             seed,
+            *(["--holdout", spec.holdout] if spec.holdout else []),
         ],
         child=True,
     )
@@ -183,8 +179,8 @@ def run_dataset(spec: DatasetSpec, plan: Plan, runner: Runner, budget: Budget, w
         cells_per_s=(n_train + n_test) / rec.wall_s,
         tokens_per_cell_median=manifest["splits"]["train"]["len_quantiles"]["50"],
     )
-    eval_real, held_real = _write_eval_splits(prep / "test.h5ad", spec, d / "eval_cells")
-    n_eval = _n_obs(eval_real)
+    eval_real = prep / "test.h5ad"
+    n_eval = _n_seen(eval_real, keys)  # unconditional rows: as many cells as the seen combinations' test cells
     result.update(
         n_train=n_train,
         n_test=n_test,
@@ -364,12 +360,12 @@ def run_dataset(spec: DatasetSpec, plan: Plan, runner: Runner, budget: Budget, w
         result["skipped"].append("scVI: disabled for this run")
     result["reconstruction"] = recon
 
-    # ---- held-out combination
-    if spec.held_out is not None and held_real is not None:
-        if budget.allows(60 + (per_cell_s or 0.05) * _n_obs(held_real) * (len(spec.nearest) + 4)):
-            result["held_out"] = run_held_out(spec, plan, runner, d, model, prep / "test.h5ad", held_real)
+    # ---- held-out combinations: every model's EVALUATE section, and counterfactual transfer
+    if spec.holdout:
+        if budget.allows(60 + (per_cell_s or 0.05) * 8 * n_train / max(len(keys), 1)):
+            result["held_out"] = run_held_out(spec, plan, runner, d, model, prep, result)
         else:
-            result["skipped"].append(f"held-out combination: not enough budget left ({budget.left():.0f} s)")
+            result["skipped"].append(f"held-out combinations: not enough budget left ({budget.left():.0f} s)")
     result["paths"] = {
         "vae": str(vae),
         "prior": str(prior),
@@ -424,6 +420,7 @@ def run_scvi(
         str(plan.seed),
         "--threads",
         str(plan.threads),
+        *(["--covariates"] if spec.keys else []),
     ]
     for b in budgets:
         cmd += ["--budget", b]
@@ -484,104 +481,42 @@ def run_scvi(
 
 
 def run_held_out(
-    spec: DatasetSpec, plan: Plan, runner: Runner, d: Path, model: Path, test_all: Path, held_real: Path
+    spec: DatasetSpec, plan: Plan, runner: Runner, d: Path, model: Path, prep: Path, result: dict[str, Any]
 ) -> dict[str, Any]:
-    """Generate the held-out combination (joint and additive guidance) and its nearest seen combinations."""
+    """The held-out table's data: each conditional row's EVALUATE held-out section, plus counterfactual transfer:
+    the training cells of each held-out combination's first-key value (e.g. its cell type under the other
+    conditions) carried to the held-out labels, scored by the same function."""
     import anndata as ad
 
-    from sclatent import metrics
+    from sclatent.holdout import parse_holdout
+    from sclatent.metrics.heldout import score_held_out
 
-    assert spec.held_out is not None
-    n = _n_obs(held_real)
-    out = d / "held_out"
-    combos = [spec.held_out, *spec.nearest]
-    request = ";".join(",".join(f"{k}={v}" for k, v in c.items()) for c in combos)
-    base = ["sample", "--model", model, "--n-cells", n, "--seed", str(plan.seed), "--threads", str(plan.threads)]
-    runner.sclatent(
-        "SAMPLE",
-        spec.name,
-        [*base, "--conditions", request, "--guidance", "joint", "--out", out / "joint.h5ad"],
-        child=False,
-        variant="held_out_joint",
-    )
-    held_args = [a for k, v in spec.held_out.items() for a in ("--condition", f"{k}={v}")]
-    runner.sclatent(
-        "SAMPLE",
-        spec.name,
-        [*base, *held_args, "--guidance", "additive", "--out", out / "additive.h5ad"],
-        child=False,
-        variant="held_out_additive",
-    )
-
-    real = ad.read_h5ad(test_all)
-    joint, additive = ad.read_h5ad(out / "joint.h5ad"), ad.read_h5ad(out / "additive.h5ad")
-    genes = list(joint.var_names)
-    real = real[:, genes]
-    hvg = real.var["highly_variable"].to_numpy()
-    gen_counts = sp.vstack([joint.X, additive.X]).tocsr()  # (n_joint + n_additive, G)
-    real_pcs, gen_pcs, _ = metrics.feature_space(real.X, gen_counts, hvg, min(30, real.n_obs - 1))
-    gen_joint, gen_add = gen_pcs[: joint.n_obs], gen_pcs[joint.n_obs :]
-
-    def mask_of(obs: Any, combo: dict[str, str]) -> np.ndarray:
-        m = np.ones(len(obs), dtype=bool)
-        for k, v in combo.items():
-            m &= obs[k].astype(str).to_numpy() == v
-        return m
-
-    def score(X: np.ndarray, Y: np.ndarray) -> dict[str, Any]:
-        try:
-            return metrics.distribution_metrics(X, Y, seed=plan.seed)
-        except ValueError as exc:  # e.g. fewer cells than the k of PRDC
-            return {"error": str(exc), "n_real": len(X), "n_generated": len(Y)}
-
-    real_held = real_pcs[mask_of(real.obs, spec.held_out)]
-    rows = [
-        {
-            "generated": f"{combo_name(spec.held_out)} (held out), joint",
-            "reference": f"real {combo_name(spec.held_out)}",
-            "kind": "held out",
-            **score(real_held, gen_joint[mask_of(joint.obs, spec.held_out)]),
-        },
-        {
-            "generated": f"{combo_name(spec.held_out)} (held out), additive",
-            "reference": f"real {combo_name(spec.held_out)}",
-            "kind": "held out",
-            **score(real_held, gen_add),
-        },
-    ]
-    for combo in spec.nearest:
-        g = gen_joint[mask_of(joint.obs, combo)]
-        rows.append(
-            {
-                "generated": f"{combo_name(combo)} (seen), joint",
-                "reference": f"real {combo_name(spec.held_out)}",
-                "kind": "substitute",
-                **score(real_held, g),
-            }
-        )
-    for combo in spec.nearest:
-        g = gen_joint[mask_of(joint.obs, combo)]
-        rows.append(
-            {
-                "generated": f"{combo_name(combo)} (seen), joint",
-                "reference": f"real {combo_name(combo)} (test cells)",
-                "kind": "seen fit",
-                **score(real_pcs[mask_of(real.obs, combo)], g),
-            }
-        )
-    for combo in spec.nearest:
-        rows.append(
-            {
-                "generated": f"real {combo_name(combo)} (test cells, no model)",
-                "reference": f"real {combo_name(spec.held_out)}",
-                "kind": "data",
-                **score(real_held, real_pcs[mask_of(real.obs, combo)]),
-            }
-        )
-    return {
-        "combination": spec.held_out,
-        "n_real": n,
-        "nearest": spec.nearest,
-        "rows": rows,
-        "feature_space": "30 PCs of the real test cells of all combinations (log1p CP10k over the model genes)",
+    sections = {
+        entry["label"]: entry["held_out"]
+        for entry in result["generation"].values()
+        if entry.get("conditional") and entry.get("held_out")
     }
+    first, others = spec.keys[0], spec.keys[1:]
+    out = d / "transfer"
+    files = []
+    for i, combo in enumerate(parse_holdout(spec.holdout)):
+        if first not in combo or not all(k in combo for k in others):
+            continue
+        sets = ",".join(f"{k}={combo[k]}" for k in others)
+        runner.sclatent(
+            "TRANSFER",
+            spec.name,
+            ["transfer", "--model", model, "--h5ad", prep / "train.h5ad", "--where", f"{first}={combo[first]}"]
+            + ["--set", sets, "--out", out / f"combo{i}.h5ad", "--seed", plan.seed, "--threads", plan.threads],
+            child=False,
+            variant="held_out_transfer",
+        )
+        files.append(out / f"combo{i}.h5ad")
+    if files:
+        test = ad.read_h5ad(prep / "test.h5ad")
+        gen = ad.concat([ad.read_h5ad(f) for f in files])
+        seen = list(test.uns["sclatent"]["train_combinations"])
+        sections["sclatent transfer (same cell type, other condition)"] = score_held_out(
+            test, gen, spec.keys, seen, model_genes=list(gen.var_names), seed=plan.seed
+        )
+    return {"holdout": spec.holdout, "sections": sections}

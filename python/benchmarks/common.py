@@ -416,8 +416,7 @@ class DatasetSpec:
     keys: list[str]
     samplesheet: Path
     n_hvg: int
-    held_out: dict[str, str] | None = None  # one attribute combination kept out of training (split=test)
-    nearest: list[dict[str, str]] = field(default_factory=list)  # seen combinations next to it
+    holdout: str = ""  # PREPARE --holdout: combinations kept out of training ('k=v,k2=v2;...')
     note: str = ""
 
 
@@ -427,23 +426,10 @@ def _write_sheet(path: Path, dataset: str, rows: Sequence[tuple[Path, str]]) -> 
     return path
 
 
-def _held_out_sheet(adata: Any, held: dict[str, str], out: Path, name: str) -> tuple[Path, int]:
-    """Write the seen cells (split all) and the held-out combination's cells (split test) and their samplesheet.
-
-    Returns (samplesheet path, number of held-out cells)."""
-    import numpy as np
-
-    mask = np.ones(adata.n_obs, dtype=bool)
-    for key, value in held.items():
-        mask &= adata.obs[key].astype(str).to_numpy() == value
-    seen, held_path = out / f"{name}_seen.h5ad", out / f"{name}_heldout.h5ad"
-    adata[~mask].copy().write_h5ad(seen)
-    adata[mask].copy().write_h5ad(held_path)
-    return _write_sheet(out / f"{name}.csv", name, [(seen, "all"), (held_path, "test")]), int(mask.sum())
-
-
 def make_dataset_inputs(which: str, workdir: Path, shared: Path = SHARED_DATASETS) -> DatasetSpec:
-    """Write the inputs of dataset `which` ("pbmc3k", "sc_mixology" or "synthetic") under workdir/inputs."""
+    """Write the inputs of dataset `which` under workdir/inputs: "pbmc3k", "sc_mixology" (one cell line x protocol
+    combination held out), "compositional" (the seeded synthetic truth of cell types x perturbations, three pairs
+    held out) or "synthetic" (tiny, for tests)."""
     out = workdir / "inputs"
     out.mkdir(parents=True, exist_ok=True)
     if which == "pbmc3k":
@@ -458,46 +444,59 @@ def make_dataset_inputs(which: str, workdir: Path, shared: Path = SHARED_DATASET
         src = shared / MIXOLOGY_FILE
         if not src.exists():
             raise FileNotFoundError(src)
-        held = {"cell_line": "HCC827", "protocol": "Drop-seq"}
-        nearest = [
-            {"cell_line": "HCC827", "protocol": "CEL-seq2"},
-            {"cell_line": "H1975", "protocol": "Drop-seq"},
-            {"cell_line": "H2228", "protocol": "Drop-seq"},
-        ]
         adata = ad.read_h5ad(src)
         adata = adata[adata.obs["demuxlet_call"].astype(str).to_numpy() == "SNG"].copy()
         adata.obs = adata.obs[["cell_line", "protocol"]].astype(str).astype("category")
-        sheet, n_held = _held_out_sheet(adata, held, out, "sc_mixology")
+        adata.write_h5ad(out / "sc_mixology_singlets.h5ad")
+        sheet = _write_sheet(out / "sc_mixology.csv", "sc_mixology", [(out / "sc_mixology_singlets.h5ad", "all")])
+        held = "cell_line=HCC827,protocol=Drop-seq"
+        n_held = int(((adata.obs["cell_line"] == "HCC827") & (adata.obs["protocol"] == "Drop-seq")).sum())
         return DatasetSpec(
             "sc_mixology",
             ["cell_line", "protocol"],
             sheet,
             2000,
-            held_out=held,
-            nearest=nearest,
+            holdout=held,
             note=f"{adata.n_obs} singlets (demuxlet SNG); HCC827 x Drop-seq ({n_held} cells) held out of training",
+        )
+    if which == "compositional":
+        from sclatent.synthetic import CompositionalTruth
+
+        truth = CompositionalTruth(n_types=4, n_perturbations=4, n_genes=400, seed=0)
+        truth.sample(None, COMPOSITIONAL_CELLS_PER_PAIR, seed=1).write_h5ad(out / "compositional.h5ad")
+        sheet = _write_sheet(out / "compositional.csv", "compositional", [(out / "compositional.h5ad", "all")])
+        held = ";".join(f"cell_type=type_{t},perturbation=pert_{p}" for t, p in COMPOSITIONAL_HELD_OUT)
+        return DatasetSpec(
+            "compositional",
+            ["cell_type", "perturbation"],
+            sheet,
+            2000,
+            holdout=held,
+            note=(
+                f"seeded synthetic truth (sclatent.synthetic.CompositionalTruth, seed 0): 4 cell types x 4 "
+                f"perturbations (one a control), {COMPOSITIONAL_CELLS_PER_PAIR} cells each, 400 genes; shared and "
+                f"type-specific responses; {len(COMPOSITIONAL_HELD_OUT)} pairs held out of training"
+            ),
         )
     if which == "synthetic":
         from sclatent.synthetic import synthetic_counts
 
         adata = synthetic_counts(n_cells=240, n_genes=120, n_types=3, n_batches=2, seed=0, n_markers=8)
-        held = {"cell_type": "type_0", "batch": "batch_1"}
-        sheet, _ = _held_out_sheet(adata, held, out, "synthetic")
+        adata.write_h5ad(out / "synthetic.h5ad")
+        sheet = _write_sheet(out / "synthetic.csv", "synthetic", [(out / "synthetic.h5ad", "all")])
         return DatasetSpec(
             "synthetic",
             ["cell_type", "batch"],
             sheet,
             60,
-            held_out=held,
-            nearest=[{"cell_type": "type_0", "batch": "batch_0"}, {"cell_type": "type_1", "batch": "batch_1"}],
+            holdout="cell_type=type_0,batch=batch_1",
             note="seeded synthetic NB counts (tests only)",
         )
-    raise ValueError(f"unknown benchmark dataset '{which}' (expected pbmc3k, sc_mixology or synthetic)")
+    raise ValueError(f"unknown benchmark dataset '{which}' (expected pbmc3k, sc_mixology, compositional or synthetic)")
 
 
-def combo_name(combo: dict[str, str]) -> str:
-    """'HCC827 x Drop-seq' for {'cell_line': 'HCC827', 'protocol': 'Drop-seq'}."""
-    return " x ".join(combo.values())
+COMPOSITIONAL_CELLS_PER_PAIR = 150
+COMPOSITIONAL_HELD_OUT = [(0, 1), (1, 2), (2, 3)]  # (type, perturbation): every type and perturbation seen elsewhere
 
 
 # --------------------------------------------------------------------------------------------------------

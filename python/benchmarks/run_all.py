@@ -4,7 +4,8 @@
     python python/benchmarks/run_all.py --full      # <= 60 min: default VAE preset, time-budgeted training
 
 Per dataset of ../shared/datasets (pbmc3k by cell_type; sc_mixology singlets by cell_line x protocol, one
-combination held out of training) it runs the pipeline and scVI (bench_quality.py), then the sampler study on the
+combination held out of training) and the seeded compositional truth (cell types x perturbations, three pairs
+held out; --full) it runs the pipeline and scVI (bench_quality.py), then the sampler study on the
 first dataset's model (bench_sampler.py), then the speed and cost measurements (bench_speed.py, bench_scaling.py,
 bench_tokenize.py), prints the tables and writes them, with machine, date, commit and this command, into this
 mode's section of BENCHMARKS.md (bench_report.py). Where ../shared/datasets is absent the quality part is
@@ -52,7 +53,7 @@ def make_plan(mode: str, threads: int, budget_minutes: float | None, datasets: l
         plan = Plan(
             mode="full",
             budget_s=3600.0,
-            datasets=["pbmc3k", "sc_mixology"],
+            datasets=["pbmc3k", "sc_mixology", "compositional"],
             threads=threads,
             vae_preset="default",
             prior_preset="tiny",

@@ -14,6 +14,10 @@ VAE, and `train_size=1.0`, so that it sees exactly our training cells; no valida
   TOKENIZE (the one sclatent uses for unconditional requests), decoded and drawn as NB counts.
   SCVI is not a conditional generator of labels, so its generation is unconditional: every label column of
   the output holds "none", like sclatent's unrequested keys.
+- with `--covariates` the condition keys are scVI's categorical covariates (one-hot, injected into every decoder
+  layer), and generation is conditional: one cell per test cell with that cell's labels (also a combination
+  never seen in training, whose values each were), z ~ N(0, I), the log library size drawn from the log-normal
+  sclatent's SAMPLE uses for those labels (`sclatent.generate.lognormal_params`).
 
 Outputs per budget under outdir/NAME/: reconstruction.json (ENCODE's layout), generated.h5ad (one cell per test
 cell per replicate, obs["replicate"]) and scvi.json (epochs, training seconds, cells/s, device, versions).
@@ -66,14 +70,20 @@ def load_counts(path: Path, genes: list[str]) -> ad.AnnData:
     return adata
 
 
-def train_scvi(train: ad.AnnData, label: np.ndarray, kind: str, amount: float, seed: int) -> tuple[Any, dict[str, Any]]:
-    """Train SCVI for `amount` epochs or seconds; returns (model, info)."""
+def train_scvi(
+    train: ad.AnnData, label: np.ndarray, kind: str, amount: float, seed: int, covariates: list[str] | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """Train SCVI for `amount` epochs or seconds (with the obs columns `covariates` as categorical covariates);
+    returns (model, info)."""
     import scvi
 
     scvi.settings.seed = seed
     adata = train.copy()
-    adata.obs = pd.DataFrame({"bench_label": pd.Categorical(label)}, index=adata.obs_names)
-    scvi.model.SCVI.setup_anndata(adata, labels_key="bench_label")
+    obs = {"bench_label": pd.Categorical(label)}
+    for key in covariates or []:
+        obs[key] = pd.Categorical(train.obs[key].astype(str))
+    adata.obs = pd.DataFrame(obs, index=adata.obs_names)
+    scvi.model.SCVI.setup_anndata(adata, labels_key="bench_label", categorical_covariate_keys=covariates or None)
     model = scvi.model.SCVI(adata, gene_likelihood="nb")
     kwargs: dict[str, Any] = {"train_size": 1.0, "enable_progress_bar": False}
     if kind == "epochs":
@@ -96,12 +106,31 @@ def train_scvi(train: ad.AnnData, label: np.ndarray, kind: str, amount: float, s
         "n_parameters": int(sum(p.numel() for p in model.module.parameters())),
         "gene_likelihood": "nb",
         "n_latent": int(model.module.n_latent),
+        "covariates": list(covariates or []),
     }
     return model, info
 
 
 def _dense(X: sp.csr_matrix, a: int, b: int) -> torch.Tensor:
     return torch.from_numpy(X[a:b].toarray().astype(np.float32))
+
+
+def covariate_codes(model: Any, obs: pd.DataFrame) -> torch.Tensor | None:
+    """The categorical covariate codes (n, n_covariates) of cells with labels `obs`, in scVI's category order;
+    None for a model without covariates. A value scVI never saw is a ValueError."""
+    covariates = model.registry_["setup_args"].get("categorical_covariate_keys") or []
+    if not covariates:
+        return None
+    mappings = model.adata_manager.get_state_registry("extra_categorical_covs")["mappings"]
+    codes = np.zeros((len(obs), len(covariates)), dtype=np.int64)
+    for j, key in enumerate(covariates):
+        index = {str(v): i for i, v in enumerate(mappings[key])}
+        values = obs[key].astype(str).to_numpy()
+        unknown = sorted(set(values) - set(index))
+        if unknown:
+            raise ValueError(f"scVI covariate {key}={unknown[0]} was never seen in training")
+        codes[:, j] = [index[v] for v in values]
+    return torch.from_numpy(codes)
 
 
 @torch.no_grad()
@@ -113,12 +142,14 @@ def reconstruct(model: Any, test: ad.AnnData, seed: int, batch_size: int = 256) 
     module = model.module.eval()
     gen = torch.Generator().manual_seed(seed)
     X = test.X
+    covs = covariate_codes(model, test.obs)
     sampled, means, nll = [], [], []
     for a in range(0, test.n_obs, batch_size):
         x = _dense(X, a, min(a + batch_size, test.n_obs))  # (b, G)
         batch_index = torch.zeros((x.shape[0], 1), dtype=torch.long)
-        inf = module.inference(x=x, batch_index=batch_index)
-        out = module.generative(z=inf["qz"].loc, library=inf["library"], batch_index=batch_index)
+        cat = None if covs is None else covs[a : a + x.shape[0]]
+        inf = module.inference(x=x, batch_index=batch_index, cat_covs=cat)
+        out = module.generative(z=inf["qz"].loc, library=inf["library"], batch_index=batch_index, cat_covs=cat)
         px = out["px"]
         nb = NegativeBinomial(px.mu.cpu(), px.theta.expand_as(px.mu).cpu())  # (b, G)
         nll.append((-nb.log_prob(x)).sum(dim=1).double().numpy())
@@ -151,6 +182,37 @@ def generate(
     return sp.vstack(rows).tocsr().astype(np.float32)
 
 
+@torch.no_grad()
+def generate_like(
+    model: Any, obs: pd.DataFrame, keys: list[str], manifest: dict[str, Any], seed: int, replicate: int
+) -> sp.csr_matrix:
+    """Conditional scVI cells, one per row of `obs` with its labels: z ~ N(0, I), log L ~ the log-normal that
+    sclatent's SAMPLE draws for those labels, decoded with the labels as covariates; NB counts (n, G)."""
+    from sclatent.generate import label_codes, lognormal_params
+    from sclatent.nn.likelihoods import NegativeBinomial
+
+    module = model.module.eval()
+    labels = {k: list(v) for k, v in manifest["labels"].items()}
+    means, sds = lognormal_params(label_codes(obs, keys, labels, source="scVI"), keys, labels, manifest["library_size"])
+    covs = covariate_codes(model, obs)
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, replicate, 1]).generate_state(1)[0]))
+    rows = []
+    for a in range(0, len(obs), 512):
+        b = min(a + 512, len(obs)) - a
+        z = torch.randn((b, module.n_latent), generator=gen)  # (b, n_latent)
+        log_l = torch.from_numpy(means[a : a + b] + sds[a : a + b] * np.asarray(torch.randn(b, generator=gen)))
+        out = module.generative(
+            z=z,
+            library=log_l.float()[:, None],
+            batch_index=torch.zeros((b, 1), dtype=torch.long),
+            cat_covs=None if covs is None else covs[a : a + b],
+        )
+        px = out["px"]
+        nb = NegativeBinomial(px.mu.cpu(), px.theta.expand_as(px.mu).cpu())  # (b, G)
+        rows.append(sp.csr_matrix(nb.sample(gen).numpy()))
+    return sp.vstack(rows).tocsr().astype(np.float32)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train, reconstruct and generate for every budget; returns {budget name: scvi.json content}."""
     import scvi
@@ -169,7 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         name, kind, amount = parse_budget(text)
         out = Path(args.outdir) / name
         out.mkdir(parents=True, exist_ok=True)
-        model, info = train_scvi(train, label, kind, amount, args.seed)
+        model, info = train_scvi(train, label, kind, amount, args.seed, keys if args.covariates else None)
         log.info(
             "scVI %s: %d epochs in %.1fs (%.0f cells/s)", name, info["epochs"], info["train_s"], info["cells_per_s"]
         )
@@ -185,10 +247,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         parts = []
         for r in range(args.replicates):
-            X = generate(model, n_generate, marginal["mean"], marginal["sd"], args.seed, r)
-            obs = pd.DataFrame(index=[f"scvi{r}_{i}" for i in range(n_generate)])
-            for key in keys:
-                obs[key] = pd.Categorical([NONE_LABEL] * n_generate)
+            if args.covariates:
+                X = generate_like(model, test.obs, keys, manifest, args.seed, r)
+                obs = pd.DataFrame(index=[f"scvi{r}_{i}" for i in range(test.n_obs)])
+                for key in keys:
+                    obs[key] = pd.Categorical(test.obs[key].astype(str).to_numpy())
+            else:
+                X = generate(model, n_generate, marginal["mean"], marginal["sd"], args.seed, r)
+                obs = pd.DataFrame(index=[f"scvi{r}_{i}" for i in range(n_generate)])
+                for key in keys:
+                    obs[key] = pd.Categorical([NONE_LABEL] * n_generate)
             obs["generated"] = True
             obs["replicate"] = r
             parts.append(ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes)))
@@ -216,6 +284,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-generate", type=int, default=0, help="cells per replicate [default: one per test cell]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--covariates",
+        action="store_true",
+        help="the keys as categorical covariates; generation conditional, one cell per test cell with its labels",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[scvi_baseline %(asctime)s] %(message)s", stream=sys.stderr)
     for name in ("scvi", "lightning", "lightning.pytorch", "pytorch_lightning"):

@@ -151,6 +151,19 @@ def test_drop_labels_is_independent_per_attribute() -> None:
     assert len(patterns) == 8
 
 
+def test_drop_labels_shared_drops_a_cells_labels_together() -> None:
+    cfg = DiTConfig(d_latent=2, n_tokens=1, d_model=8, n_blocks=1, n_heads=2, n_classes=[2, 5, 7])
+    n, rho = 20_000, 0.8
+    g = torch.Generator().manual_seed(7)
+    labels = torch.stack([torch.randint(0, c, (n,), generator=g) for c in cfg.n_classes], dim=1)
+    dropped = drop_labels(labels, cfg, rho, torch.Generator().manual_seed(8), scheme="shared")
+    is_null = (dropped == torch.tensor(cfg.null_codes)).numpy()  # (n, K)
+    assert (is_null.all(axis=1) | ~is_null.any(axis=1)).all()  # all or nothing per cell
+    assert abs(is_null[:, 0].mean() - rho) < 4 * np.sqrt(rho * (1 - rho) / n)
+    with pytest.raises(ValueError, match="unknown label-dropout scheme"):
+        drop_labels(labels, cfg, rho, g, scheme="sometimes")
+
+
 def test_drop_labels_edge_cases_and_determinism() -> None:
     cfg = DiTConfig(d_latent=2, n_tokens=1, d_model=8, n_blocks=1, n_heads=2, n_classes=[2, 5])
     labels = torch.tensor([[0, 1], [1, 4], [2, 5]])  # the last row already holds null codes

@@ -62,6 +62,7 @@ def test_evaluate_reads_the_subsample_it_states(tmp_path):
         "cells_per_side": 150,
         "real": [150, 400],
         "generated": {"0": [150, 250], "1": [150, 250]},
+        "scored": {"real": 150, "generated": {"0": 150, "1": 150}},
     }
     real_s = real[subsample(400, 150, np.random.SeedSequence([3, 0]))]
     rows = np.flatnonzero(gen.obs["replicate"].to_numpy() == 1)

@@ -11,7 +11,16 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from sclatent.flow import flow_matching_loss, guided_velocity, interpolate, sample, target_velocity
+from sclatent.flow import (
+    analogies,
+    flow_matching_loss,
+    guided_velocity,
+    integrate,
+    interpolate,
+    invert,
+    sample,
+    target_velocity,
+)
 from sclatent.nn.dit import DiT, DiTConfig, null_labels
 
 
@@ -189,6 +198,55 @@ def test_guidance_rejects_bad_requests() -> None:
         guided_velocity(model, labels, "joint", 2.0)(x[:5], t[:5])
 
 
+def test_analogies_compose_an_unseen_combination_from_seen_ones() -> None:
+    # cell types 0-2 x conditions 0-2; (0, 1) never seen; seen counts decide which parallelograms are kept
+    seen = {(0, 0): 50, (0, 2): 5, (1, 0): 40, (1, 1): 40, (1, 2): 40, (2, 0): 30, (2, 1): 30}
+    grams = analogies((0, 1), seen, limit=10)
+    # each: base differs from (0, 1) in one key, plus - minus switches that key where both values were seen
+    assert sorted(grams) == sorted([((0, 0), (1, 1), (1, 0)), ((0, 0), (2, 1), (2, 0)), ((0, 2), (1, 1), (1, 2))])
+    assert grams[0] == ((0, 0), (2, 1), (2, 0)) or grams[0] == ((0, 0), (1, 1), (1, 0))  # most cells first
+    assert grams[-1] == ((0, 2), (1, 1), (1, 2))  # (0, 2) has 5 cells
+    assert len(analogies((0, 1), seen, limit=2)) == 2
+    assert analogies((1, 1), seen) == []  # seen: no analogy
+    assert analogies((0, 1), {(0, 0): 1, (1, 0): 1}) == []  # no context holds condition 1
+    # a transferred cell of (0, 2) keeps its own combination as the base
+    assert analogies((0, 1), seen, base=(0, 2)) == [((0, 2), (1, 1), (1, 2))]
+    # three keys: switch one key at a time
+    seen3 = {(0, 0, 0): 3, (1, 1, 0): 3, (1, 0, 0): 3}
+    assert analogies((0, 1, 0), seen3) == [((0, 0, 0), (1, 1, 0), (1, 0, 0))]
+
+
+@torch.no_grad()
+def test_analogy_guidance_formula() -> None:
+    model = _randomised_dit([3, 3], seed=2)
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(3, 2, 3, generator=g), torch.rand(3, generator=g)
+    labels = torch.tensor([[0, 1], [1, 1], [3, 3]])  # an unseen pair, a seen one, nothing requested
+    grams = [[((0, 0), (1, 1), (1, 0)), ((0, 0), (2, 1), (2, 0))], [], []]
+
+    def v(rows: list[list[int]]) -> Tensor:
+        return model(x, t, torch.tensor(rows))
+
+    null = v([[3, 3]] * 3)
+    comp = 0.5 * (v([[0, 0]] * 3) + v([[1, 1]] * 3) - v([[1, 0]] * 3)) + 0.5 * (
+        v([[0, 0]] * 3) + v([[2, 1]] * 3) - v([[2, 0]] * 3)
+    )
+    for w in (1.0, 2.5):
+        field = guided_velocity(model, labels, "joint", w, analogies=grams)
+        out = field(x, t)
+        torch.testing.assert_close(out[0], (null + w * (comp - null))[0], **BATCHED)
+        torch.testing.assert_close(out[1], (null + w * (v(labels.tolist()) - null))[1], **BATCHED)
+        torch.testing.assert_close(out[2], null[2], **BATCHED)
+        # only the rows that need them: 5 distinct terms for row 0 (+ null when w != 1), 1-2 for row 1, 1 for row 2
+        assert field.model_rows == (5 + 1 + 1 if w == 1.0 else 6 + 2 + 1)
+    assert torch.equal(
+        guided_velocity(model, labels, "joint", 2.0, analogies=[[], [], []])(x, t),
+        guided_velocity(model, labels, "joint", 2.0)(x, t),
+    )
+    with pytest.raises(ValueError, match="one list per sample"):
+        guided_velocity(model, labels, "joint", 2.0, analogies=[[]])
+
+
 # ------------------------------------------------------------------------------------------------------- samplers
 Field = Callable[[Tensor, Tensor], Tensor]  # dy/dt = field(y (B, n), t (B,))
 Exact = Callable[[Tensor], Tensor]  # y(0) -> y(1)
@@ -276,6 +334,39 @@ def test_sampler_rejects_bad_arguments() -> None:
         sample(lambda x, t: -200.0 * x, y0, "dopri5", atol=1e-9, rtol=1e-9, max_steps=3)
 
 
+@pytest.mark.parametrize("problem", ["decay", "rotation", "bump"])
+def test_backward_integration_matches_closed_forms(problem: str) -> None:
+    """invert() runs the same solvers from t = 1 back to t = 0: it recovers y(0) from the exact y(1)."""
+    field, exact = {"decay": _decay(3.0), "rotation": _rotation(2 * math.pi), "bump": _gaussian_bump()}[problem]
+    y0 = torch.tensor([[1.0, -2.0], [0.5, 3.0], [-1.5, 0.25]], dtype=torch.float64)
+    y1 = exact(y0)
+    back, nfe = invert(field, y1, "dopri5", atol=1e-8, rtol=1e-8)
+    assert (back - y0).abs().max() < 1e-6 and (nfe - 2) % 6 == 0
+    for method, order in (("euler", 1), ("heun", 2)):
+        errs = [float((invert(field, y1, method, n)[0] - y0).abs().max()) for n in (80, 160)]
+        assert errs[0] / errs[1] == pytest.approx(2**order, rel=0.2), (problem, method, errs)
+
+
+def test_backward_integration_visits_the_grid_in_reverse() -> None:
+    calls = []
+
+    def field(x: Tensor, t: Tensor) -> Tensor:
+        calls.append(float(t[0]))
+        return -x
+
+    y = torch.ones(2, 3)
+    invert(field, y, "euler", 4)
+    assert calls == [1.0, 0.75, 0.5, 0.25]
+    calls.clear()
+    invert(field, y, "heun", 2)
+    assert calls == [1.0, 0.5, 0.5, 0.0]
+    calls.clear()
+    invert(field, y, "dopri5", atol=1e-6, rtol=1e-6)
+    assert calls[0] == 1.0 and calls[-1] == 0.0 and all(0.0 <= c <= 1.0 for c in calls)
+    with pytest.raises(ValueError, match="two different times"):
+        integrate(field, y, 0.5, 0.5, "euler", 2)
+
+
 # ------------------------------------------------------------------------- trained toy: 2-D Gaussian mixture
 CENTERS = torch.tensor([[2.5, 0.0], [-2.5, 0.0], [0.0, 2.5], [0.0, -2.5]])
 STD = 0.35
@@ -339,6 +430,28 @@ def test_toy_prior_reproduces_mixture(toy_prior: DiT, method: str) -> None:
         data_k, _ = _mixture(N_EVAL, g, component=k)
         x1_k, _ = sample(guided_velocity(toy_prior, torch.full((N_EVAL, 1), k)), x0, method, **SAMPLER_ARGS[method])
         assert _w2(x1_k, data_k) < W2_COMPONENT_MAX, (method, k)
+
+
+ROUND_TRIP = {"euler": ({"n_steps": 64}, 0.05), "heun": ({"n_steps": 16}, 0.005), "dopri5": ({}, 0.001)}
+
+
+@pytest.mark.parametrize(
+    "method, guidance, w",
+    [("euler", "joint", 1.0), ("heun", "joint", 1.0), ("dopri5", "joint", 1.0), ("heun", "joint", 2.0)]
+    + [("heun", "additive", 1.5), ("dopri5", "additive", 1.5)],
+)
+def test_toy_round_trip_returns_the_data(toy_prior: DiT, method: str, guidance: str, w: float) -> None:
+    """Data inverted to noise under its own labels, then generated from that noise under the same labels and
+    guidance, comes back (relative error bounded by the solver's accuracy); the noise it inverts to is not the data."""
+    g = torch.Generator().manual_seed(5)
+    data, labels = _mixture(200, g)
+    kwargs, tol = ROUND_TRIP[method]
+    field = guided_velocity(toy_prior, labels, guidance, w if guidance == "joint" else [w])
+    noise, _ = invert(field, data, method, **kwargs)
+    back, _ = sample(field, noise, method, **kwargs)
+    err = float((back - data).norm() / data.norm())
+    assert err < tol, (method, err)
+    assert float((noise - data).norm() / data.norm()) > 0.5
 
 
 def test_toy_sampling_is_seeded(toy_prior: DiT) -> None:

@@ -41,6 +41,17 @@ def test_same_outputs_as_the_in_memory_prepare(name, case_inputs, tmp_path, monk
     elif name == "pbmc_outer_qc":
         _tiny_chunks(monkeypatch, 20_000)
     got = json.loads(json.dumps(run_case(case_inputs[name], tmp_path / "out", tmp_path / "sheet.csv")))
+    train = ad.read_h5ad(tmp_path / "out" / "train.h5ad", backed="r")
+    keys = list(train.uns["sclatent"]["condition_keys"])
+    trained = sorted(set(train.obs[keys].astype(str).agg("|".join, axis=1))) if len(keys) > 1 else None
+    for part in ("train", "test"):
+        # written since the reference was made (issue 34): no held-out combination, and the ones training saw
+        uns = got[part]["uns"]
+        assert uns.pop("holdout") == []
+        if trained is not None:
+            assert sorted(uns.pop("train_combinations")) == trained
+        else:
+            assert uns.pop("train_combinations") == []
     for part in ("prepare", "train", "test"):
         assert got[part] == GOLDEN[name][part], f"{name}: {part} differs from the in-memory PREPARE"
 

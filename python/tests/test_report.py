@@ -35,7 +35,17 @@ from sclatent.report import sections as RS
 
 REPO = Path(__file__).resolve().parents[2]
 MIXOLOGY = REPO / "assets" / "test_data" / "mixology.h5ad"
-SECTIONS = ("run-summary", "data-summary", "training", "reconstruction", "metrics", "per-class", "umap", "markers")
+SECTIONS = (
+    "run-summary",
+    "data-summary",
+    "training",
+    "reconstruction",
+    "metrics",
+    "per-class",
+    "held-out",
+    "umap",
+    "markers",
+)
 FIGURES = (
     "fig-training-vae",
     "fig-training-prior",

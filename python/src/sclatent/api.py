@@ -5,6 +5,7 @@ model = sclatent.Model.load("results/pbmc/model")          # a model bundle (mod
 model.embed(adata)                                           # adata.obsm["X_sclatent"]
 model.embed_file("query.h5ad", "query_embedded.h5ad", gene_key="gene_ids")   # any panel, large files
 cells = model.sample(n=500, conditions={"cell_type": "B"}, cfg_scale=2.0)   # an AnnData of counts
+stim = model.transfer(adata, set={"condition": "stimulated"})                # the same cells under other labels
 model = sclatent.Model.train(adata, condition_keys=["cell_type"])           # or train one from an AnnData
 tuned = sclatent.Model.train(new, condition_keys=["cell_type"], init_from=model)   # or fine-tune one
 """
@@ -200,6 +201,50 @@ class Model:
             "seed": seed,
             "method": cfg.method,
             "n_steps": cfg.n_steps,
+        }
+        return out
+
+    def transfer(
+        self,
+        adata: ad.AnnData,
+        set: Mapping[str, str],  # noqa: A002 - the user-facing name of the requested labels
+        *,
+        layer: str = "X",
+        gene_key: str | None = None,
+        guidance: str = "joint",
+        cfg_scale: float | Mapping[str, float] = 1.0,
+        genes: Sequence[str] | None = None,
+        seed: int = 0,
+        **options: Any,
+    ) -> ad.AnnData:
+        """Counterfactual cells: every cell of `adata` (raw counts in `layer`, a column per condition key in obs)
+        carried from its own labels to the labels in `set` ({key: value}; other keys keep the cell's own).
+
+        Each cell's latent is integrated back to noise under its labels, then forward under the new ones, and
+        decoded with its own library size. The result's obs holds the new labels, the old ones (`source_<key>`)
+        and the input cell's name (`reference_cell`). `options` are further SampleConfig fields (method, n_steps,
+        counts, precision, batch_size, ...); the fixed-step solvers take 8 steps each way unless told otherwise.
+        """
+        from .transfer import transfer_adata
+
+        per_key = dict(cfg_scale) if isinstance(cfg_scale, Mapping) else None
+        options = {"method": "heun", "n_steps": 8, **options}
+        cfg = SampleConfig(
+            guidance=guidance, cfg_scale=1.0 if per_key else float(cfg_scale), cfg_scales=per_key, seed=seed, **options
+        )
+        cfg.validate()
+        out, info = transfer_adata(
+            self.bundle, adata, dict(set), cfg, self.device, layer=layer, gene_key=gene_key, genes=genes
+        )
+        out.uns["sclatent"] = {
+            "sclatent_version": __version__,
+            "step": "transfer",
+            "set": [f"{k}={v}" for k, v in dict(set).items()],
+            "guidance": guidance,
+            "seed": seed,
+            "method": cfg.method,
+            "n_steps": cfg.n_steps,
+            "unseen_combinations": list(info["unseen_combinations"]),
         }
         return out
 

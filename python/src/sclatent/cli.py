@@ -142,6 +142,12 @@ def check_samplesheet(samplesheet: str, base_dir: str | None, check_exists: bool
     help="Use this var column (e.g. Ensembl ids) as the gene names instead of var_names, e.g. to match the "
     "vocabulary of a trained model.",
 )
+@click.option(
+    "--holdout",
+    default="",
+    help="Attribute combinations whose cells go to the test split only, never to training: "
+    "'cell_type=X,condition=Y;cell_type=Z' (';' between combinations).",
+)
 @_user_errors
 def prepare(
     samplesheet,
@@ -157,8 +163,10 @@ def prepare(
     min_counts,
     gene_join,
     gene_key,
+    holdout,
 ) -> None:
     """PREPARE: validate, combine, QC, split and flag HVGs for one dataset."""
+    from .holdout import parse_holdout
     from .io import read_samplesheet
     from .prepare import PrepareConfig
     from .prepare import prepare as run
@@ -187,6 +195,7 @@ def prepare(
         min_counts=min_counts,
         gene_join=gene_join,
         gene_key=gene_key,
+        holdout=parse_holdout(holdout),
     )
     run(rows, cfg, outdir)
 
@@ -461,10 +470,16 @@ def embed(model, h5ad, out, layer, gene_key, key, batch_size, chunk_size, device
     type=click.FloatRange(0, 1),
     help="Label dropout: each attribute is replaced by its null token with this probability, independently.",
 )
+@click.option(
+    "--label-dropout",
+    type=click.Choice(["independent", "shared"]),
+    default="independent",
+    help="Label dropout: each attribute on its own (independent) or all of a cell's together (shared).",
+)
 @_training_options(lr=5e-4, batch_size=256, ema=0.999, min_steps=2000)
 @_user_errors
-def train_prior_cmd(latents, outdir, preset, rho, **kw) -> None:
-    """TRAIN_PRIOR: train the DiT flow-matching prior with per-attribute label dropout."""
+def train_prior_cmd(latents, outdir, preset, rho, label_dropout, **kw) -> None:
+    """TRAIN_PRIOR: train the DiT flow-matching prior with label dropout."""
     from .train_prior import PriorTraining, train_prior
 
     run = PriorTraining(
@@ -474,6 +489,7 @@ def train_prior_cmd(latents, outdir, preset, rho, **kw) -> None:
         max_steps=kw["max_steps"],
         rho=rho,
         init_from=kw["init_from"],
+        dropout=label_dropout,
     )
     tcfg = _train_config(kw, betas=(0.9, 0.999), decay_frac=1.0, decay_shape="cosine")
     train_prior(latents, outdir, run, tcfg, resume=kw["resume"], progress=kw["progress"])
@@ -662,6 +678,107 @@ def sample(
         shard=span,
         device=device,
     )
+
+
+@main.command()
+@click.option("--model", required=True, type=click.Path(exists=True), help="Model bundle (model.pt) from BUNDLE.")
+@click.option(
+    "--h5ad",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="Real cells: raw counts and an obs column for every condition key of the model.",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    required=True,
+    help="key=value (or k=v,k2=v2): the labels the cells are carried to; repeatable; other keys keep the cell's own.",
+)
+@click.option("--where", multiple=True, help="key=value (or k=v,k2=v2): transfer only the cells with these obs values.")
+@click.option(
+    "--out", default=None, type=FILE, help="Output h5ad [default: <h5ad name>_transfer.h5ad in the current folder]."
+)
+@click.option("--layer", default="X", help="Where the raw counts are: X or a layer name.")
+@click.option(
+    "--guidance",
+    type=click.Choice(["joint", "additive"]),
+    default="joint",
+    help="Classifier-free guidance of both integrations: joint (paper eq. 11) or additive (CFGen).",
+)
+@click.option(
+    "--cfg-scale",
+    "cfg_scale",
+    multiple=True,
+    default=("1.0",),
+    help="Guidance weight w, or key=w per attribute (additive); repeatable.",
+)
+@click.option("--method", type=click.Choice(["euler", "heun", "dopri5"]), default="heun", help="ODE solver.")
+@click.option("--n-steps", default=8, type=int, help="Steps of the fixed-step solvers (each direction).")
+@click.option("--atol", default=1e-5, type=float, help="dopri5 absolute tolerance.")
+@click.option("--rtol", default=1e-5, type=float, help="dopri5 relative tolerance.")
+@click.option("--counts", type=click.Choice(["sample", "mean"]), default="sample", help="NB draws or the NB mean.")
+@click.option("--genes", default=None, help="Output genes: a comma list or @file (one per line) [default: all].")
+@click.option("--batch-size", default=512, type=int, help="Cells per batch.")
+@click.option("--seed", default=0, type=int, help="Seed of the NB draws.")
+@click.option("--keep-latents", is_flag=True, help="Store the new latents in obsm['X_latent'].")
+@click.option("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    help="Arithmetic of the DiT: fp32 or bf16 autocast; the VAE stays fp32.",
+)
+@click.option("--threads", default=None, type=int, help="CPU threads for torch.")
+@_user_errors
+def transfer(
+    model,
+    h5ad,
+    overrides,
+    where,
+    out,
+    layer,
+    guidance,
+    cfg_scale,
+    method,
+    n_steps,
+    atol,
+    rtol,
+    counts,
+    genes,
+    batch_size,
+    seed,
+    keep_latents,
+    device,
+    precision,
+    threads,
+) -> None:
+    """TRANSFER: real cells carried to other labels (counterfactuals): each cell is encoded, its latent integrated
+    back to noise under its own labels, then forward under the requested ones, and decoded with its library size."""
+    from .generate import SampleConfig, parse_conditions
+    from .transfer import run_transfer
+
+    _threads(threads)
+    scale, per = _parse_scales(cfg_scale)
+    cfg = SampleConfig(
+        guidance=guidance,
+        cfg_scale=scale,
+        cfg_scales=per,
+        method=method,
+        n_steps=n_steps,
+        atol=atol,
+        rtol=rtol,
+        batch_size=batch_size,
+        seed=seed,
+        counts=counts,
+        keep_latents=keep_latents,
+        precision=precision,
+    )
+    cfg.validate()
+    wanted = parse_conditions([p for item in overrides for p in item.split(",") if p.strip()], option="--set")
+    chosen = parse_conditions([p for item in where for p in item.split(",") if p.strip()], option="--where")
+    out = out or f"{Path(h5ad).name.removesuffix('.h5ad')}_transfer.h5ad"
+    run_transfer(model, h5ad, out, wanted, cfg, where=chosen, layer=layer, genes=_gene_list(genes), device=device)
 
 
 @main.command()

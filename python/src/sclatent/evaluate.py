@@ -13,6 +13,10 @@ generated cells), read from disk row by row or chunk by chunk, never the whole f
 cells as documented in `metrics` (MMD², 1-NN, PRDC, kNN-F1, TSTR: `max_cells`; W2: `w2_max_cells`; per class:
 `class_max_cells`). metrics.json records the cells used and the caps.
 The reconstruction metrics of ENCODE are carried over. Writes `metrics.json` and `metrics_mqc.tsv`.
+
+Combinations never seen in training (the real cells' `uns["sclatent"]["train_combinations"]`, written by PREPARE)
+are scored on their own (`metrics.heldout`: model, real-vs-real floor and nearest seen combinations, under
+"held_out"); every other number is then about the seen combinations only.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .counts import subsample
 from .io import InputError, atomic_outputs, dump_json, joint_labels, provenance, read_json
 from .metrics import aggregate_replicates, to_mqc_tsv
 from .metrics import evaluate as evaluate_metrics
+from .metrics.heldout import score_held_out, seen_only
 from .ondisk import H5adCounts, read_meta
 
 log = logging.getLogger(__name__)
@@ -70,6 +75,29 @@ def evaluate_pair(real: ad.AnnData, generated: ad.AnnData, keys: Sequence[str], 
         raise InputError(f"{what}: {exc}") from None
 
 
+def _held_out(
+    real: ad.AnnData, parts: dict[Any, ad.AnnData], keys: list[str], model_genes: list[str], what: str, kwargs: dict
+) -> tuple[dict, ad.AnnData, dict[Any, ad.AnnData]]:
+    """The held-out section ({} when training saw every combination), and the real cells and generated replicates
+    the main section scores: the seen combinations only, when some were never seen."""
+    seen = real.uns.get("sclatent", {}).get("train_combinations")
+    if seen is None or len(keys) < 2:
+        return {}, real, parts
+    options = {k: v for k, v in kwargs.items() if k in ("n_pcs", "seed", "k", "max_cells", "w2_max_cells")}
+    gen = ad.concat(list(parts.values())) if len(parts) > 1 else next(iter(parts.values()))
+    try:
+        held = score_held_out(real, gen, keys, list(seen), model_genes=model_genes, **options)
+    except ValueError as exc:
+        raise InputError(f"{what}: {exc}") from None
+    if not held:
+        return {}, real, parts
+    seen_real = seen_only(real, keys, held["combinations"])
+    if seen_real.n_obs == 0:  # every test cell is of a never-seen combination: the main section scores them all
+        held["scope_note"] = "every test cell is of a never-seen combination; the main metrics score them all"
+        return held, real, parts
+    return held, seen_real, {r: seen_only(p, keys, held["combinations"]) for r, p in parts.items()}
+
+
 def run_evaluate(
     real_path: str | Path,
     generated_path: str | Path,
@@ -108,11 +136,17 @@ def run_evaluate(
         real_path, real_meta, np.arange(real_meta.n_obs), cells_per_side, np.random.SeedSequence([seed, 0])
     )
     used = {"real": [int(real.n_obs), int(real_meta.n_obs)], "generated": {}}
-    per_rep, first = [], None
+    parts = {}
     for r in reps:
         rows = np.flatnonzero(gen_meta.obs["replicate"].to_numpy() == r) if has_reps else np.arange(gen_meta.n_obs)
-        part = load_cells(generated_path, gen_meta, rows, cells_per_side, np.random.SeedSequence([seed, 1, int(r)]))
-        used["generated"][str(r)] = [int(part.n_obs), int(len(rows))]
+        parts[r] = load_cells(generated_path, gen_meta, rows, cells_per_side, np.random.SeedSequence([seed, 1, int(r)]))
+        used["generated"][str(r)] = [int(parts[r].n_obs), int(len(rows))]
+    held_out, real, parts = _held_out(real, parts, keys, model_genes, what, kwargs)
+    # the cells the main section scores (without the never-seen combinations' cells, when there are any)
+    used["scored"] = {"real": int(real.n_obs), "generated": {str(r): int(p.n_obs) for r, p in parts.items()}}
+    per_rep, first = [], None
+    for r in reps:
+        part = parts.pop(r)  # each replicate's cells are dropped once scored
         log.info("evaluating replicate %s: %d generated vs %d real cells", r, part.n_obs, real.n_obs)
         per_rep.append(evaluate_pair(real, part, keys, what, model_genes=model_genes, **kwargs))
         first = part if first is None else first
@@ -127,6 +161,11 @@ def run_evaluate(
         "generation": summary,
         "generation_per_replicate": per_rep,
     }
+    if held_out:
+        result["generation_scope"] = (
+            "all test cells" if "scope_note" in held_out else "seen combinations (the never-seen ones: held_out)"
+        )
+        result["held_out"] = held_out
     if floor:
         # Distances shrink with the number of cells compared, so the floor (half A vs half B of the real
         # cells) is read against the model at the same sizes: generated cells (replicate 0, subsampled to

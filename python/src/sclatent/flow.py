@@ -6,7 +6,11 @@ This module is the single place where the prior's formulas live:
 * flow-matching loss ``E_{t, eps} || v(x_t, t, y~) - u_t ||^2`` with per-attribute label dropout ``y -> y~``;
 * guidance: *joint* (eq. 11) ``v = v_null + w (v_y - v_null)`` and *additive* (CFGen)
   ``v = v_null + sum_j w_j (v_{y_j} - v_null)``;
-* samplers integrating ``dx/dt = v(x, t)`` from t = 0 to t = 1: ``euler``, ``heun``, adaptive ``dopri5``.
+* analogy, for a combination y never seen in training: ``v_y = v_base + v_plus - v_minus`` (averaged over up to
+  a few such parallelograms) with base, plus and minus seen combinations, base equal to y but for one key, plus and
+  minus another context with y's and base's value of that key;
+* samplers integrating ``dx/dt = v(x, t)`` from t = 0 to t = 1 (generation) or back from 1 to 0 (inversion, for
+  counterfactual transfer): ``euler``, ``heun``, adaptive ``dopri5``; one implementation for both directions.
 
 A velocity function has the signature ``velocity_fn(x (B, ...), t (B,)) -> (B, ...)``.
 Shapes: ``B`` samples, ``m`` latent tokens, ``dl`` latent width, ``K`` condition keys.
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -55,7 +59,9 @@ def _normal(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) ->
     return torch.randn(shape, generator=generator, device=generator.device).to(like.device, like.dtype)
 
 
-def flow_matching_loss(model: DiT, z: Tensor, labels: Tensor, generator: torch.Generator, rho: float) -> Tensor:
+def flow_matching_loss(
+    model: DiT, z: Tensor, labels: Tensor, generator: torch.Generator, rho: float, scheme: str = "independent"
+) -> Tensor:
     """Flow-matching MSE for a batch of data latents.
 
     z (B, m, dl) are data latents, labels (B, K) their label codes. Draws, in this order from generator:
@@ -67,7 +73,7 @@ def flow_matching_loss(model: DiT, z: Tensor, labels: Tensor, generator: torch.G
     b = z.shape[0]
     t = _uniform((b,), generator, z)  # (B,)
     eps = _normal(tuple(z.shape), generator, z)  # (B, m, dl)
-    dropped = drop_labels(labels, model.config, rho, generator)  # (B, K)
+    dropped = drop_labels(labels, model.config, rho, generator, scheme)  # (B, K)
     x_t = interpolate(z, eps, t)  # (B, m, dl)
     v = model(x_t, t, dropped)  # (B, m, dl)
     return torch.mean((v - target_velocity(z, eps)) ** 2)
@@ -76,6 +82,49 @@ def flow_matching_loss(model: DiT, z: Tensor, labels: Tensor, generator: torch.G
 # --------------------------------------------------------------------------------------------------------------
 # Classifier-free guidance
 # --------------------------------------------------------------------------------------------------------------
+Combination = tuple[int, ...]  # the label codes of every condition key (no null code)
+Analogy = tuple[Combination, Combination, Combination]  # (base, plus, minus)
+MAX_ANALOGIES = 4  # parallelograms averaged per unseen combination (each costs three model evaluations)
+
+
+def analogies(
+    target: Combination, seen: Mapping[Combination, int], base: Combination | None = None, limit: int = MAX_ANALOGIES
+) -> list[Analogy]:
+    """Parallelograms that compose the unseen combination `target` from seen ones: (base, plus, minus) with
+    base = target except in one key j (value u), plus = a seen context holding target's value of j, minus = the
+    same context with u. Then target = base + (plus - minus): the effect of switching key j from u to target's
+    value, measured where both were seen, applied to base. `seen` maps each seen combination to its training cells;
+    the `limit` parallelograms whose least-populated member has the most cells are kept (ties in code order).
+    With `base` (a transferred cell's own combination) only the parallelograms built on it are used, when any is.
+    Empty for a seen target or when no parallelogram exists."""
+    if target in seen:
+        return []
+    found: dict[frozenset, tuple[int, Analogy]] = {}
+    # the last keys first: each parallelogram is kept in the orientation whose base differs from the target in the
+    # latest key (with keys cell type, condition: the base is the same cell type under another condition)
+    for j in reversed(range(len(target))):
+        for other in seen:
+            if other[j] == target[j] or any(other[i] != target[i] for i in range(len(target)) if i != j):
+                continue  # base: differs from the target in key j only
+            u = other[j]
+            for plus in seen:
+                if plus[j] != target[j] or plus == target:
+                    continue
+                minus = plus[:j] + (u,) + plus[j + 1 :]
+                if minus not in seen or minus == other:
+                    continue
+                key = frozenset([(other, plus), (plus, other)]) | {minus}
+                weight = min(seen[other], seen[plus], seen[minus])
+                if key not in found:
+                    found[key] = (weight, (other, plus, minus))
+    grams = sorted(found.values(), key=lambda item: (-item[0], item[1]))
+    if base is not None:
+        own = [g for g in grams if base in g[1][:2]]
+        grams = own or grams
+        grams = [(w, (base, g[1] if g[0] == base else g[0], g[2])) for w, g in grams] if own else grams
+    return [g for _, g in grams[:limit]]
+
+
 class GuidedVelocity:
     """Guided velocity field ``(x (B, m, dl), t (B,)) -> (B, m, dl)`` for a fixed request ``labels`` (B, K).
 
@@ -84,6 +133,10 @@ class GuidedVelocity:
     * ``"joint"`` (paper eq. 11), scalar w: ``v = v_null + w (v_y - v_null)``, y = the requested subset.
     * ``"additive"`` (CFGen), one weight per key: ``v = v_null + sum_j w_j (v_{y_j} - v_null)`` over the requested
       attributes j of each sample, where y_j keeps only attribute j.
+
+    ``analogies`` (joint guidance only): per sample, the parallelograms of :func:`analogies` that stand in for its
+    combination when it was never seen, ``v_y = mean over them of (v_base + v_plus - v_minus)``; an empty list keeps
+    the sample's own request. Those terms are evaluated only for the samples that need them.
 
     All evaluations of one call are concatenated along the batch into a single model forward. Evaluations that
     cannot change the result are skipped, which makes the identities exact: w = 0 is the unconditional model,
@@ -94,7 +147,13 @@ class GuidedVelocity:
     """
 
     def __init__(
-        self, model: DiT, labels: Tensor, guidance: str, w: float | Sequence[float], autocast: bool = False
+        self,
+        model: DiT,
+        labels: Tensor,
+        guidance: str,
+        w: float | Sequence[float],
+        autocast: bool = False,
+        analogies: Sequence[Sequence[Analogy]] | None = None,
     ) -> None:
         if guidance not in GUIDANCE_MODES:
             raise ValueError(f"unknown guidance {guidance!r}; choose one of {GUIDANCE_MODES}")
@@ -117,7 +176,11 @@ class GuidedVelocity:
             self.weights = [float(w)]
             wj = float(w)
             self.row_requested = requested.any(dim=1)  # (B,)
-            if wj == 0.0 or not bool(self.row_requested.any()):
+            if analogies is not None and len(analogies) != labels.shape[0]:
+                raise ValueError(f"analogies must hold one list per sample ({labels.shape[0]}), got {len(analogies)}")
+            if wj != 0.0 and analogies is not None and any(analogies):
+                self._combination_plan(labels, null, wj, analogies)
+            elif wj == 0.0 or not bool(self.row_requested.any()):
                 self._plan = "single"
                 self.requests = null
             elif wj == 1.0:
@@ -148,14 +211,49 @@ class GuidedVelocity:
                 self.term_masks = [requested[:, j] for j in self.active]  # each (B,)
                 single = [torch.where(torch.arange(k, device=labels.device) == j, labels, null) for j in self.active]
                 self.requests = torch.cat([null, *single])  # ((1 + J) B, K)
-        self.n_terms = self.requests.shape[0] // self.batch_size
+        self.n_terms = -(-self.requests.shape[0] // self.batch_size)
         logger.debug("guidance %s w=%s: %d evaluations per call", guidance, self.weights, self.n_terms)
+
+    def _combination_plan(self, labels: Tensor, null: Tensor, w: float, grams: Sequence[Sequence[Analogy]]) -> None:
+        """Per sample, the weighted label rows of ``v_null + w (v_y - v_null)`` with v_y its analogy terms or its own
+        request: (sample index, labels, coefficient) entries, evaluated together and summed per sample."""
+        rows, requests, coefs = [], [], []
+        for i in range(labels.shape[0]):
+            own = tuple(int(c) for c in labels[i])
+            nul = tuple(int(c) for c in null[i])
+            terms: dict[tuple[int, ...], float] = {}
+            if not bool(self.row_requested[i]):
+                terms[nul] = 1.0
+            else:
+                for base, plus, minus in grams[i]:
+                    for combo, sign in ((base, 1.0), (plus, 1.0), (minus, -1.0)):
+                        terms[combo] = terms.get(combo, 0.0) + w * sign / len(grams[i])
+                if not grams[i]:
+                    terms[own] = w
+                terms[nul] = terms.get(nul, 0.0) + (1.0 - w)
+            for combo, c in terms.items():
+                if c != 0.0:
+                    rows.append(i)
+                    requests.append(combo)
+                    coefs.append(c)
+        self._plan = "combination"
+        self.rows = torch.tensor(rows, dtype=torch.long, device=labels.device)  # (E,)
+        self.requests = torch.tensor(requests, dtype=labels.dtype, device=labels.device)  # (E, K)
+        self.coefs = torch.tensor(coefs, dtype=torch.float32, device=labels.device)  # (E,)
+        self.model.check_labels(self.requests, len(rows))
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         """Guided velocity at (x (B, m, dl), t (B,)) -> (B, m, dl); one batched model forward."""
         b = self.batch_size
         if x.shape[0] != b:
             raise ValueError(f"x has batch size {x.shape[0]} but the guidance request has {b}")
+        if self._plan == "combination":
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                out = self.model(x[self.rows], t[self.rows], self.requests)  # (E, m, dl)
+            self.model_calls += 1
+            self.model_rows += len(self.rows)
+            weighted = self.coefs.to(x.dtype).view(-1, *([1] * (x.ndim - 1))) * out.to(x.dtype)
+            return torch.zeros_like(x).index_add_(0, self.rows, weighted)
         xs = torch.cat([x] * self.n_terms) if self.n_terms > 1 else x  # (T B, m, dl)
         ts = torch.cat([t] * self.n_terms) if self.n_terms > 1 else t  # (T B,)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -184,13 +282,14 @@ def guided_velocity(
     guidance: Literal["joint", "additive"] = "joint",
     w: float | Sequence[float] = 1.0,
     autocast: bool = False,
+    analogies: Sequence[Sequence[Analogy]] | None = None,
 ) -> GuidedVelocity:
     """Velocity function of the guided field for request labels (B, K); see :class:`GuidedVelocity`."""
-    return GuidedVelocity(model, labels, guidance, w, autocast=autocast)
+    return GuidedVelocity(model, labels, guidance, w, autocast=autocast, analogies=analogies)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# ODE samplers, t = 0 (noise) -> t = 1 (data)
+# ODE samplers, t = 0 (noise) -> t = 1 (data), or back
 # --------------------------------------------------------------------------------------------------------------
 class _CountingRHS:
     """Wraps a velocity function: takes a python-float time, counts evaluations (NFE)."""
@@ -210,25 +309,26 @@ class _CountingRHS:
         return v
 
 
-def _euler(f: _CountingRHS, x: Tensor, n_steps: int) -> Tensor:
-    """Explicit Euler on the uniform grid t_i = i / n_steps: n_steps evaluations."""
-    h = 1.0 / n_steps
+def _euler(f: _CountingRHS, x: Tensor, n_steps: int, t0: float, t1: float) -> Tensor:
+    """Explicit Euler on the uniform grid t_i = t0 + i (t1 - t0) / n_steps: n_steps evaluations."""
+    h = (t1 - t0) / n_steps
     for i in range(n_steps):
-        x = x + h * f(i / n_steps, x)
+        x = x + h * f(t0 + (t1 - t0) * i / n_steps, x)
     return x
 
 
-def _heun(f: _CountingRHS, x: Tensor, n_steps: int) -> Tensor:
-    """Heun's method (explicit trapezoid) on t_i = i / n_steps, corrector on every step: 2 n_steps evaluations.
+def _heun(f: _CountingRHS, x: Tensor, n_steps: int, t0: float, t1: float) -> Tensor:
+    """Heun's method (explicit trapezoid) on t_i = t0 + i (t1 - t0) / n_steps, corrector on every step:
+    2 n_steps evaluations.
 
     The last step keeps its corrector: the velocity field is regular at t = 1 (unlike EDM's sigma = 0 endpoint).
     """
-    h = 1.0 / n_steps
+    h = (t1 - t0) / n_steps
     for i in range(n_steps):
-        t0, t1 = i / n_steps, (i + 1) / n_steps
-        k1 = f(t0, x)
+        ta, tb = t0 + (t1 - t0) * i / n_steps, t0 + (t1 - t0) * (i + 1) / n_steps
+        k1 = f(ta, x)
         x_pred = x + h * k1
-        k2 = f(t1, x_pred)
+        k2 = f(tb, x_pred)
         x = x + 0.5 * h * (k1 + k2)
     return x
 
@@ -256,48 +356,49 @@ def _rms(x: Tensor) -> float:
     return float(torch.sqrt(torch.mean(x.double() ** 2)))
 
 
-def _initial_step(f: _CountingRHS, x0: Tensor, f0: Tensor, atol: float, rtol: float) -> float:
-    """Starting step size of Hairer, Nørsett & Wanner (II.4, p. 169), order 5, capped at the interval length 1.
-
-    Costs one evaluation."""
+def _initial_step(f: _CountingRHS, x0: Tensor, f0: Tensor, atol: float, rtol: float, t0: float, sign: float) -> float:
+    """Starting step size (a magnitude) of Hairer, Nørsett & Wanner (II.4, p. 169), order 5, capped at the interval
+    length 1; the trial step goes in the direction `sign` from t0. Costs one evaluation."""
     scale = atol + rtol * x0.abs()
     d0, d1 = _rms(x0 / scale), _rms(f0 / scale)
     h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
     h0 = min(h0, 1.0)
-    f1 = f(h0, x0 + h0 * f0)
+    f1 = f(t0 + sign * h0, x0 + sign * h0 * f0)
     d2 = _rms((f1 - f0) / scale) / h0
     h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 5)
     return min(100 * h0, h1, 1.0)
 
 
-def _dopri5(f: _CountingRHS, x: Tensor, atol: float, rtol: float, max_steps: int) -> Tensor:
-    """Adaptive Dormand–Prince 5(4) with FSAL and local error control on [0, 1].
+def _dopri5(f: _CountingRHS, x: Tensor, atol: float, rtol: float, max_steps: int, t0: float, t1: float) -> Tensor:
+    """Adaptive Dormand–Prince 5(4) with FSAL and local error control from t0 to t1 (either direction).
 
     A step is accepted when RMS(err / (atol + rtol max(|x|, |x_new|))) <= 1 (the norm runs over the whole batch,
     so all samples share one step-size sequence). Step factor ``0.9 err^(-1/5)`` clipped to [0.2, 10] (no growth
     right after a rejection). Cost: 2 evaluations to start + 6 per attempted step.
     """
-    t = 0.0
+    sign = 1.0 if t1 > t0 else -1.0
+    t = t0
     k1 = f(t, x)
-    h = _initial_step(f, x, k1, atol, rtol)
+    h = _initial_step(f, x, k1, atol, rtol, t0, sign)  # step magnitude; the signed step is sign * h
     accepted = rejected = 0
     just_rejected = False
-    while t < 1.0:
+    while sign * (t1 - t) > 0:
         if accepted + rejected >= max_steps:
-            raise RuntimeError(f"dopri5 did not reach t=1 within max_steps={max_steps} (t={t:.6f}, h={h:.3e})")
+            raise RuntimeError(f"dopri5 did not reach t={t1:g} within max_steps={max_steps} (t={t:.6f}, h={h:.3e})")
         if h < 1e-12:
             raise RuntimeError(f"dopri5 step size underflow at t={t:.6f} (h={h:.3e}); is the velocity finite?")
-        last = h >= 1.0 - t
+        last = h >= sign * (t1 - t)
         if last:
-            h = 1.0 - t
-        t_new = 1.0 if last else t + h
+            h = sign * (t1 - t)
+        t_new = t1 if last else t + sign * h
+        hs = sign * h  # signed step
         ks = [k1]
         for i in range(1, 7):
             dx = sum(a * k for a, k in zip(_DP_A[i], ks) if a != 0.0)
-            ks.append(f(t + _DP_C[i] * h if i < 6 else t_new, x + h * dx))
+            ks.append(f(t + _DP_C[i] * hs if i < 6 else t_new, x + hs * dx))
         # row 7 of A equals b5, so the stage-7 state is the 5th-order solution and ks[6] = f(t_new, x_new) (FSAL)
-        x_new = x + h * sum(b * k for b, k in zip(_DP_B5, ks) if b != 0.0)
-        err_vec = h * sum(e * k for e, k in zip(_DP_E, ks) if e != 0.0)
+        x_new = x + hs * sum(b * k for b, k in zip(_DP_B5, ks) if b != 0.0)
+        err_vec = hs * sum(e * k for e, k in zip(_DP_E, ks) if e != 0.0)
         scale = atol + rtol * torch.maximum(x.abs(), x_new.abs())
         err = _rms(err_vec / scale)
         if not math.isfinite(err):
@@ -319,32 +420,51 @@ def _dopri5(f: _CountingRHS, x: Tensor, atol: float, rtol: float, max_steps: int
 
 
 @torch.no_grad()
-def sample(
+def integrate(
     velocity_fn: VelocityFn,
-    x0: Tensor,
+    x: Tensor,
+    t0: float,
+    t1: float,
     method: Literal["euler", "heun", "dopri5"] = "dopri5",
     n_steps: int | None = None,
     atol: float = 1e-5,
     rtol: float = 1e-5,
     max_steps: int = 100_000,
 ) -> tuple[Tensor, int]:
-    """Integrate dx/dt = velocity_fn(x, t) from t = 0 (x0, noise drawn by the caller) to t = 1 (data).
+    """Integrate dx/dt = velocity_fn(x, t) from time t0 (state x) to t1, forwards (t1 > t0) or backwards.
 
     ``euler`` / ``heun`` take ``n_steps`` uniform steps (NFE = n_steps / 2 n_steps); ``dopri5`` is adaptive with
-    tolerances ``atol`` / ``rtol`` (NFE = 2 + 6 x attempted steps) and refuses ``n_steps``. Returns (x1, nfe), where
-    nfe counts calls of velocity_fn (a guided call batching several model evaluations counts once).
+    tolerances ``atol`` / ``rtol`` (NFE = 2 + 6 x attempted steps) and refuses ``n_steps``. Returns (x(t1), nfe),
+    where nfe counts calls of velocity_fn (a guided call batching several model evaluations counts once).
     """
     if method not in SAMPLERS:
         raise ValueError(f"unknown sampler {method!r}; choose one of {SAMPLERS}")
-    f = _CountingRHS(velocity_fn, x0)
+    if not (0.0 <= t0 <= 1.0 and 0.0 <= t1 <= 1.0) or t0 == t1:
+        raise ValueError(f"integration needs two different times in [0, 1], got t0={t0!r}, t1={t1!r}")
+    f = _CountingRHS(velocity_fn, x)
     if method in ("euler", "heun"):
         if n_steps is None or not isinstance(n_steps, int) or n_steps < 1:
             raise ValueError(f"sampler {method!r} needs n_steps >= 1, got {n_steps!r}")
-        x1 = _euler(f, x0, n_steps) if method == "euler" else _heun(f, x0, n_steps)
+        out = _euler(f, x, n_steps, t0, t1) if method == "euler" else _heun(f, x, n_steps, t0, t1)
     else:
         if n_steps is not None:
             raise ValueError(f"dopri5 is adaptive and does not use n_steps (got {n_steps!r}); set atol/rtol instead")
         if not (atol > 0 and rtol > 0):
             raise ValueError(f"dopri5 needs atol > 0 and rtol > 0, got atol={atol!r}, rtol={rtol!r}")
-        x1 = _dopri5(f, x0, atol, rtol, max_steps)
-    return x1, f.nfe
+        out = _dopri5(f, x, atol, rtol, max_steps, t0, t1)
+    return out, f.nfe
+
+
+def sample(
+    velocity_fn: VelocityFn, x0: Tensor, method: str = "dopri5", n_steps: int | None = None, **kw
+) -> tuple[Tensor, int]:
+    """Generate: integrate from t = 0 (x0, noise drawn by the caller) to t = 1 (data); see :func:`integrate`."""
+    return integrate(velocity_fn, x0, 0.0, 1.0, method, n_steps, **kw)  # type: ignore[arg-type]
+
+
+def invert(
+    velocity_fn: VelocityFn, x1: Tensor, method: str = "dopri5", n_steps: int | None = None, **kw
+) -> tuple[Tensor, int]:
+    """Invert: integrate backwards from data x1 at t = 1 to the noise at t = 0 that the same field carries to x1
+    (the probability-flow ODE is deterministic, so :func:`sample` of the result returns x1 up to the ODE error)."""
+    return integrate(velocity_fn, x1, 1.0, 0.0, method, n_steps, **kw)  # type: ignore[arg-type]

@@ -35,8 +35,8 @@ import torch
 
 from .checkpoint import Bundle, load_model
 from .device import check_precision, resolve_device
-from .flow import guided_velocity
-from .flow import sample as ode_sample
+from .flow import analogies, guided_velocity
+from .flow import integrate as ode_integrate
 from .gather import gather  # noqa: F401  (GATHER, torch-free; kept importable from here)
 from .inference import decode_chunks
 from .io import InputError, atomic_path, provenance
@@ -65,6 +65,7 @@ class SampleConfig:
     prior: str = "ldm"  # "ldm" (the DiT prior) | "gaussian" (N(0, I), the paper's ablation)
     keep_latents: bool = False
     precision: str = "fp32"  # "fp32" or "bf16" (autocast of the DiT's products)
+    unseen: str = "analogy"  # a combination never seen in training, under joint guidance: "analogy" | "joint"
 
     def validate(self) -> None:
         if self.guidance not in ("joint", "additive"):
@@ -83,6 +84,8 @@ class SampleConfig:
             raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.precision not in ("fp32", "bf16"):
             raise InputError(f"--precision must be fp32 or bf16, got '{self.precision}'")
+        if self.unseen not in ("analogy", "joint"):
+            raise InputError(f"--unseen must be analogy or joint, got '{self.unseen}'")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -199,16 +202,55 @@ class Sampler:
             raise InputError(f"--cfg-scale {unknown[0]}=...: not a condition key ({', '.join(self.keys)})")
         return [float(scales.get(k, self.cfg.cfg_scale)) for k in self.keys]
 
-    def integrate(self, codes: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Integrate the guided flow from noise x0 (B, m, dl) at t = 0 to t = 1 under label codes (B, K): the
-        standardised latents and the sampler's NFE."""
-        guided = guided_velocity(self.prior, codes, guidance=self.cfg.guidance, w=self._weights(), autocast=self.bf16)
+    def seen_combinations(self) -> dict[tuple[int, ...], int]:
+        """The combinations of every condition key seen in training (label codes) and their training cells."""
+        if not hasattr(self, "_seen"):
+            self._seen = {}
+            for name, stats in self.library_stats.get("joint", {}).items():
+                values = name.split("|")
+                if len(values) == len(self.keys) and all(v in self.labels[k] for k, v in zip(self.keys, values)):
+                    combo = tuple(self.labels[k].index(v) for k, v in zip(self.keys, values))
+                    self._seen[combo] = int(stats.get("n", 1))
+        return self._seen
+
+    def analogies_of(self, codes: torch.Tensor, base: torch.Tensor | None = None) -> list | None:
+        """Per request row, the parallelograms standing in for a combination never seen in training (joint
+        guidance with `unseen="analogy"`; `base`: each row's own combination when transferring), else None."""
+        if self.cfg.guidance != "joint" or self.cfg.unseen != "analogy" or len(self.keys) < 2:
+            return None
+        seen = self.seen_combinations()
+        nulls = [len(self.labels[k]) for k in self.keys]
+        rows, cache = [], {}
+        for i, row in enumerate(codes.tolist()):
+            own = tuple(base[i].tolist()) if base is not None else None
+            if (tuple(row), own) not in cache:
+                full = all(c < n for c, n in zip(row, nulls))
+                cache[(tuple(row), own)] = analogies(tuple(row), seen, own) if full else []
+            rows.append(cache[(tuple(row), own)])
+        return rows if any(rows) else None
+
+    def integrate(
+        self, codes: torch.Tensor, x: torch.Tensor, backward: bool = False, base: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, int]:
+        """Integrate the guided flow under label codes (B, K) from noise x (B, m, dl) at t = 0 to t = 1, or with
+        `backward` from standardised latents x at t = 1 back to t = 0: the other end and the sampler's NFE.
+        A combination never seen in training is composed from seen ones (`analogies_of`; `base` (B, K): the
+        rows' own combinations when transferring)."""
+        guided = guided_velocity(
+            self.prior,
+            codes,
+            guidance=self.cfg.guidance,
+            w=self._weights(),
+            autocast=self.bf16,
+            analogies=self.analogies_of(codes, base),
+        )
         kw = (
             {"atol": self.cfg.atol, "rtol": self.cfg.rtol}
             if self.cfg.method == "dopri5"
             else {"n_steps": self.cfg.n_steps}
         )
-        return ode_sample(guided, x0, method=self.cfg.method, **kw)
+        t0, t1 = (1.0, 0.0) if backward else (0.0, 1.0)
+        return ode_integrate(guided, x, t0, t1, method=self.cfg.method, **kw)
 
     @torch.no_grad()
     def latents(self, codes: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, int]:
@@ -256,7 +298,7 @@ class Sampler:
         quiet = n == 0 or not log.isEnabledFor(logging.INFO)
         for k in tqdm(range(first, last + 1), desc="sample", unit="batch", leave=False, disable=quiet):
             a, b = max(k * bs, start), min((k + 1) * bs, start + n)  # global indices of this batch's cells
-            gen = torch.Generator(device=self.device).manual_seed(_batch_seed(cfg.seed, cfg.replicate, k))
+            gen = torch.Generator(device=self.device).manual_seed(batch_seed(cfg.seed, cfg.replicate, k))
             z, nfe = self.latents(torch.as_tensor(codes[a - start : b - start], device=self.device), gen)
             nfes.append(nfe)
             eps = torch.randn((b - a,), generator=gen, device=self.device)  # (b,) log-normal draws
@@ -278,7 +320,8 @@ class Sampler:
         return X.astype(np.float32), (np.concatenate(lat) if lat else None), info
 
 
-def _batch_seed(seed: int, replicate: int, k: int) -> int:
+def batch_seed(seed: int, replicate: int, k: int) -> int:
+    """The seed of batch k's generator (noise, library sizes, NB draws) for (seed, replicate)."""
     return int(np.random.SeedSequence([seed, replicate, k]).generate_state(1, dtype=np.uint64)[0] & ((1 << 63) - 1))
 
 
@@ -508,17 +551,18 @@ def parse_requests(text: str) -> list[dict[str, str]]:
     return [parse_conditions([c for c in part.split(",") if c.strip()]) for part in text.split(";") if part.strip()]
 
 
-def parse_conditions(items: Sequence[str]) -> dict[str, str]:
-    """['cell_type=B', 'condition=stim'] -> {'cell_type': 'B', 'condition': 'stim'} with clear errors."""
+def parse_conditions(items: Sequence[str], option: str = "--condition") -> dict[str, str]:
+    """['cell_type=B', 'condition=stim'] -> {'cell_type': 'B', 'condition': 'stim'} with clear errors (naming
+    `option`)."""
     out: dict[str, str] = {}
     for item in items:
         if "=" not in item:
-            raise InputError(f"--condition '{item}': expected key=value")
+            raise InputError(f"{option} '{item}': expected key=value")
         k, v = item.split("=", 1)
         k, v = k.strip(), v.strip()
         if not k or not v:
-            raise InputError(f"--condition '{item}': expected key=value")
+            raise InputError(f"{option} '{item}': expected key=value")
         if k in out:
-            raise InputError(f"--condition: key '{k}' given twice")
+            raise InputError(f"{option}: key '{k}' given twice")
         out[k] = v
     return out

@@ -10,7 +10,8 @@ Rules (also in docs/usage.md):
   before/after numbers go to prepare.json.
 - Split (`split_cells`): rows with `split` = train/test keep it; cells of `all` files are split at random (seeded),
   stratified by the joint combination of the condition keys, with `test_fraction` of each stratum in test (a
-  stratum of one cell stays in train).
+  stratum of one cell stays in train). Cells of a `holdout` combination go to test whatever their row says
+  (`holdout.holdout_mask`); both splits record the combinations training saw (`uns["sclatent"]`).
 - HVGs: Seurat v3's variance-stabilised selection (scanpy's `highly_variable_genes(flavor="seurat_v3")`) on the
   training counts, from per-gene sums streamed over the cells (`SeuratV3`); `var["highly_variable"]`.
 - Training cells are written in a seeded random order (so contiguous token shards are random samples);
@@ -39,6 +40,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .counts import bad_counts, counts_error
+from .holdout import combinations_of, combo_name, holdout_mask
 from .io import InputError, SampleRow, atomic_outputs, check_unique_genes, dump_json, joint_labels, provenance
 from .ondisk import H5adCounts, H5adWriter, row_chunks
 
@@ -61,6 +63,7 @@ class PrepareConfig:
     min_counts: int = 0
     gene_join: str = "inner"
     gene_key: str | None = None  # a var column to use as the gene names instead of var_names (e.g. Ensembl ids)
+    holdout: list[dict[str, str]] = field(default_factory=list)  # combinations sent to test only (never trained on)
 
     def validate(self) -> None:
         if not 0.0 <= self.test_fraction < 1.0:
@@ -309,11 +312,13 @@ def stratified_split(strata: np.ndarray, test_fraction: float, rng: np.random.Ge
 
 
 def split_cells(obs: pd.DataFrame, cfg: PrepareConfig, rng: np.random.Generator) -> np.ndarray:
-    """Test mask (n,) of the cells of `obs` (after QC, in input order): the samplesheet's train/test rows keep their
-    split; the cells of `all` rows are split by `stratified_split` over the joint condition-key labels."""
+    """Test mask (n,) of the cells of `obs` (after QC, in input order): cells of a held-out combination go to test;
+    the samplesheet's train/test rows keep their split; the cells of `all` rows are split by `stratified_split` over
+    the joint condition-key labels."""
     given = obs["split"].to_numpy()
-    is_test = given == "test"
-    free = given == "all"
+    held = holdout_mask(obs, cfg.holdout, cfg.condition_keys)  # (n,) held-out combinations: test only
+    is_test = (given == "test") | held
+    free = (given == "all") & ~held
     if free.any():
         if cfg.condition_keys:
             strata = joint_labels(obs.loc[free], cfg.condition_keys)
@@ -606,7 +611,18 @@ def prepare(rows: list[SampleRow], cfg: PrepareConfig, outdir: str | Path) -> di
             "train": _class_counts(train_obs, cfg.condition_keys),
             "test": _class_counts(test_obs, cfg.condition_keys),
         }
-        uns = {"dataset": cfg.dataset, "condition_keys": list(cfg.condition_keys), "counts_layer_in": cfg.counts_layer}
+        if cfg.holdout:
+            report["holdout"] = {
+                "combinations": [combo_name(c) for c in cfg.holdout],
+                "test_cells": int(holdout_mask(test_obs, cfg.holdout, cfg.condition_keys).sum()),
+            }
+        uns = {
+            "dataset": cfg.dataset,
+            "condition_keys": list(cfg.condition_keys),
+            "counts_layer_in": cfg.counts_layer,
+            "holdout": [combo_name(c) for c in cfg.holdout],
+            "train_combinations": combinations_of(train_obs, cfg.condition_keys),
+        }
 
         outdir.mkdir(parents=True, exist_ok=True)
         # the three outputs appear together or not at all

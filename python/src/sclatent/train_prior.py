@@ -35,6 +35,7 @@ class PriorTraining:
     max_steps: int | None = None
     rho: float = 0.2  # probability of dropping each label to its null token (independently per attribute)
     init_from: str | None = None  # a model bundle whose prior weights the run starts from (finetune.py)
+    dropout: str = "independent"  # label-dropout scheme (nn.dit.DROPOUT_SCHEMES)
 
     def validate(self) -> None:
         if not 0.0 <= self.rho <= 1.0:
@@ -76,14 +77,15 @@ class LatentBatches:
 
 
 class PriorLoss:
-    """loss_fn for `train.train`: flow matching with per-attribute label dropout."""
+    """loss_fn for `train.train`: flow matching with label dropout."""
 
-    def __init__(self, rho: float) -> None:
+    def __init__(self, rho: float, scheme: str = "independent") -> None:
         self.rho = rho
+        self.scheme = scheme
 
     def __call__(self, model: DiT, batch: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator):
         z, labels = batch
-        loss = flow_matching_loss(model, z, labels, generator, self.rho)
+        loss = flow_matching_loss(model, z, labels, generator, self.rho, self.scheme)
         return loss, {}
 
 
@@ -181,7 +183,7 @@ def train_prior(
     }
     return train(
         model,
-        PriorLoss(run.rho),
+        PriorLoss(run.rho, run.dropout),
         data,
         tcfg,
         Path(out_dir),

@@ -262,12 +262,21 @@ def null_labels(labels: Tensor, config: DiTConfig) -> Tensor:
     return nulls.expand_as(labels).clone()
 
 
-def drop_labels(labels: Tensor, config: DiTConfig, rho: float, generator: torch.Generator) -> Tensor:
-    """Classifier-free-guidance label dropout: each label (every sample, every key) is replaced by its key's null
-    code independently with probability rho, so the model sees every subset of attributes. (B, K) -> (B, K)."""
+DROPOUT_SCHEMES = ("independent", "shared")
+
+
+def drop_labels(
+    labels: Tensor, config: DiTConfig, rho: float, generator: torch.Generator, scheme: str = "independent"
+) -> Tensor:
+    """Classifier-free-guidance label dropout, (B, K) -> (B, K). "independent": each label (every sample, every
+    key) is replaced by its key's null code independently with probability rho, so the model sees every subset of
+    attributes; "shared": all labels of a sample are dropped together with probability rho (the authors' code)."""
     if not 0.0 <= rho <= 1.0:
         raise ValueError(f"label-dropout probability rho must be in [0, 1], got {rho!r}")
+    if scheme not in DROPOUT_SCHEMES:
+        raise ValueError(f"unknown label-dropout scheme {scheme!r}; choose one of {DROPOUT_SCHEMES}")
     nulls = null_labels(labels, config)  # (B, K)
+    shape = labels.shape if scheme == "independent" else (labels.shape[0], 1)
     # draw on the generator's device, then move: keeps a CPU generator usable for GPU tensors
-    u = torch.rand(labels.shape, generator=generator, device=generator.device).to(labels.device)  # (B, K)
+    u = torch.rand(shape, generator=generator, device=generator.device).to(labels.device)  # (B, K) or (B, 1)
     return torch.where(u < rho, nulls, labels)

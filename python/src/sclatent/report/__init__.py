@@ -35,6 +35,7 @@ from typing import Any
 from .. import __version__
 from ..io import InputError, atomic_path
 from .cells import cell_sample, section_markers, section_umap
+from .heldout import section_held_out
 from .html import CSS, DEFAULT_MAX_CELLS, N_MARKERS, Section, esc
 from .inputs import ReportInputs, load_inputs, parse_baselines
 from .sections import (
@@ -96,6 +97,7 @@ def build_report(
         section_reconstruction(inputs),
         section_metrics(inputs),
         section_per_class(inputs),
+        section_held_out(inputs),
         section_umap(inputs, cells, why, max_cells, seed),
         section_markers(cells, why, marker_key, n_markers, seed),
     ]

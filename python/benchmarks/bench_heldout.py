@@ -1,0 +1,363 @@
+"""Unseen combinations: which prior, guidance and generation route reaches the held-out cells (decision 0020).
+
+    python python/benchmarks/bench_heldout.py --dataset sc_mixology --seed 0 --workdir /tmp/heldout
+
+For one dataset with held-out combinations (PREPARE --holdout) and one seed: PREPARE, TOKENIZE, TRAIN_VAE and
+ENCODE once; then every prior variant of `--priors` (label-dropout scheme and rate, training steps) is trained on
+the same latents; every generation route of `--routes` is run with every prior (generation from noise like the
+test cells, with joint or additive guidance and weight w; or counterfactual transfer of the training cells of the
+same first-key value, e.g. the same cell line under the other protocol); and scVI with the keys as categorical
+covariates gets our training wall time. Each result is scored by EVALUATE's functions: the held-out section
+(`metrics.heldout.score_held_out`: the model against half B of each held-out combination's real cells, the
+real-vs-real floor, the nearest seen combinations' real cells) and the seen combinations (`metrics.evaluate`).
+Two reference rows need no prior: the VAE's own reconstruction of half A ("VAE ceiling": what a perfect prior could
+reach through this decoder) and scVI.
+
+Writes workdir/<dataset>/seed<seed>/results.json and prints one table. Everything runs in this process, one
+thread by default (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import Runner, fmt, make_dataset_inputs, markdown_table, training_summary  # noqa: E402
+
+log = logging.getLogger("bench_heldout")
+
+METRICS = ("w2", "mmd2_rbf", "fd", "coverage")
+
+
+def parse_prior(text: str) -> dict[str, Any]:
+    """'independent:0.2:400' -> {'dropout': 'independent', 'rho': 0.2, 'steps': 400}."""
+    scheme, rho, steps = text.split(":")
+    return {"name": text, "dropout": scheme, "rho": float(rho), "steps": int(steps)}
+
+
+def parse_route(text: str) -> dict[str, Any]:
+    """'noise:joint:1' or 'transfer:additive:1' -> route, guidance, w."""
+    route, guidance, w = text.split(":")
+    return {"name": text, "route": route, "guidance": guidance, "w": float(w)}
+
+
+def _held_combos(test: Any, keys: list[str], seen: list[str]) -> list[dict[str, str]]:
+    from sclatent.metrics.heldout import unseen_combinations
+
+    return [dict(zip(keys, c.split("|"))) for c in unseen_combinations(test.obs, keys, seen)]
+
+
+N_SPLITS = 5  # half splits of each held-out combination's real cells averaged over (one split is noisy)
+
+
+def _mean_metrics(items: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [m for m in items if m and "error" not in m]
+    if not ok:
+        return {"error": "not scored"}
+    return {k: float(np.mean([m[k] for m in ok])) for k in ok[0] if isinstance(ok[0][k], (int, float))}
+
+
+def score(test: Any, gen: Any, keys: list[str], seen: list[str], genes: list[str], seed: int) -> dict[str, Any]:
+    """Held-out section averaged over N_SPLITS half splits (seeds 0..N-1, the same for every row), and (when the
+    generated cells cover them) the seen combinations' metrics."""
+    from sclatent.metrics import evaluate as evaluate_metrics
+    from sclatent.metrics.heldout import score_held_out, seen_only
+
+    splits = [score_held_out(test, gen, keys, seen, model_genes=genes, seed=s) for s in range(N_SPLITS)]
+    held = dict(splits[0])
+    per = {}
+    for combo in splits[0]["per_combination"]:
+        entries = [sp["per_combination"][combo] for sp in splits if combo in sp["per_combination"]]
+        e = dict(entries[0])
+        e["model"] = _mean_metrics([x["model"] for x in entries])
+        e["floor"] = _mean_metrics([x["floor"] for x in entries])
+        nearest = {}
+        for key in e["nearest"]:
+            near = [x["nearest"][key] for x in entries if x["nearest"].get(key) and "real" in x["nearest"][key]]
+            if near:
+                nearest[key] = {
+                    "combination": near[0]["combination"],
+                    "n": near[0]["n"],
+                    "real": _mean_metrics([n["real"] for n in near]),
+                    "model": _mean_metrics([n["model"] for n in near]),
+                }
+            else:
+                nearest[key] = None
+        e["nearest"] = nearest
+        per[combo] = e
+    held["per_combination"] = per
+    held["n_splits"] = N_SPLITS
+    out: dict[str, Any] = {"held_out": held}
+    seen_gen = seen_only(gen, keys, held["combinations"])
+    if seen_gen.n_obs:
+        seen_test = seen_only(test, keys, held["combinations"])
+        res = evaluate_metrics(seen_test, seen_gen, keys, model_genes=genes, seed=seed, min_cells_per_class=10)
+        out["seen"] = {
+            "overall": {m: res["overall"][m] for m in ("w2", "mmd2_rbf", "fd", "one_nn_accuracy", "coverage")},
+            "per_class": res["per_class"]["|".join(keys)]["summary"],
+        }
+    return out
+
+
+def vae_ceiling(model_path: Path, test: Any, keys: list[str], seen: list[str], seed: int) -> dict[str, Any]:
+    """The VAE's reconstruction of the real test cells (one NB draw each, with its own library size) scored like
+    generated cells: for a held-out combination, the best a prior could do through this decoder."""
+    import anndata as ad
+    import torch
+
+    from sclatent.checkpoint import load_model
+    from sclatent.counts import counts_matrix
+    from sclatent.inference import reconstruct_batches
+    from sclatent.tokens import gene_index, memory_batches, tokens_of
+
+    bundle = load_model(model_path)
+    ids, _ = gene_index(test.var_names, bundle.genes, source="test")
+    shard = tokens_of(counts_matrix(test, "X", source="test"), ids)
+    keep = np.ones(test.n_obs, dtype=bool)
+    rec = reconstruct_batches(bundle.vae, memory_batches(shard, 256, None), keep, torch.device("cpu"), seed)
+    gen = ad.AnnData(X=rec["sample"], obs=test.obs[keys].copy())
+    gen.var_names = list(bundle.genes)
+    gen.obs["replicate"] = 0
+    return score(test, gen, keys, seen, list(bundle.genes), seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", required=True, choices=["sc_mixology", "compositional", "synthetic"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--vae-preset", default="default")
+    ap.add_argument("--vae-steps", type=int, default=2400)
+    ap.add_argument("--prior-preset", default="tiny")
+    ap.add_argument("--priors", default="independent:0.2:400", help="comma list of scheme:rho:steps")
+    ap.add_argument(
+        "--routes", default="noise:joint:1,noise:additive:1,transfer:joint:1", help="route:guidance:w, comma list"
+    )
+    ap.add_argument("--replicates", type=int, default=2)
+    ap.add_argument("--scvi", action="store_true", help="scVI with the keys as covariates, at our training time")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[heldout %(asctime)s] %(message)s", stream=sys.stderr)
+    import anndata as ad
+    import torch
+
+    from sclatent.api import Model
+
+    torch.set_num_threads(args.threads)
+    spec = make_dataset_inputs(args.dataset, args.workdir)
+    d = args.workdir / args.dataset / f"seed{args.seed}"
+    runner = Runner(d / "logs", args.threads, children=False)
+    keys, seed = spec.keys, str(args.seed)
+    prep, tok, vae, enc = d / "prepare", d / "tokens", d / "vae", d / "encode"
+    results_path = d / "results.json"
+    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results.update({"dataset": spec.name, "seed": args.seed, "holdout": spec.holdout, "keys": keys})
+    results.setdefault("rows", {})
+
+    def save() -> None:
+        results_path.write_text(json.dumps(results, indent=1))
+
+    common_train = ["--seed", seed, "--threads", args.threads, "--no-progress", "--checkpoint-every", 10**9]
+    if not (prep / "test.h5ad").exists():
+        runner.sclatent(
+            "PREPARE",
+            spec.name,
+            ["prepare", "--samplesheet", spec.samplesheet, "--dataset", spec.name, "--outdir", prep]
+            + ["--condition-keys", ",".join(keys), "--n-hvg", spec.n_hvg, "--min-cells", 3, "--seed", seed]
+            + ["--holdout", spec.holdout],
+            child=False,
+        )
+    if not (tok / "manifest.json").exists():
+        runner.sclatent(
+            "TOKENIZE",
+            spec.name,
+            ["tokenize", "--train", prep / "train.h5ad", "--test", prep / "test.h5ad", "--outdir", tok]
+            + ["--genes", "hvg", "--seed", seed, "--no-progress"],
+            child=False,
+        )
+    if not (vae / "checkpoint.pt").exists():
+        vae_args = ["--tokens", tok, "--preset", args.vae_preset, "--batch-size", 64, "--decode-genes", 256]
+        runner.sclatent(
+            "TRAIN_VAE",
+            spec.name,
+            ["train-vae", *vae_args, "--max-steps", args.vae_steps, "--outdir", vae, *common_train],
+            child=False,
+        )
+    if not (enc / "latents.npz").exists():
+        runner.sclatent("ENCODE", spec.name, ["encode", "--model", vae, "--tokens", tok, "--outdir", enc], child=False)
+    vae_s = training_summary(vae)["train_s"]
+    results["vae"] = {"preset": args.vae_preset, "steps": args.vae_steps, "train_s": vae_s}
+    test = ad.read_h5ad(prep / "test.h5ad")
+    train = ad.read_h5ad(prep / "train.h5ad")
+    seen = list(test.uns["sclatent"]["train_combinations"])
+    held = _held_combos(test, keys, seen)
+    log.info("held-out combinations: %s", held)
+
+    if "vae_ceiling" not in results["rows"]:
+        runner.sclatent("BUNDLE", spec.name, ["bundle", "--vae", vae, "--out", d / "vae_only.pt"], child=False)
+        results["rows"]["vae_ceiling"] = {"scores": vae_ceiling(d / "vae_only.pt", test, keys, seen, args.seed)}
+        save()
+
+    for prior_text in args.priors.split(","):
+        pv = parse_prior(prior_text)
+        pdir = d / "priors" / pv["name"].replace(":", "_")
+        model_path = pdir / "model.pt"
+        if not model_path.exists():
+            runner.sclatent(
+                "TRAIN_PRIOR",
+                spec.name,
+                ["train-prior", "--latents", enc / "latents.npz", "--preset", args.prior_preset, "--outdir", pdir]
+                + ["--max-steps", pv["steps"], "--rho", pv["rho"], "--label-dropout", pv["dropout"], *common_train],
+                child=False,
+            )
+            runner.sclatent(
+                "BUNDLE", spec.name, ["bundle", "--vae", vae, "--prior", pdir, "--out", model_path], child=False
+            )
+        prior_s = training_summary(pdir)["train_s"]
+        model = Model.load(model_path, device="cpu")
+        for route_text in args.routes.split(","):
+            rv = parse_route(route_text)
+            name = f"{pv['name']} | {rv['name']}"
+            if name in results["rows"]:
+                continue
+            t0 = time.perf_counter()
+            w = rv["w"]
+            # "noise"/"transfer": the joint request as it is; "compose"/"transfer-compose": a combination never
+            # seen in training composed from seen ones (flow.analogies)
+            unseen = "analogy" if rv["route"] in ("compose", "transfer-compose") else "joint"
+            if rv["route"] in ("noise", "compose"):
+                parts = []
+                for r in range(args.replicates):
+                    g = model.sample(
+                        like=test,
+                        guidance=rv["guidance"],
+                        cfg_scale=w,
+                        seed=1000 * args.seed + r,
+                        method="heun",
+                        n_steps=2,
+                        unseen=unseen,
+                    )
+                    g.obs["replicate"] = r
+                    parts.append(g)
+                gen = ad.concat(parts)
+            else:  # transfer: the training cells of the same first-key value, carried to each held-out combination
+                parts = []
+                for combo in held:
+                    first = keys[0]
+                    mask = train.obs[first].astype(str).to_numpy() == combo[first]
+                    for key in keys[1:]:
+                        mask &= train.obs[key].astype(str).to_numpy() != combo[key]
+                    source = train[mask].copy()
+                    sets = {k: v for k, v in combo.items() if k != first}
+                    g = model.transfer(
+                        source, set=sets, guidance=rv["guidance"], cfg_scale=w, seed=args.seed, unseen=unseen
+                    )
+                    g.obs["replicate"] = 0
+                    parts.append(g)
+                gen = ad.concat(parts)
+            gen_s = time.perf_counter() - t0
+            gen_path = d / "generated" / (name.replace(" | ", "__").replace(":", "_") + ".h5ad")
+            gen_path.parent.mkdir(parents=True, exist_ok=True)
+            gen.write_h5ad(gen_path)
+            scores = score(test, gen, keys, seen, model.genes, args.seed)
+            results["rows"][name] = {
+                "gen_path": str(gen_path),
+                "prior": pv,
+                "route": rv,
+                "prior_train_s": prior_s,
+                "train_s": vae_s + prior_s,
+                "generate_s": gen_s,
+                "scores": scores,
+            }
+            save()
+            log.info("%s: %s", name, _summary(scores))
+
+    if args.scvi and "scvi_covariates" not in results["rows"]:
+        from scvi_baseline import generate_like, load_counts, train_scvi
+
+        manifest = json.loads((tok / "manifest.json").read_text())
+        genes = list(manifest["genes"])
+        budget = max(r.get("train_s", 0.0) for r in results["rows"].values() if "train_s" in r)
+        tr = load_counts(prep / "train.h5ad", genes)
+        label = tr.obs[keys].astype(str).agg("|".join, axis=1).to_numpy()
+        scvi_model, info = train_scvi(tr, label, "seconds", budget, args.seed, covariates=keys)
+        parts = []
+        for r in range(args.replicates):
+            X = generate_like(scvi_model, test.obs, keys, manifest, args.seed, r)
+            g = ad.AnnData(X=X, obs=test.obs[keys].copy())
+            g.var_names = genes
+            g.obs["replicate"] = r
+            parts.append(g)
+        gen = ad.concat(parts)
+        gen.write_h5ad(d / "generated" / "scvi_covariates.h5ad")
+        results["rows"]["scvi_covariates"] = {
+            "gen_path": str(d / "generated" / "scvi_covariates.h5ad"),
+            "scvi": info,
+            "train_s": info["train_s"],
+            "scores": score(test, gen, keys, seen, genes, args.seed),
+        }
+        save()
+    print(render(results))
+
+
+def _summary(scores: dict[str, Any]) -> str:
+    parts = []
+    for combo, e in scores["held_out"]["per_combination"].items():
+        m = e["model"]
+        parts.append(f"{combo} W2 {m.get('w2', float('nan')):.3g} cov {m.get('coverage', float('nan')):.2f}")
+    return "; ".join(parts)
+
+
+def render(results: dict[str, Any]) -> str:
+    """One row per variant: for each held-out combination the model's W2, MMD², FD, coverage; then the seen mean."""
+    rows_out = []
+    combos: list[str] = []
+    for row in results["rows"].values():
+        combos = list(row["scores"]["held_out"].get("per_combination", {}))
+        if combos:
+            break
+    first = next(iter(results["rows"].values()))["scores"]["held_out"]["per_combination"]
+    refs = []
+    for combo in combos:
+        e = first[combo]
+        refs.append(["floor (real A vs B)", combo, *[fmt(e["floor"].get(m)) for m in METRICS]])
+        for key, near in e["nearest"].items():
+            if near and "real" in near:
+                refs.append(
+                    [f"nearest seen, other {key}: {near['combination']} (n={near['n']})", combo]
+                    + [fmt(near["real"].get(m)) for m in METRICS]
+                )
+    for name, row in results["rows"].items():
+        per = row["scores"]["held_out"].get("per_combination", {})
+        for combo in combos:
+            m = per.get(combo, {}).get("model", {})
+            seen = row["scores"].get("seen", {}).get("overall", {})
+            rows_out.append(
+                [
+                    name,
+                    combo,
+                    *[fmt(m.get(k)) for k in METRICS],
+                    fmt(seen.get("w2")),
+                    fmt(seen.get("fd")),
+                    fmt(row.get("train_s")),
+                ]
+            )
+    head = markdown_table(["reference", "combination", "W2", "MMD²", "FD", "coverage"], refs)
+    body = markdown_table(
+        ["variant", "combination", "W2", "MMD²", "FD", "coverage", "seen W2", "seen FD", "train s"], rows_out
+    )
+    return head + "\n\n" + body
+
+
+if __name__ == "__main__":
+    main()
