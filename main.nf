@@ -45,12 +45,12 @@ workflow SCLATENT {
     //
     CHECK_SAMPLESHEET(ch_samplesheet, base_dir)
 
-    // [ meta(id, condition_keys), [h5ad, ...], [split, ...], [batch, ...] ], one item per dataset
+    // [ meta(id, condition_keys), [h5ad, ...], [[h5ad, split, batch], ...] ], one item per dataset
     ch_datasets = CHECK_SAMPLESHEET.out.csv
         .splitCsv(header: true)
         .map { row ->
             def meta = [id: row.dataset, condition_keys: row.condition_keys ?: '']
-            [meta, file(row.h5ad, checkIfExists: true), row.split ?: 'all', row.batch ?: '']
+            [meta, file(row.h5ad, checkIfExists: true), [h5ad: row.h5ad, split: row.split ?: 'all', batch: row.batch ?: '']]
         }
         .groupTuple()
 

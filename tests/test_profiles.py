@@ -60,16 +60,22 @@ def _nxf_env() -> dict[str, str]:
     return env
 
 
-def _run_probe(root: Path, name: str) -> dict[str, dict]:
-    """Run the directives probe under one profile set; return {'gpu': directives, 'cpu': directives}."""
-    profiles, params = PROBES[name]
+def _run_probe(root: Path, name: str, profiles: str | None = None, params: dict | None = None) -> dict[str, dict]:
+    """Run the directives probe under one profile set; return {'gpu': directives, 'cpu': directives}.
+
+    A PROBES entry stands in for its cluster executor (force_local.config); with `profiles` and `params` given
+    instead, the probe runs on the local executor as a user's run would.
+    """
+    local = profiles is not None
+    if not local:
+        profiles, params = PROBES[name]
     launch = root / name
     launch.mkdir(parents=True)
     (launch / "params.json").write_text(json.dumps(params))
     cmd = [
-        nextflow_bin(), "run", str(PROBE / "main.nf"), "-ansi-log", "false",
-        "-c", str(REPO / "nextflow.config"), "-c", str(PROBE / "force_local.config"),
-        "-profile", profiles, "-params-file", "params.json", "--outdir", str(launch / "out"),
+        nextflow_bin(), "run", str(PROBE / "main.nf"), "-ansi-log", "false", "-c", str(REPO / "nextflow.config"),
+        *([] if local else ["-c", str(PROBE / "force_local.config")]),
+        *(["-profile", profiles] if profiles else []), "-params-file", "params.json", "--outdir", str(launch / "out"),
     ]
     proc = subprocess.run(cmd, cwd=launch, capture_output=True, text=True, timeout=600, env=_nxf_env())
     assert proc.returncode == 0, f"probe {name} ({profiles}) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -186,6 +192,29 @@ def test_flat_config_of_executor_profiles(probes):
     assert "params.use_gpu = true" in aws
     assert "aws.region = 'us-east-1'" in aws
     assert "params.gpu_gres = false" in aws
+
+
+def _machine_memory_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no MemTotal in /proc/meminfo")
+
+
+@pytest.mark.slow
+def test_local_executor_caps_requests_at_the_machine(tmp_path):
+    """With no executor profile every request fits this machine (the GPU label asks 8 CPUs / 64 GB on clusters)."""
+    units = {"GB": 1024**3, "MB": 1024**2, "TB": 1024**4}
+
+    def nbytes(text: str) -> float:
+        value, unit = text.split()
+        return float(value) * units[unit]
+
+    plain = _run_probe(tmp_path, "local", "", {})
+    assert plain["gpu"]["cpus"] == min(8, os.cpu_count()) and plain["cpu"]["cpus"] == 1
+    assert nbytes(plain["gpu"]["memory"]) <= min(64 * 1024**3, _machine_memory_bytes() * 1.01)
+    lowered = _run_probe(tmp_path, "local_max", "", {"max_cpus": 1, "max_memory": "3.GB"})
+    assert (lowered["gpu"]["cpus"], lowered["gpu"]["memory"]) == (1, "3 GB")
 
 
 def test_profiles_set_no_process_selectors():

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .io import InputError
+from .errors import InputError
 
 log = logging.getLogger("sclatent")
 
@@ -136,6 +136,14 @@ def check_samplesheet(samplesheet: str, base_dir: str | None, check_exists: bool
     default="inner",
     help="Combine files on their shared genes (inner) or all genes (outer, zeros where absent).",
 )
+@click.option(
+    "--source",
+    "sources",
+    multiple=True,
+    metavar="STAGED=ORIGINAL",
+    help="The samplesheet's file STAGED is a copy of ORIGINAL (the pipeline stages its inputs): read STAGED, "
+    "name ORIGINAL in messages and prepare.json. Repeatable.",
+)
 @_user_errors
 def prepare(
     samplesheet,
@@ -150,13 +158,19 @@ def prepare(
     min_cells,
     min_counts,
     gene_join,
+    sources,
 ) -> None:
-    """PREPARE: validate, combine, QC, split and flag HVGs for one dataset."""
-    from .io import read_samplesheet
+    """PREPARE: validate, combine, QC, split and flag HVGs for one dataset.
+
+    The samplesheet has one row per h5ad file: dataset, h5ad (raw integer counts), and optionally split
+    (train, test or all), batch, and condition_keys (obs columns separated by ';', the same for every row of
+    a dataset; it takes precedence over --condition-keys).
+    """
+    from .io import name_staged_copies, read_samplesheet
     from .prepare import PrepareConfig
     from .prepare import prepare as run
 
-    rows = read_samplesheet(samplesheet)
+    rows = name_staged_copies(read_samplesheet(samplesheet), list(sources), samplesheet)
     names = sorted({r.dataset for r in rows})
     if dataset is None:
         if len(names) > 1:

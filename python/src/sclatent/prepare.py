@@ -78,7 +78,7 @@ class PrepareConfig:
 def _load_one(row: SampleRow, cfg: PrepareConfig) -> ad.AnnData:
     """Read one file into a minimal AnnData: CSR counts in X, the needed obs columns, var index only."""
     src = row.h5ad
-    adata = read_h5ad(src)
+    adata = read_h5ad(row.local or src, name=src)
     check_unique_genes(adata.var_names, source=src)
     if adata.n_obs == 0:
         raise InputError(f"{src}: the file has no cells")
