@@ -644,7 +644,8 @@ def gather(shards, out) -> None:
     "--min-cells-per-class",
     default=20,
     type=int,
-    help="Classes with fewer cells on either side are skipped (and listed) in the per-class metrics.",
+    help="Classes with fewer cells on either side are skipped (and listed) in the per-class metrics; at least "
+    "11 (k + 1 for the k-NN metrics) whatever is given.",
 )
 @click.option("--seed", default=0, type=int, help="Seed of every subsample.")
 @_user_errors

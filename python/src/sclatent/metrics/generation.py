@@ -78,11 +78,7 @@ def _per_class(
     min_cells: int,
     metric_kwargs: dict[str, Any],
 ) -> dict[str, Any]:
-    """Metrics of each class with >= min_cells cells on both sides; summary = mean ± SEM over classes.
-
-    The k-NN metrics need k + 1 cells on a side, so that is the least `min_cells` can be.
-    """
-    min_cells = max(min_cells, int(metric_kwargs.get("k", DEFAULT_K)) + 1)
+    """Metrics of each class with >= min_cells cells on both sides; summary = mean ± SEM over classes."""
     per_class: dict[str, dict[str, float]] = {}
     skipped = []
     for cls in sorted(set(classes_x.tolist()) | set(classes_y.tolist())):
@@ -102,6 +98,11 @@ def _per_class(
         )
     summary = {m: mean_sem([v[m] for v in per_class.values()]) for m in DISTRIBUTION_METRICS}
     return {"classes": per_class, "summary": summary, "n_classes": len(per_class), "skipped": skipped}
+
+
+def effective_min_cells_per_class(min_cells_per_class: int, k: int = DEFAULT_K) -> int:
+    """The fewest cells a class needs on each side to be evaluated: the asked minimum, and at least k + 1."""
+    return max(int(min_cells_per_class), int(k) + 1)
 
 
 def _json_safe(obj: Any) -> Any:
@@ -181,6 +182,8 @@ def evaluate(
 
     real_pcs, gen_pcs, info = feature_space(real_counts, gen_counts, hvg_mask, n_pcs)
     metric_kwargs = {"k": k, "max_cells": max_cells, "w2_max_cells": w2_max_cells, "seed": seed}
+    # the one per-class rule, recorded as applied: the k-NN metrics need k + 1 cells on a side
+    min_cells_per_class = effective_min_cells_per_class(min_cells_per_class, k)
     result: dict[str, Any] = {
         "feature_space": info,
         "settings": {
