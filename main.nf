@@ -38,6 +38,7 @@ workflow SCLATENT {
     sample_replicates    // value: generated replicates
     sample_shard_size    // value: cells per SAMPLE task
     sample_batch_size    // value: cells per sampling batch
+    trace_file           // value: path of the run's Nextflow execution trace, or null
 
     main:
     //
@@ -111,19 +112,28 @@ workflow SCLATENT {
     )
 
     //
-    // MODULE: one self-contained HTML report per dataset
+    // MODULE: one self-contained HTML report per dataset; its inputs joined by dataset, then split by role
     //
-    ch_test = PREPARE.out.h5ad.map { meta, _train, test -> [meta, test] }
-    ch_report_in = PREPARE.out.json
+    ch_report = PREPARE.out.json
         .join(TOKENIZE.out.tokens)
         .join(TRAIN_VAE.out.vae)
-        .join(ENCODE.out.reconstruction)
         .join(TRAIN_PRIOR.out.prior)
+        .join(ENCODE.out.reconstruction)
         .join(EVALUATE.out.json)
-        .join(ch_test)
+        .join(PREPARE.out.h5ad.map { meta, _train, test -> [meta, test] })
         .join(GATHER.out.h5ad)
-        .map { row -> row + [[], []] }   // no baselines inside the pipeline (make bench adds them)
-    REPORT(ch_report_in, [])
+        .map { row ->
+            // the trace as written so far (every step of this dataset is done); [] where there is none to read yet
+            // (e.g. a remote --outdir, written at the end)
+            row + [trace_file != null && trace_file.exists() ? trace_file : []]
+        }
+        .multiMap { meta, prepare_json, tokens, vae, prior, reconstruction, metrics, test, generated, trace ->
+            data:    [meta, prepare_json, tokens]
+            models:  [meta, vae, prior, reconstruction]
+            cells:   [meta, metrics, test, generated]
+            context: [meta, trace, [], []]   // no baselines inside the pipeline (make bench adds them)
+        }
+    REPORT(ch_report.data, ch_report.models, ch_report.cells, ch_report.context)
 
     emit:
     report       = REPORT.out.html        // channel: [ meta, report.html ]
@@ -146,6 +156,10 @@ workflow {
     main:
     PIPELINE_INITIALISATION()
 
+    // the run's execution trace, from which REPORT reads the wall times (null when the trace is off)
+    def trace = workflow.session.config.trace
+    def trace_file = trace?.enabled && trace?.file ? file(trace.file.toString()) : null
+
     SCLATENT(
         PIPELINE_INITIALISATION.out.samplesheet,
         PIPELINE_INITIALISATION.out.base_dir,
@@ -154,6 +168,7 @@ workflow {
         params.sample_replicates,
         params.sample_shard_size,
         params.sample_batch_size,
+        trace_file,
     )
 
     PIPELINE_COMPLETION()
