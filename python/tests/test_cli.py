@@ -30,3 +30,15 @@ def test_a_folder_that_is_no_run_is_named_as_such(tmp_path):
     )
     assert res.exit_code == 2 and f"{empty}: neither a model bundle (model.pt) nor a TRAIN_VAE run folder" in res.output
     assert not (tmp_path / "model.pt").exists() and not (tmp_path / "g.h5ad").exists()
+
+
+def test_missing_shared_datasets_skip_locally_and_fail_under_ci(tmp_path):
+    import pytest
+    from shared_data import locate_shared_datasets
+
+    with pytest.raises(pytest.skip.Exception):
+        locate_shared_datasets(tmp_path, ci=False)
+    with pytest.raises(pytest.fail.Exception, match="CI=true: failing instead of skipping"):
+        locate_shared_datasets(tmp_path, ci=True)
+    (tmp_path / "pbmc3k_counts_celltype.h5ad").touch()
+    assert locate_shared_datasets(tmp_path, ci=True) == tmp_path
