@@ -29,9 +29,8 @@ def test_bootstrap_log_has_no_colour_codes(tmp_path):
     assert java, "the bootstrap needs java"
     (fake / "java").symlink_to(java)
     env = {"PATH": f"{fake}:/usr/bin:/bin", "HOME": str(tmp_path)}
-    proc = subprocess.run(
-        ["bash", str(root / "tools" / "nextflow" / "bootstrap.sh")], capture_output=True, text=True, env=env, timeout=120
-    )
+    script = root / "tools" / "nextflow" / "bootstrap.sh"
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=120)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log
     assert "resolving" in log and "\x1b" not in log, repr(log)

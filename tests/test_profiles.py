@@ -5,7 +5,7 @@ own configuration:
 - the directives probe (tests/fixtures/directives_probe) loads nextflow.config + the chosen profiles, forces
   only the executor back to `local`, and writes what a `process_gpu` and a `process_single` task really get
   (closures evaluated) to directives.json;
-- `main.nf -profile test -stub` runs the whole DAG;
+- (the whole DAG under -stub, and that every step publishes what it makes: tests/default.nf.test, nf-test);
 - a real `main.nf -profile test` run killed after PREPARE is resumed with `-resume`.
 """
 
@@ -319,69 +319,6 @@ def test_tower_yml_lists_the_reports():
         assert pattern in reports, pattern
     for pattern, entry in reports.items():
         assert entry.get("display"), pattern
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# -stub: the whole DAG of -profile test
-# ---------------------------------------------------------------------------------------------------------------
-
-# where conf/modules.config publishes a step when it is not <outdir>/<dataset>/<step>/
-PUBLISH_DIR_OVERRIDES = {"CHECK_SAMPLESHEET": "pipeline_info", "GATHER": "{tag}/sample", "BUNDLE": "{tag}/model"}
-NOT_PUBLISHED = {"SAMPLE"}  # shards: GATHER publishes their concatenation
-
-
-def _included_processes() -> set[str]:
-    """Process names included by main.nf from modules/ (the DAG a -profile test run must cover)."""
-    text = (REPO / "main.nf").read_text()
-    names = set()
-    for m in re.finditer(r"include\s*\{([^}]*)\}\s*from\s*'\./modules/", text):
-        names.update(n.split(" as ")[-1].strip() for n in m.group(1).split(";"))
-    return names
-
-
-def _task_dir(launch: Path, short_hash: str) -> Path:
-    prefix, rest = short_hash.split("/")
-    found = list((launch / "work" / prefix).glob(rest + "*"))
-    assert len(found) == 1, (short_hash, found)
-    return found[0]
-
-
-def _created_files(task_dir: Path) -> list[Path]:
-    """Files a task made itself (its staged inputs are symlinks; .command.* files are Nextflow's)."""
-    return sorted(
-        p.relative_to(task_dir)
-        for p in task_dir.rglob("*")
-        if p.is_file() and not p.is_symlink() and not any(part.startswith(".") for part in p.relative_to(task_dir).parts)
-    )
-
-
-@pytest.mark.slow
-def test_stub_run_covers_the_whole_dag_and_publishes_every_output(tmp_path):
-    run = run_nextflow(tmp_path, "-profile", "test", "-stub", env=FAST_JVM)
-    assert run.returncode == 0, run.output[-5000:]
-    tasks = run.trace()
-    assert tasks and all(t["status"] == "COMPLETED" for t in tasks), [(t["name"], t["status"]) for t in tasks]
-    steps = {t["process"].split(":")[-1] for t in tasks}
-    assert _included_processes() <= steps, _included_processes() - steps
-    n_checked = 0
-    for t in tasks:
-        step = t["process"].split(":")[-1]
-        if step in NOT_PUBLISHED:
-            continue
-        publish = run.outdir / (PUBLISH_DIR_OVERRIDES.get(step, "{tag}/" + step.lower()).format(tag=t["tag"]))
-        for rel in _created_files(_task_dir(tmp_path, t["hash"])):
-            assert (publish / rel).is_file(), f"{t['name']}: {rel} not published in {publish}"
-            n_checked += 1
-    assert n_checked >= len(tasks)
-    info = run.outdir / "pipeline_info"
-    for pattern in ("execution_trace_*.txt", "execution_report_*.html", "execution_timeline_*.html", "pipeline_dag_*.html"):
-        assert list(info.glob(pattern)), pattern
-    # tower.yml patterns of the steps this DAG has match what it published
-    reports = yaml.safe_load((REPO / "tower.yml").read_text())["reports"]
-    for pattern in reports:
-        step_dir = pattern.split("/")[-2]
-        if step_dir == "pipeline_info" or step_dir.upper() in steps:
-            assert list(run.outdir.glob(pattern)), f"tower.yml pattern {pattern} matches no published file"
 
 
 # ---------------------------------------------------------------------------------------------------------------
