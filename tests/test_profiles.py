@@ -6,7 +6,7 @@ own configuration:
   only the executor back to `local`, and writes what a `process_gpu` and a `process_single` task really get
   (closures evaluated) to directives.json;
 - (the whole DAG under -stub, and that every step publishes what it makes: tests/default.nf.test, nf-test);
-- a real `main.nf -profile test` run killed after PREPARE is resumed with `-resume`.
+- a `main.nf -profile test -stub` run killed after PREPARE is resumed with `-resume`.
 """
 
 from __future__ import annotations
@@ -354,7 +354,9 @@ def _step(row: dict[str, str]) -> str:
 def test_resume_after_kill_reuses_the_finished_steps(tmp_path):
     launch, outdir = tmp_path / "launch", tmp_path / "results"
     launch.mkdir()
-    args = ["-profile", "test", "--input", str(FIXTURES / "samplesheet_one_dataset.csv")]
+    # -stub: the caching under test is Nextflow's (task hashes of the same inputs), the same for stubs; the one
+    # real -profile test run of CI is tests/test_pipeline.py's
+    args = ["-profile", "test", "-stub", "--input", str(FIXTURES / "samplesheet_one_dataset.csv")]
     cmd = [nextflow_bin(), "run", str(REPO / "main.nf"), "-ansi-log", "false", "--outdir", str(outdir), *args]
     # first run: TOKENIZE is held (fixtures/hold_tokenize.config) so the kill lands in the middle of the run
     with open(tmp_path / "first_run.log", "w") as log:
