@@ -1,6 +1,6 @@
 # sclatent: two commands do all set-up on a fresh machine:
 #   make demo   - run the pipeline's test profile on the bundled data into results/
-#   make test   - install everything, run pytest (package + pipeline, including a real `nextflow run`)
+#   make test   - install everything, run pytest (package + pipeline, including a real `nextflow run`) and nf-test
 SHELL       := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 ROOT        := $(abspath .)
@@ -8,10 +8,12 @@ VENV        := $(ROOT)/.venv
 PY          := $(VENV)/bin/python
 NXF         := $(ROOT)/.cache/nextflow/bin/nextflow
 STAMP       := $(VENV)/.installed
+# the exact versions the tests ran with; `make ... CONSTRAINTS=` installs against pyproject's ranges instead
+CONSTRAINTS ?= python/constraints.txt
 export NXF_HOME ?= $(ROOT)/.cache/nxf-home
 export PATH := $(ROOT)/.cache/nextflow/bin:$(PATH)
 
-.PHONY: all venv nextflow browser lint-python test test-python test-pipeline demo bench bench-quick bench-scale lint clean
+.PHONY: all venv nextflow browser lint-python test test-python test-pipeline test-nf demo bench bench-quick bench-scale lint clean
 
 all: test
 
@@ -19,7 +21,7 @@ all: test
 $(STAMP): python/pyproject.toml python/constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e 'python[test]' -c python/constraints.txt
+	$(PY) -m pip install --quiet -e 'python[test]' $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	touch $@
 
 venv: $(STAMP)
@@ -29,7 +31,10 @@ $(NXF): tools/nextflow/pom.xml tools/nextflow/bootstrap.sh
 	bash tools/nextflow/bootstrap.sh
 	touch $@
 
+# ./nextflow at the repository root: the launcher for `./nextflow run main.nf ...` (README, docs/usage.md)
 nextflow: $(NXF)
+	@ln -sfn .cache/nextflow/bin/nextflow nextflow
+	@echo "Nextflow: ./nextflow (or put $(dir $(NXF)) on your PATH)"
 
 # Headless Chromium renders the HTML report in the report tests. Installed from Debian's packages when this runs
 # as root with apt (CI); elsewhere the render test skips and says why.
@@ -44,15 +49,30 @@ lint-python: venv
 	$(VENV)/bin/ruff check python
 	$(VENV)/bin/ruff format --check python
 
+# pytest, then nf-test (on PATH, else ../shared/tools/nf-test/nf-test; CI=true fails without it); the last line
+# counts both suites. PYTEST_ARGS / NFTEST_ARGS pass options through, e.g. make test PYTEST_ARGS='-k report'.
 test: venv nextflow browser lint-python
-	SCLATENT_NEXTFLOW=$(NXF) $(PY) -m pytest python/tests tests -q
+	SCLATENT_NEXTFLOW=$(NXF) $(PY) tests/run_suites.py --python $(PY) \
+	  --pytest-args '$(PYTEST_ARGS)' --nftest-args '$(NFTEST_ARGS)'
+
+test-python: venv
+	$(PY) -m pytest python/tests -q $(PYTEST_ARGS)
+
+test-pipeline: venv nextflow
+	SCLATENT_NEXTFLOW=$(NXF) $(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+# one spec: make test-nf NFTEST_ARGS=modules/local/prepare/tests/main.nf.test
+test-nf: nextflow
+	NXF_OPTS="$${NXF_OPTS:--XX:+TieredCompilation -XX:TieredStopAtLevel=1}" \
+	  $$(command -v nf-test || echo ../shared/tools/nf-test/nf-test) test $(NFTEST_ARGS)
 
 demo: venv nextflow
 	$(NXF) run main.nf -profile test --outdir results -ansi-log false
 	@echo
 	@echo "Demo finished. Outputs per dataset under results/<dataset>/:"
 	@find results -maxdepth 3 -mindepth 2 -not -path '*/pipeline_info*' | sort | sed 's/^/  /'
-	@echo "Run reports: results/pipeline_info/"
+	@echo "The sclatent report of each dataset (open it in a browser):"
+	@ls results/*/report/report.html | sed 's/^/  /'
 
 BENCH_STAMP := $(VENV)/.installed-bench
 $(BENCH_STAMP): $(STAMP)
@@ -74,4 +94,4 @@ lint: nextflow
 	$(NXF) lint main.nf modules subworkflows conf nextflow.config
 
 clean:
-	rm -rf work results .nextflow .nextflow.log* .nf-test
+	rm -rf work results .nextflow .nextflow.log* .nf-test .nf-test.log nextflow

@@ -46,6 +46,7 @@ workflow SCLATENT {
     sample_shard_size    // value: cells per SAMPLE task
     sample_batch_size    // value: cells per sampling batch
     transfer             // value: null, or the labels to carry the test cells to ('k=v,k2=v2')
+    trace_file           // value: path of the run's Nextflow execution trace, or null
 
     main:
     //
@@ -53,14 +54,14 @@ workflow SCLATENT {
     //
     CHECK_SAMPLESHEET(ch_samplesheet, base_dir)
 
-    // [ meta(id, condition_keys), h5ad, split, batch ], one item per file
+    // [ meta(id, condition_keys), h5ad, [h5ad, split, batch] ], one item per file
     ch_files = CHECK_SAMPLESHEET.out.csv
         .splitCsv(header: true)
         .map { row ->
             def meta = [id: row.dataset, condition_keys: row.condition_keys ?: '']
-            [meta, file(row.h5ad, checkIfExists: true), row.split ?: 'all', row.batch ?: '']
+            [meta, file(row.h5ad, checkIfExists: true), [h5ad: row.h5ad, split: row.split ?: 'all', batch: row.batch ?: '']]
         }
-    // [ meta, [h5ad, ...], [split, ...], [batch, ...] ], one item per dataset
+    // [ meta, [h5ad, ...], [[h5ad, split, batch], ...] ], one item per dataset
     ch_datasets = ch_files.groupTuple()
 
     //
@@ -106,7 +107,7 @@ workflow SCLATENT {
     // MODULE: every input file with the model's embedding in obsm['X_sclatent'] (names made unique per dataset)
     //
     ch_embed_in = ch_files
-        .map { meta, h5ad, _split, _batch -> [meta, h5ad] }
+        .map { meta, h5ad, _row -> [meta, h5ad] }
         .groupTuple()
         .flatMap { meta, files ->
             def clash = files*.name.unique().size() < files.size()
@@ -169,19 +170,28 @@ workflow SCLATENT {
     }
 
     //
-    // MODULE: one self-contained HTML report per dataset
+    // MODULE: one self-contained HTML report per dataset; its inputs joined by dataset, then split by role
     //
-    ch_test = PREPARE.out.h5ad.map { meta, _train, test -> [meta, test] }
-    ch_report_in = PREPARE.out.json
+    ch_report = PREPARE.out.json
         .join(TOKENIZE.out.tokens)
         .join(ch_vae)
-        .join(ENCODE.out.reconstruction)
         .join(ch_prior)
+        .join(ENCODE.out.reconstruction)
         .join(EVALUATE.out.json)
-        .join(ch_test)
+        .join(PREPARE.out.h5ad.map { meta, _train, test -> [meta, test] })
         .join(GATHER.out.h5ad)
-        .map { row -> row + [[], []] }   // no baselines inside the pipeline (make bench adds them)
-    REPORT(ch_report_in, [])
+        .map { row ->
+            // the trace as written so far (every step of this dataset is done); [] where there is none to read yet
+            // (e.g. a remote --outdir, written at the end)
+            row + [trace_file != null && trace_file.exists() ? trace_file : []]
+        }
+        .multiMap { meta, prepare_json, tokens, vae, prior, reconstruction, metrics, test, generated, trace ->
+            data:    [meta, prepare_json, tokens]
+            models:  [meta, vae, prior, reconstruction]
+            cells:   [meta, metrics, test, generated]
+            context: [meta, trace, [], []]   // no baselines inside the pipeline (make bench adds them)
+        }
+    REPORT(ch_report.data, ch_report.models, ch_report.cells, ch_report.context)
 
     emit:
     report       = REPORT.out.html        // channel: [ meta, report.html ]
@@ -206,6 +216,10 @@ workflow {
     main:
     PIPELINE_INITIALISATION()
 
+    // the run's execution trace, from which REPORT reads the wall times (null when the trace is off)
+    def trace = workflow.session.config.trace
+    def trace_file = trace?.enabled && trace?.file ? file(trace.file.toString()) : null
+
     SCLATENT(
         PIPELINE_INITIALISATION.out.samplesheet,
         PIPELINE_INITIALISATION.out.base_dir,
@@ -216,6 +230,7 @@ workflow {
         params.sample_shard_size,
         params.sample_batch_size,
         params.transfer,
+        trace_file,
     )
 
     PIPELINE_COMPLETION()

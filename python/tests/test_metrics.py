@@ -327,6 +327,19 @@ def test_feature_space_centres_generated_cells_on_the_real_mean():
 # ----------------------------------------------------------------------------------------------------------
 # per-class aggregation and replicates
 # ----------------------------------------------------------------------------------------------------------
+def test_per_class_rule_is_recorded_as_applied():
+    """One rule everywhere: the minimum EVALUATE applies (at least k + 1) is the one metrics.json records."""
+    real = make_counts_adata(0, seed=1, type_sizes=[60, 10, 11])
+    gen = make_counts_adata(0, seed=2, type_sizes=[60, 30, 30])
+    out = M.evaluate(real, gen, ["cell_type"], n_pcs=6, min_cells_per_class=5, k=10)
+    assert out["settings"]["min_cells_per_class"] == 11 == M.effective_min_cells_per_class(5, k=10)
+    group = out["per_class"]["cell_type"]
+    assert sorted(group["classes"]) == ["t0", "t2"] and [s["class"] for s in group["skipped"]] == ["t1"]
+    assert (
+        M.evaluate(real, gen, ["cell_type"], n_pcs=6, min_cells_per_class=20)["settings"]["min_cells_per_class"] == 20
+    )
+
+
 def test_mean_sem_by_hand():
     out = M.mean_sem([1.0, 2.0, 3.0, 4.0, None])
     # std(ddof=1) of 1..4 = sqrt(5/3) = 1.2910; / sqrt(4) = 0.6455

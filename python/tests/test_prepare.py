@@ -217,3 +217,29 @@ def test_real_pbmc(tmp_path, shared_datasets, write_sheet):
     assert report["cells_after_qc"] == 2700 and report["split"]["test"] == 540
     assert report["classes"]["test"]["cell_type"]["Megakaryocytes"] == 3  # round(0.2 * 13)
     assert report["hvg"]["n_flagged"] == 2000
+
+
+def test_staged_copies_are_named_by_the_users_path(tmp_path, write_sheet):
+    """The pipeline stages inputs as input/<i>/<name>: messages and prepare.json name the samplesheet's path."""
+    staged = tmp_path / "input" / "1"
+    staged.mkdir(parents=True)
+    synthetic_counts(n_cells=60, seed=1).write_h5ad(staged / "a.h5ad")
+    sheet = write_sheet([["ds", "input/1/a.h5ad", "", ""]])
+    source = "--source", "input/1/a.h5ad=/data/lab/a.h5ad"
+    r = run_cli(*prepare_args(sheet, tmp_path / "bad", "--condition-keys", "donor", *source))
+    assert r.exit_code == 2 and r.output.strip() == (
+        "sclatent prepare: error: /data/lab/a.h5ad: condition key 'donor' is not an obs column (obs columns: cell_type)"
+    ), r.output
+    out = tmp_path / "out"
+    assert run_cli(*prepare_args(sheet, out, "--condition-keys", "cell_type", *source)).exit_code == 0
+    assert [f["h5ad"] for f in json.loads((out / "prepare.json").read_text())["files"]] == ["/data/lab/a.h5ad"]
+    r = run_cli(*prepare_args(sheet, tmp_path / "none", "--source", "input/2/b.h5ad=/data/lab/b.h5ad"))
+    assert r.exit_code == 2 and "has no file input/2/b.h5ad" in r.output
+    r = run_cli(*prepare_args(sheet, tmp_path / "none", "--source", "input/1/a.h5ad"))
+    assert r.exit_code == 2 and "expected STAGED=ORIGINAL" in r.output
+
+
+def test_prepare_help_describes_the_samplesheet_columns():
+    text = " ".join(CliRunner().invoke(main, ["prepare", "--help"]).output.split())
+    assert "condition_keys (obs columns separated by ';'" in text
+    assert "dataset,h5ad[,split][,batch][,condition_keys]" in text

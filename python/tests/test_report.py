@@ -29,9 +29,9 @@ from sclatent import report as R
 from sclatent.cli import main
 from sclatent.evaluate import run_evaluate
 from sclatent.report import cells as RC
+from sclatent.report import comparison as RM
 from sclatent.report import html as RH
 from sclatent.report import inputs as RI
-from sclatent.report import sections as RS
 
 REPO = Path(__file__).resolve().parents[2]
 MIXOLOGY = REPO / "assets" / "test_data" / "mixology.h5ad"
@@ -177,14 +177,17 @@ def run(tmp_path_factory) -> dict[str, Path]:
     )
     run_evaluate(d / "p/test.h5ad", d / "base.h5ad", d / "evb", dataset="mix", min_cells_per_class=10, floor=False)
     trace = d / "trace.txt"  # the header and fields of nextflow.config's trace block
-    trace.write_text(
-        "task_id\thash\tnative_id\tprocess\ttag\tname\tstatus\texit\tcpus\tduration\trealtime\t%cpu\tpeak_rss\n"
-        "1\tab/cdef12\t101\tSCLATENT:PREPARE\tmix\tSCLATENT:PREPARE (mix)\tCOMPLETED\t0\t2\t5.1s\t2.0s\t95.0%\t310 MB\n"
-        "2\t12/345678\t102\tSCLATENT:PREPARE\tother\tSCLATENT:PREPARE "
-        "(other)\tCOMPLETED\t0\t2\t4.0s\t1.5s\t90.0%\t300 MB\n"
-        "3\tcd/ef0123\t103\tSCLATENT:TRAIN_VAE\tmix\tSCLATENT:TRAIN_VAE (mix)\tCOMPLETED\t0\t4\t1m "
-        "2s\t58.3s\t180.2%\t1.2 GB\n"
-    )
+    fields = "task_id hash native_id process tag name status exit cpus submit complete duration realtime %cpu peak_rss"
+    rows = [
+        "1 ab/cdef12 101 SCLATENT:PREPARE mix SCLATENT:PREPARE~(mix) COMPLETED 0 2 2025-01-02~10:00:00.000 "
+        "2025-01-02~10:00:05.100 5.1s 2.0s 95.0% 310~MB",
+        "2 12/345678 102 SCLATENT:PREPARE other SCLATENT:PREPARE~(other) COMPLETED 0 2 2025-01-02~10:00:01.000 "
+        "2025-01-02~10:00:05.000 4.0s 1.5s 90.0% 300~MB",
+        "3 cd/ef0123 103 SCLATENT:TRAIN_VAE mix SCLATENT:TRAIN_VAE~(mix) COMPLETED 0 4 2025-01-02~10:00:06.000 "
+        "2025-01-02~10:12:08.000 12m~2s 12m 180.2% 1.2~GB",
+    ]
+    # the fields of nextflow.config's trace block (a subset), tab-separated; '~' stands for a space here
+    trace.write_text("\n".join("\t".join(c.replace("~", " ") for c in r.split()) for r in [fields, *rows]) + "\n")
     return {
         "prepare": d / "p/prepare.json",
         "manifest": d / "tok/manifest.json",
@@ -307,22 +310,30 @@ def test_report_is_self_contained_and_complete(full_report, run):
     w2 = metrics["generation"]["overall"]["w2"]
     assert f"{RH.fmt(w2['mean'])} ± {w2['sem']:.2g}" in overall
     assert RH.fmt(metrics["real_vs_real"]["overall"]["w2"]) in overall
-    assert RH.fmt(metrics["generated_vs_real_half"]["overall"]["w2"]) in overall and "sclatent, half size" in overall
+    assert RH.fmt(metrics["generated_vs_real_half"]["overall"]["w2"]) in overall
+    # the comparable pair first: the model at the floor's size, then the floor; all test cells after
+    head = overall.split('<table id="table-overall">')[1].split("</thead>")[0]
+    assert head.index("sclatent at the floor&#x27;s size") < head.index("the floor (") < head.index("all test cells")
     assert RH.fmt(baseline["generation"]["overall"]["w2"]["mean"]) in overall and "baseline: gaussian_prior" in overall
     rec = json.loads(run["reconstruction"].read_text())["metrics"]
     assert RH.fmt(rec["re_nll_gene_sum_cell_mean"]) in _section(text, "reconstruction")
     # the trace rows of this dataset only
     summary = _section(text, "run-summary")
     assert "SCLATENT:TRAIN_VAE (mix)" in summary and "SCLATENT:PREPARE (other)" not in summary
+    # the run's wall time from the trace (10:00:00 to 10:12:08, every dataset), not the sum of the steps' records
+    assert "Run wall time: 12\u00a0min 08\u00a0s" in summary
     prep = json.loads(run["prepare"].read_text())
     assert f"<td class=num>{prep['split']['test']}</td>" in _section(text, "data-summary")
     assert 'class="missing"' not in text  # every input given: nothing reported missing
+    # the tiny presets of the fixture, said before any section
+    assert text.index('id="read-first"') < text.index('<section id="run-summary">')
+    assert "Test-size model." in text
 
 
 @pipeline
 def test_class_values_aggregate_replicates(run):
     metrics = json.loads(run["metrics"].read_text())
-    values = RS.class_values(metrics, "cell_line")
+    values = RM.class_values(metrics, "cell_line")
     reps = metrics["generation_per_replicate"]
     assert len(reps) == 2 and values
     for cls, entry in values.items():
@@ -576,7 +587,7 @@ def test_no_floor_and_empty_history(run, tmp_path):
     text, _ = _parse(out)
     assert "floor was not computed" in _section(text, "metrics")
     head = _section(text, "metrics").split('<table id="table-overall">')[1].split("</thead>")[0]
-    assert "sclatent (n=2)" in head and "floor" not in head and "half size" not in head
+    assert "sclatent, all test cells (mean ± SEM of 2 replicates)" in head and "floor" not in head
     assert "has no rows" in _section(text, "training")
     assert "fig-per-class-cell-line" in summary["figures"]  # bars without the floor tick
 
@@ -702,3 +713,125 @@ def test_history_folder_reads_config(run):
     history = RI.load_history(run["vae_history"].parent)
     assert history.config is not None and history.config["metadata"]["stage"] == "vae"
     assert list(history.history.columns[:3]) == ["step", "epoch", "loss"] and len(history.history) >= 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what a biologist reads: comparable numbers side by side, one per-class rule, warnings first
+# ----------------------------------------------------------------------------------------------------------
+def _part(values: dict[str, float], classes: dict[str, float], n: tuple[int, int] = (40, 40), knn: float = 0.4):
+    """One `metrics.evaluate` output: the same value for every metric of a class (W2 = the number given)."""
+    per = {c: {m: v for m in (*RM.DISTRIBUTION_METRICS, "n_real", "n_generated")} for c, v in classes.items()}
+    return {
+        "n_real": n[1],
+        "n_generated": n[0],
+        "overall": {m: values.get(m, 1.0) for m in RM.DISTRIBUTION_METRICS},
+        "labels": {"cell_type": {"knn_f1": knn}},
+        "per_class": {"cell_type": {"classes": per, "n_classes": len(per), "skipped": []}},
+    }
+
+
+def _doc(half: dict[str, Any], floor: dict[str, Any], reps: list[dict[str, Any]]) -> dict[str, Any]:
+    from sclatent.metrics import aggregate_replicates
+
+    for r in reps:
+        for group in r["per_class"].values():
+            group["summary"] = {
+                m: RM.mean_sem([v[m] for v in group["classes"].values()]) for m in RM.DISTRIBUTION_METRICS
+            }
+    return {
+        "dataset": "d",
+        "condition_keys": ["cell_type"],
+        "generation": aggregate_replicates(reps),
+        "generation_per_replicate": reps,
+        "real_vs_real": floor,
+        "generated_vs_real_half": half,
+    }
+
+
+def test_mode_collapse_is_said_in_words_and_only_when_far_below_the_floor():
+    floor = _part({"recall": 0.8, "coverage": 0.9}, {"A": 1.0, "B": 1.0}, knn=0.43)
+    collapsed = _part({"recall": 0.06, "coverage": 0.5}, {"A": 2.0, "B": 2.0}, knn=0.14)
+    reps = [_part({}, {"A": 3.0, "B": 3.0}) for _ in range(2)]
+    found = RM.collapse_findings(_doc(collapsed, floor, reps))
+    assert found == [("recall", 0.06, 0.8), ("kNN-F1 of cell_type", 0.14, 0.43)]  # coverage 0.5 of 0.9: not far
+    inputs = RI.ReportInputs(dataset="d", metrics=_doc(collapsed, floor, reps))
+    box = RM.read_first(inputs)
+    assert 'id="read-first"' in box and "possible mode collapse" in box
+    assert "recall 0.06 against 0.8; kNN-F1 of cell_type 0.14 against 0.43" in box
+    fine = _part({"recall": 0.7, "coverage": 0.85}, {"A": 1.1, "B": 1.2}, knn=0.4)
+    assert (
+        RM.collapse_findings(_doc(fine, floor, reps)) == []
+        and RM.read_first(RI.ReportInputs(dataset="d", metrics=_doc(fine, floor, reps))) == ""
+    )
+
+
+def test_per_class_tables_average_the_same_classes_in_every_column():
+    """The floor's halves evaluate only A and B: every column of the per-class table is the mean over A and B."""
+    floor = _part({}, {"A": 1.0, "B": 3.0})
+    half = _part({}, {"A": 2.0, "B": 4.0})
+    reps = [_part({}, {"A": 5.0, "B": 7.0, "C": 100.0}), _part({}, {"A": 6.0, "B": 8.0, "C": 200.0})]
+    inputs = RI.ReportInputs(dataset="d", metrics=_doc(half, floor, reps))
+    cols = RM.metric_columns(inputs)
+    group_cols, classes, note = RM.per_class_plan(cols, "cell_type")
+    assert classes == ["A", "B"] and len(group_cols) == 3 and "of 3 evaluated on all test cells" in note
+    assert [c.class_mean("cell_type", "w2", classes)["mean"] for c in group_cols] == [3.0, 2.0, 6.5]
+    assert group_cols[2].class_mean("cell_type", "w2", classes)["sem"] == pytest.approx(0.5)  # over replicates
+    text = RM.section_metrics(inputs).html()
+    table_html = text.split('id="table-per-class-cell-type"')[1].split("</table>")[0]
+    assert "103" not in table_html and "6.5 ± 0.5" in table_html  # C (100, 200) is in no column's mean
+    # a floor with one class: no floor column (a mean over one class is no per-class summary)
+    one = RI.ReportInputs(dataset="d", metrics=_doc(_part({}, {"A": 2.0}), _part({}, {"A": 1.0}), reps))
+    group_cols, classes, note = RM.per_class_plan(RM.metric_columns(one), "cell_type")
+    assert [c.comparable for c in group_cols] == [False] and classes == ["A", "B", "C"]
+    assert "enough cells in 1 class," in note
+
+
+def test_per_class_bars_have_a_floor_tick_on_every_bar(tmp_path):
+    floor = _part({}, {"A": 1.0, "B": 3.0})
+    half = _part({}, {"A": 2.0, "B": 4.0})
+    reps = [_part({}, {"A": 5.0, "B": 7.0, "C": 9.0}) for _ in range(2)]
+    doc = _doc(half, floor, reps)
+    doc["generation"]["settings"] = {"min_cells_per_class": 11}
+    fig, classes, with_floor = RM.per_class_figure(doc, {}, "cell_type")
+    assert with_floor and classes == ["A", "B"]
+    ticks = [c for c in fig.axes[0].collections if c.get_label() == "real vs real: the floor"]
+    assert len(ticks) == 1 and len(ticks[0].get_offsets()) == 2 and not np.isnan(ticks[0].get_offsets()).any()
+    caption = RM.section_per_class(RI.ReportInputs(dataset="d", metrics=doc)).html()
+    assert "Not drawn (1: C): fewer than 11 real cells in a half" in caption
+    # no class with a floor: all-cells bars, and the caption does not ask for a comparison with a tick
+    doc = _doc(_part({}, {}), _part({}, {}), reps)
+    fig, classes, with_floor = RM.per_class_figure(doc, {}, "cell_type")
+    assert not with_floor and classes == ["A", "B", "C"]
+    assert "No floor: no class has" in RM.section_per_class(RI.ReportInputs(dataset="d", metrics=doc)).html()
+
+
+@pipeline
+def test_run_summary_lists_every_step_and_what_it_did_not_record(run, tmp_path):
+    out = tmp_path / "r.html"
+    R.make_report(out, **{k: run[k] for k in ("prepare", "manifest", "vae_history", "prior_history")})
+    summary = _section(out.read_text(), "run-summary")
+    # no trace: the sum of the records, said to be less than the run's wall time
+    assert "Sum of the steps&#x27; records" in summary or "Sum of the steps' records" in summary
+    assert "no Nextflow trace given" in summary
+    env = summary.split("Python and platform of each step")[1].split("</table>")[0]
+    for step in ("PREPARE", "TOKENIZE", "TRAIN_VAE", "ENCODE", "TRAIN_PRIOR", "SAMPLE", "EVALUATE", "REPORT"):
+        assert f"<td>{step}" in env, step
+    assert "not recorded" in env.split("<td>TRAIN_VAE</td>")[1].split("</tr>")[0]
+    assert "none recorded by" not in summary  # every given step recorded its time
+
+
+@pipeline
+def test_zero_kl_panel_is_left_out_and_said(run, tmp_path):
+    history = (run["vae_history"]).read_text().splitlines()
+    assert "kl" in history[0].split(",")
+    out = tmp_path / "r.html"
+    summary = R.make_report(out, vae_history=run["vae_history"])
+    training = _section(out.read_text(), "training")
+    assert "fig-training-vae" in summary["figures"]
+    assert "Not drawn: kl, 0 at every step (a deterministic encoder, β = 0, has no KL term)" in training
+
+
+@pipeline
+def test_umap_caption_is_said_once(full_report):
+    umap = _section(full_report.read_text(), "umap")
+    assert umap.count("seeded subsample") == 1 and umap.count("<figcaption>") == 3

@@ -41,7 +41,9 @@ if [ ! -f "$lib/.complete" ]; then
     [ "${jv:-0}" -ge 17 ] || { echo "bootstrap: Nextflow $pinned needs Java >= 17 (found ${jv:-none})" >&2; exit 1; }
     echo "nextflow: resolving io.nextflow:nextflow:$pinned from Maven Central into $lib" >&2
     rm -rf "$lib"
-    mvn -B -q -Dstyle.color=never -f "$pom" dependency:copy-dependencies -DoutputDirectory="$lib" -DincludeScope=runtime
+    # Maven 3.8's console prints ANSI reset codes even in batch mode with colours off: strip them from the log
+    mvn -B -q -Dstyle.color=never -f "$pom" dependency:copy-dependencies -DoutputDirectory="$lib" -DincludeScope=runtime \
+        2>&1 | sed -u 's/\x1b\[[0-9;]*[A-Za-z]//g' >&2
     touch "$lib/.complete"
 fi
 

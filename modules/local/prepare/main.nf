@@ -6,7 +6,8 @@ process PREPARE {
     container "${ task.ext.container_cpu }"
 
     input:
-    tuple val(meta), path(h5ads, stageAs: 'input/?/*'), val(splits), val(batches)
+    // rows[i] is the samplesheet row of h5ads[i]: [h5ad: the path the user gave, split: train|test|all, batch: '' or a name]
+    tuple val(meta), path(h5ads, stageAs: 'input/?/*'), val(rows)
 
     output:
     tuple val(meta), path('train.h5ad'), path('test.h5ad'), emit: h5ad
@@ -17,18 +18,21 @@ process PREPARE {
     task.ext.when == null || task.ext.when
 
     script:
-    def args  = task.ext.args ?: ''
-    def files = h5ads instanceof List ? h5ads : [h5ads]
-    def keys  = meta.condition_keys ?: ''
-    def rows  = [files, splits, batches].transpose().collect { f, s, b -> "${meta.id},${f},${s},${b ?: ''},${keys}" }
-    def quoted = rows.collect { r -> "'${r}'" }.join(' ')
+    def args    = task.ext.args ?: ''
+    def files   = h5ads instanceof List ? h5ads : [h5ads]
+    def keys    = meta.condition_keys ?: ''
+    def pairs   = [files, rows instanceof List ? rows : [rows]].transpose()
+    def lines   = pairs.collect { f, r -> "'${meta.id},${f},${r.split ?: 'all'},${r.batch ?: ''},${keys}'" }.join(' ')
+    // messages and prepare.json name the user's paths, not the staged copies
+    def sources = pairs.collect { f, r -> "--source '${f}=${r.h5ad}'" }.join(' ')
     """
-    printf '%s\\n' 'dataset,h5ad,split,batch,condition_keys' ${quoted} > samplesheet.${meta.id}.csv
+    printf '%s\\n' 'dataset,h5ad,split,batch,condition_keys' ${lines} > samplesheet.${meta.id}.csv
 
     sclatent prepare \\
         --samplesheet samplesheet.${meta.id}.csv \\
         --dataset ${meta.id} \\
         --outdir . \\
+        ${sources} \\
         ${args}
     """
 

@@ -77,6 +77,8 @@ def load_run(
     if weights not in WEIGHTS:
         raise InputError(f"weights must be one of {', '.join(WEIGHTS)}, got '{weights}'")
     run_dir = Path(run_dir)
+    if run_dir.is_dir() and not (run_dir / CONFIG_NAME).exists():
+        raise InputError(f"{run_dir}: not a TRAIN_{stage.upper()} run folder (no {CONFIG_NAME})")
     cfg = read_json(run_dir / CONFIG_NAME)
     found = cfg.get("metadata", {}).get("stage")
     if found != stage:
@@ -223,7 +225,11 @@ def bundle_from_runs(
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Bundle:
     """A bundle file, a folder holding `model.pt`, or a TRAIN_VAE run folder (then a bundle without a prior)."""
     path = Path(path)
-    if path.is_dir() and not (path / BUNDLE_NAME).exists() and (path / CONFIG_NAME).exists():
+    if path.is_dir() and not (path / BUNDLE_NAME).exists():
+        if not (path / CONFIG_NAME).exists():
+            raise InputError(
+                f"{path}: neither a model bundle ({BUNDLE_NAME}) nor a TRAIN_VAE run folder ({CONFIG_NAME})"
+            )
         return bundle_from_runs(path).to(torch.device(map_location))
     return load_bundle(path, map_location=map_location)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .io import InputError
+from .errors import InputError
 
 log = logging.getLogger("sclatent")
 
@@ -148,6 +148,14 @@ def check_samplesheet(samplesheet: str, base_dir: str | None, check_exists: bool
     help="Attribute combinations whose cells go to the test split only, never to training: "
     "'cell_type=X,condition=Y;cell_type=Z' (';' between combinations).",
 )
+@click.option(
+    "--source",
+    "sources",
+    multiple=True,
+    metavar="STAGED=ORIGINAL",
+    help="The samplesheet's file STAGED is a copy of ORIGINAL (the pipeline stages its inputs): read STAGED, "
+    "name ORIGINAL in messages and prepare.json. Repeatable.",
+)
 @_user_errors
 def prepare(
     samplesheet,
@@ -164,14 +172,20 @@ def prepare(
     gene_join,
     gene_key,
     holdout,
+    sources,
 ) -> None:
-    """PREPARE: validate, combine, QC, split and flag HVGs for one dataset."""
+    """PREPARE: validate, combine, QC, split and flag HVGs for one dataset.
+
+    The samplesheet has one row per h5ad file: dataset, h5ad (raw integer counts), and optionally split
+    (train, test or all), batch, and condition_keys (obs columns separated by ';', the same for every row of
+    a dataset; it takes precedence over --condition-keys).
+    """
     from .holdout import parse_holdout
-    from .io import read_samplesheet
+    from .io import name_staged_copies, read_samplesheet
     from .prepare import PrepareConfig
     from .prepare import prepare as run
 
-    rows = read_samplesheet(samplesheet)
+    rows = name_staged_copies(read_samplesheet(samplesheet), list(sources), samplesheet)
     names = sorted({r.dataset for r in rows})
     if dataset is None:
         if len(names) > 1:
@@ -834,7 +848,8 @@ def gather(shards, out) -> None:
     "--min-cells-per-class",
     default=20,
     type=int,
-    help="Classes with fewer cells on either side are skipped (and listed) in the per-class metrics.",
+    help="Classes with fewer cells on either side are skipped (and listed) in the per-class metrics; at least "
+    "11 (k + 1 for the k-NN metrics) whatever is given.",
 )
 @click.option(
     "--class-max-cells",

@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
@@ -47,6 +47,7 @@ class SampleRow:
     split: str
     batch: str | None
     condition_keys: tuple[str, ...] | None = None  # per-dataset override of --condition_keys
+    local: str | None = None  # a staged copy of h5ad to read instead (the pipeline's tasks); messages name h5ad
 
 
 def samplesheet_schema() -> dict[str, Any]:
@@ -161,6 +162,23 @@ def read_samplesheet(
     return out
 
 
+def name_staged_copies(rows: list[SampleRow], sources: list[str], samplesheet: str | os.PathLike) -> list[SampleRow]:
+    """Rows whose file is a staged copy, given as `STAGED=ORIGINAL` (STAGED as written in the samplesheet): they
+    read STAGED but name ORIGINAL, the path the user gave, in messages and records."""
+    base = Path(samplesheet).resolve().parent
+    by_path = {str(Path(r.h5ad).resolve()): i for i, r in enumerate(rows) if not is_uri(r.h5ad)}
+    out = list(rows)
+    for item in sources:
+        staged, sep, original = item.partition("=")
+        if not sep or not staged.strip() or not original.strip():
+            raise InputError(f"--source {item!r}: expected STAGED=ORIGINAL")
+        i = by_path.get(str((base / staged.strip()).resolve()))
+        if i is None:
+            raise InputError(f"--source {item!r}: samplesheet {samplesheet} has no file {staged.strip()}")
+        out[i] = replace(out[i], h5ad=original.strip(), local=out[i].h5ad)
+    return out
+
+
 def write_samplesheet(rows: list[SampleRow], path: str | os.PathLike) -> None:
     """Write validated rows back as a normalised samplesheet (absolute paths, split filled in)."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
@@ -175,16 +193,18 @@ def write_samplesheet(rows: list[SampleRow], path: str | os.PathLike) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def read_h5ad(path: str | os.PathLike) -> ad.AnnData:
-    """Read an h5ad file into memory (sparse matrices stay sparse), with a clear error if it is not one."""
+def read_h5ad(path: str | os.PathLike, *, name: str | None = None) -> ad.AnnData:
+    """Read an h5ad file into memory (sparse matrices stay sparse), with a clear error if it is not one.
+    `name`: how messages call the file (default: `path`), e.g. the user's path of a staged copy."""
     path = str(path)
+    name = name or path
     if not os.path.exists(path):
-        raise InputError(f"{path}: file does not exist")
+        raise InputError(f"{name}: file does not exist")
     try:
         return ad.read_h5ad(path)
     except Exception as exc:  # anndata/h5py raise many types for non-h5ad input
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{path}: not a readable .h5ad file ({reason})") from None
+        raise InputError(f"{name}: not a readable .h5ad file ({reason})") from None
 
 
 def check_unique_genes(var_names, *, source: str) -> None:

@@ -52,12 +52,12 @@ def _csr(X: Any) -> sp.csr_matrix:
 class H5adCounts:
     """One count matrix of an h5ad file (X or `layers[layer]`), read in row ranges; see the module docstring."""
 
-    def __init__(self, path: str | os.PathLike, layer: str = "X") -> None:
-        self.path = str(path)
-        if not os.path.exists(self.path):
+    def __init__(self, path: str | os.PathLike, layer: str = "X", *, name: str | None = None) -> None:
+        self.path = str(name or path)  # what messages call the file (the user's path of a staged copy)
+        if not os.path.exists(path):
             raise InputError(f"{self.path}: file does not exist")
         try:
-            self.file = h5py.File(self.path, "r")
+            self.file = h5py.File(path, "r")
         except Exception as exc:  # h5py raises OSError and others for a non-HDF5 file
             raise InputError(f"{self.path}: not a readable .h5ad file ({_reason(exc)})") from None
         try:

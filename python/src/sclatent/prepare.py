@@ -102,7 +102,7 @@ class Source:
 def _open_source(row: SampleRow, cfg: PrepareConfig) -> Source:
     """Open one file and read its obs columns (the counts stay on disk)."""
     src = row.h5ad
-    counts = H5adCounts(src, cfg.counts_layer)
+    counts = H5adCounts(row.local or src, cfg.counts_layer, name=src)
     try:
         if cfg.gene_key is not None:
             counts.var_names = counts.var_column(cfg.gene_key)

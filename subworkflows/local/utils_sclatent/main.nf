@@ -17,6 +17,10 @@ workflow PIPELINE_INITIALISATION {
         validateParameters(schema, params)
     }
     log.info(paramsSummary(schema, params))
+    def cap = localCap()
+    if (cap) {
+        log.info(cap)
+    }
 
     def input = file(params.input, checkIfExists: true)
     ch_samplesheet = channel.value(input)
@@ -29,11 +33,13 @@ workflow PIPELINE_INITIALISATION {
 
 workflow PIPELINE_COMPLETION {
     main:
-    // software versions reported by every module, one YAML for the run
+    // software versions reported by every module, one YAML for the run: one mapping per process, its tools inside
     channel.topic('versions')
         .unique()
-        .map { process, tool, version -> "${process.tokenize(':')[-1]}:\n  ${tool}: ${version}\n".toString() }
-        .collectFile(storeDir: "${params.outdir}/pipeline_info", name: 'sclatent_software_versions.yml', sort: true, newLine: false)
+        .map { process, tool, version -> [process.tokenize(':')[-1], tool, version] }
+        .collect(flat: false)
+        .map { rows -> versionsYaml(rows) }
+        .collectFile(storeDir: "${params.outdir}/pipeline_info", name: 'sclatent_software_versions.yml', newLine: false)
 
     workflow.onComplete = {
         if (workflow.success) {
@@ -140,18 +146,51 @@ def levenshtein(String a, String b) {
     return d[b.length()]
 }
 
+// '<process>:\n  <tool>: <version>\n' per process (sorted), from [process, tool, version] rows
+def versionsYaml(rows) {
+    def byProcess = new TreeMap()
+    rows.each { process, tool, version -> byProcess.get(process, new TreeMap()).put(tool, version) }
+    return byProcess.collect { process, tools ->
+        "${process}:\n" + tools.collect { tool, version -> "  ${tool}: ${version}\n" }.join('')
+    }.join('')
+}
+
+// the profiles declared in nextflow.config, in their order there
+def profileNames() {
+    def text = file("${projectDir}/nextflow.config").text
+    def block = text.substring(text.indexOf('\nprofiles {'))
+    block = block.substring(0, block.indexOf('\n}'))
+    return (block =~ /(?m)^ {4}(\w+)\s*\{/).collect { m -> m[1] }
+}
+
 def helpMessage(schema) {
     def lines = ["", "sclatent ${workflow.manifest.version}: ${workflow.manifest.description}", "",
-                 "Usage: nextflow run main.nf -profile <docker|singularity|conda|slurm|awsbatch|gpu|test> --input samplesheet.csv --outdir results", ""]
+                 "Usage: nextflow run main.nf -profile <profile>[,<profile>...] --input samplesheet.csv --outdir results",
+                 "Profiles: ${profileNames().join(', ')} (docs/usage.md says what each does)", ""]
     schema.schema['$defs'].each { _group, body ->
         lines << "${body.title}:"
         body.properties.each { name, prop ->
+            def values = prop['enum'] ? " One of: ${prop['enum'].join(', ')}." : ''
             def dflt = prop.default != null ? " [default: ${prop.default}]" : ''
-            lines << "  --${name.padRight(24)} ${prop.description ?: ''}${dflt}"
+            lines << "  --${name.padRight(24)} ${prop.description ?: ''}${values}${dflt}"
         }
         lines << ""
     }
     return lines.join('\n')
+}
+
+// On the local executor conf/base.config caps each request at this machine's CPUs and memory: the line that says
+// so (null on any other executor, where the labels' requests stand)
+def localCap() {
+    def executor = workflow.session.config.process?.executor ?: 'local'
+    if (executor != 'local') {
+        return null
+    }
+    def cpus = Math.min(params.max_cpus as int, Runtime.runtime.availableProcessors())
+    def machine = new nextflow.util.MemoryUnit(java.lang.management.ManagementFactory.operatingSystemMXBean.totalMemorySize)
+    def memory = [params.max_memory as nextflow.util.MemoryUnit, machine].min()
+    return "local executor: every task asks for at most ${cpus} CPUs and ${memory} " +
+        "(this machine: ${Runtime.runtime.availableProcessors()} CPUs, ${machine}; --max_cpus ${params.max_cpus}, --max_memory ${params.max_memory})"
 }
 
 def paramsSummary(schema, params) {

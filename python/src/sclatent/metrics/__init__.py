@@ -23,12 +23,13 @@ from .distances import (
     w2,
 )
 from .features import FEATURE_SPACE_VARIANT, align_genes, feature_space, log_normalize, pca_fit
-from .generation import aggregate_replicates, distribution_metrics, evaluate, mean_sem
+from .generation import aggregate_replicates, distribution_metrics, effective_min_cells_per_class, evaluate, mean_sem
 from .multiqc import to_mqc_tsv
 from .reconstruction import reconstruction_metrics
 
 __all__ = [
     "DEFAULT_CLASS_MAX_CELLS",
+    "effective_min_cells_per_class",
     "DEFAULT_K",
     "DEFAULT_MAX_CELLS",
     "DEFAULT_MIN_CELLS_PER_CLASS",

@@ -80,11 +80,8 @@ def _per_class(
     min_cells: int,
     metric_kwargs: dict[str, Any],
 ) -> dict[str, Any]:
-    """Metrics of each class with >= min_cells cells on both sides; summary = mean ± SEM over classes.
-
-    The k-NN metrics need k + 1 cells on a side, so that is the least `min_cells` can be.
-    """
-    min_cells = max(min_cells, int(metric_kwargs.get("k", DEFAULT_K)) + 1)
+    """Metrics of each class with >= min_cells cells on both sides (`effective_min_cells_per_class`); summary =
+    mean ± SEM over classes."""
     rows_x, rows_y = _rows_by_class(classes_x), _rows_by_class(classes_y)
     per_class: dict[str, dict[str, float]] = {}
     skipped = []
@@ -126,6 +123,11 @@ def _rows_by_class(classes: NDArray[np.str_]) -> dict[str, NDArray[np.intp]]:
 def _min_cap(a: int | None, b: int | None) -> int | None:
     """The smaller of two caps (None = no cap)."""
     return b if a is None else a if b is None else min(a, b)
+
+
+def effective_min_cells_per_class(min_cells_per_class: int, k: int = DEFAULT_K) -> int:
+    """The fewest cells a class needs on each side to be evaluated: the asked minimum, and at least k + 1."""
+    return max(int(min_cells_per_class), int(k) + 1)
 
 
 def _json_safe(obj: Any) -> Any:
@@ -212,6 +214,8 @@ def evaluate(
         "max_cells": _min_cap(max_cells, class_max_cells),
         "w2_max_cells": _min_cap(w2_max_cells, class_max_cells),
     }
+    # the one per-class rule, recorded as applied: the k-NN metrics need k + 1 cells on a side
+    min_cells_per_class = effective_min_cells_per_class(min_cells_per_class, k)
     result: dict[str, Any] = {
         "feature_space": info,
         "settings": {

@@ -6,11 +6,14 @@ PREPARE's `prepare.json`, TOKENIZE's `manifest.json`, the two training runs' `hi
 baseline `metrics.json` files of the same structure), the real test cells (`test.h5ad`) and the generated
 cells (gathered SAMPLE output), and optionally a Nextflow execution trace.
 
+First, where it applies, a "read this first" box (`read-first`): a test-size (tiny) model, and generated cells
+far below the real-vs-real floor in recall, coverage or kNN-F1 (possible mode collapse).
+
 Sections (HTML ids): `run-summary` (version, configuration and wall time of every step), `data-summary`
 (cells and genes through each filter, class sizes per split), `training` (loss terms and learning rate vs
 step, both stages), `reconstruction`, `metrics` (overall, label and per-class tables, mean ± SEM, with the
-real-vs-real floor, the model at the floor's sample sizes and baselines beside them), `per-class` (bar charts
-of W2 and MMD² per class),
+model at the floor's sample size beside the real-vs-real floor, then all test cells and baselines), `per-class`
+(bar charts of W2 and MMD² per class, with the floor),
 `umap` (real vs generated, and coloured by each condition key) and `markers` (dot plot of the top marker
 genes of each class, real vs generated).
 
@@ -35,17 +38,11 @@ from typing import Any
 from .. import __version__
 from ..io import InputError, atomic_path
 from .cells import cell_sample, section_markers, section_umap
+from .comparison import read_first, section_metrics, section_per_class
 from .heldout import section_held_out
 from .html import CSS, DEFAULT_MAX_CELLS, N_MARKERS, Section, esc
 from .inputs import ReportInputs, load_inputs, parse_baselines
-from .sections import (
-    section_data_summary,
-    section_metrics,
-    section_per_class,
-    section_reconstruction,
-    section_run_summary,
-    section_training,
-)
+from .sections import section_data_summary, section_reconstruction, section_run_summary, section_training
 
 __all__ = ["build_report", "load_inputs", "make_report", "parse_baselines"]
 
@@ -65,7 +62,7 @@ def render(sections: Sequence[Section], inputs: ReportInputs, elapsed_s: float) 
         f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{esc(title)}</title>'
         f"<style>{CSS}</style></head><body><main>"
         f'<h1>{esc(title)}</h1><p class="note">scLDM (latent diffusion for single-cell expression): '
-        f"sclatent {esc(__version__)}, built {esc(now)}.</p><nav>{nav}</nav>"
+        f"sclatent {esc(__version__)}, built {esc(now)}.</p>{read_first(inputs)}<nav>{nav}</nav>"
         + "".join(s.html() for s in sections)
         + f"<footer>Self-contained page: every figure is an inline PNG; nothing is loaded from elsewhere. "
         f"Built in {elapsed_s:.1f} s.</footer></main></body></html>\n"

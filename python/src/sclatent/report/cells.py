@@ -26,8 +26,10 @@ from .html import (
     PALETTE,
     REAL_COLOUR,
     UMAP_NEIGHBORS,
+    Html,
     Section,
     _new_figure,
+    esc,
     slug,
 )
 from .inputs import ReportInputs
@@ -228,7 +230,14 @@ def section_umap(inputs: ReportInputs, cells: CellSample | None, why: str, max_c
         f"{cells.hvg_note}, PCA with {info['n_pcs']} components fitted on the real cells shown (generated cells "
         f"projected with the real mean); scanpy neighbours (k={info['n_neighbors']}) and UMAP on the union."
     )
-    sec.add_figure("fig-umap-source", umap_source_figure(xy, n_real), base, "UMAP of real and generated cells")
+    # what every UMAP below shows, said once
+    sec.add(Html(f'<p class="note">{esc(base)}</p>'))
+    sec.add_figure(
+        "fig-umap-source",
+        umap_source_figure(xy, n_real),
+        "Real and generated cells.",
+        "UMAP of real and generated cells",
+    )
     if not cells.keys:
         sec.add_missing("No condition keys (or none present in both files): no UMAP coloured by class.")
     for key in cells.keys:
@@ -237,7 +246,8 @@ def section_umap(inputs: ReportInputs, cells: CellSample | None, why: str, max_c
         sec.add_figure(
             f"fig-umap-{slug(key)}",
             umap_key_figure(xy, real_l, gen_l, key),
-            f"Coloured by {key} (same embedding; other cells in grey). " + base,
+            f"Coloured by {key}: real cells (left) and generated cells (right) on the same embedding, the others "
+            "in grey.",
             f"UMAP coloured by {key}",
         )
     return sec

@@ -33,6 +33,7 @@ GENE_SYMBOL_COLUMNS = (
     "gene_name",
 )  # var columns shown instead of ids
 BAR_METRICS: tuple[str, ...] = ("w2", "mmd2_rbf")  # per-class bar charts
+COLLAPSE_FRACTION = 0.5  # recall, coverage or kNN-F1 below this fraction of the floor's is flagged at the top
 CLASS_TABLE_METRICS: tuple[str, ...] = ("w2", "mmd2_rbf", "fd", "one_nn_accuracy")
 TRACE_COLUMNS: tuple[str, ...] = ("name", "status", "exit", "cpus", "duration", "realtime", "%cpu", "peak_rss")
 PALETTE = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD")
@@ -81,6 +82,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 figure{margin:1em 0;text-align:center} figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:.85em;color:#555;max-width:900px;margin:.3em auto 0;text-align:left}
 .missing{background:#fff4e5;border-left:4px solid #f0a030;padding:.4em .8em;font-size:.9em}
+.alert{background:#fdecea;border-left:5px solid #c0392b;padding:.5em 1em;margin:1em 0} .alert ul{margin:.3em 0}
 .note{font-size:.88em;color:#555}
 details{margin:.4em 0} summary{cursor:pointer;color:#4C72B0}
 pre{background:#f4f4f4;padding:.6em;font-size:.8em;overflow-x:auto;max-height:30em}

@@ -1,4 +1,4 @@
-"""The report's tables and curves: run summary, data, training, reconstruction, metrics, per-class bars."""
+"""The report's tables and curves: run summary, data, training, reconstruction."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,11 +14,8 @@ import pandas as pd
 
 from .. import __version__
 from ..io import joint_labels
-from ..metrics import DISTRIBUTION_METRICS, JOINT_SEPARATOR, mean_sem
+from ..metrics import JOINT_SEPARATOR
 from .html import (
-    BAR_METRICS,
-    CLASS_TABLE_METRICS,
-    METRIC_NAMES,
     PALETTE,
     RECONSTRUCTION_NAMES,
     TRACE_COLUMNS,
@@ -30,7 +26,6 @@ from .html import (
     esc,
     fmt,
     fmt_seconds,
-    fmt_stat,
     json_block,
     missing,
     slug,
@@ -124,6 +119,17 @@ def _trace_rows(trace: pd.DataFrame, dataset: str) -> tuple[pd.DataFrame, bool]:
     return (trace[match], True) if match.any() else (trace, False)
 
 
+def trace_span_s(trace: pd.DataFrame) -> float | None:
+    """Seconds from the first submission to the last completion in a Nextflow trace (None if it has neither)."""
+    if "submit" not in trace.columns or "complete" not in trace.columns:
+        return None
+    submit = pd.to_datetime(trace["submit"], errors="coerce")
+    complete = pd.to_datetime(trace["complete"], errors="coerce")
+    if submit.isna().all() or complete.isna().all():
+        return None
+    return max(0.0, (complete.max() - submit.min()).total_seconds())
+
+
 def section_run_summary(inputs: ReportInputs) -> Section:
     """Version, settings and wall time of every step; the full configurations in collapsed blocks."""
     import platform
@@ -148,14 +154,25 @@ def section_run_summary(inputs: ReportInputs) -> Section:
         )
     known = [r["seconds"] for r in records if r["seconds"] is not None]
     sec.add(table(["step", "artefact", "sclatent", "wall time", "settings"], rows, table_id="table-steps"))
-    sec.add(
-        Html(
-            f'<p class="note">Total recorded wall time: {esc(fmt_seconds(sum(known)) if known else "none recorded")} '
-            f"(each step's own record: prepare.json / manifest.json <code>elapsed_s</code>, the last "
-            f"<code>elapsed_s</code> of each history.csv, the generated h5ad's <code>uns['sclatent']['seconds']</code> "
-            f"summed over shards, metrics.json <code>elapsed_s</code>; ENCODE records none).</p>"
-        )
+    unrecorded = [r["step"] for r in records if r["given"] and r["seconds"] is None]
+    steps_note = (
+        "Wall time of each step: its own record (the <code>elapsed_s</code> of its JSON or of the last history.csv "
+        "row; SAMPLE's summed over its shards)"
+        + (f"; none recorded by {esc(', '.join(unrecorded))}" if unrecorded else "")
+        + ". Queueing, staging and the time between steps are not in these records."
     )
+    span = trace_span_s(inputs.trace) if inputs.trace is not None else None
+    if span is not None:
+        total = (
+            f"<b>Run wall time: {esc(fmt_seconds(span))}</b> (the Nextflow trace, from the first task's submission to "
+            "the last completion before this report, every dataset of the run)"
+        )
+    else:
+        total = (
+            f"Sum of the steps' records: {esc(fmt_seconds(sum(known)) if known else 'none recorded')}, less than "
+            "the run's wall time (no Nextflow trace given: --trace)"
+        )
+    sec.add(Html(f'<p class="note">{total}. {steps_note}</p>'))
     if len(versions) > 1:
         sec.add(missing(f"The steps ran with different sclatent versions: {', '.join(sorted(versions))}"))
     from importlib.metadata import PackageNotFoundError, version
@@ -172,15 +189,17 @@ def section_run_summary(inputs: ReportInputs) -> Section:
         ["platform", platform.platform()],
     ]
     env += [[name, pkg(name)] for name in ("numpy", "pandas", "anndata", "scanpy", "umap-learn", "matplotlib", "torch")]
+    # every step, with what it recorded (the training runs' config.json has no Python or platform)
     step_env = [
-        [r["step"], r["provenance"]["python"], r["provenance"].get("platform", "?")]
+        [r["step"], *(((r["provenance"] or {}).get(k) or "not recorded") for k in ("python", "platform"))]
+        if r["given"]
+        else [r["step"], "not given", ""]
         for r in records
-        if (r["provenance"] or {}).get("python")
     ]
+    step_env.append(["REPORT (this page)", sys.version.split()[0], platform.platform()])
     sec.add(Html("<h3>Versions</h3>"))
     sec.add(table(["component", "version"], env, table_id="table-versions"))
-    if step_env:
-        sec.add(details("Python and platform of each step", table(["step", "python", "platform"], step_env)))
+    sec.add(details("Python and platform of each step", table(["step", "python", "platform"], step_env)))
     sec.add(Html("<h3>Configuration of each step</h3>"))
     for r in records:
         if r["provenance"]:
@@ -349,9 +368,17 @@ def section_data_summary(inputs: ReportInputs) -> Section:
 HISTORY_NOT_TERMS = ("step", "epoch", "lr", "grad_norm", "cells_per_s", "elapsed_s")
 
 
-def training_figure(history: pd.DataFrame, title: str) -> Any:
-    """Panels: the loss and each named loss term vs step, then the learning rate and the gradient norm."""
+def flat_zero_terms(history: pd.DataFrame) -> list[str]:
+    """Loss terms that are 0 at every logged step (e.g. the KL of a deterministic encoder): nothing to plot."""
     terms = [c for c in history.columns if c not in HISTORY_NOT_TERMS]
+    return [c for c in terms if len(history) and (history[c].fillna(0) == 0).all()]
+
+
+def training_figure(history: pd.DataFrame, title: str) -> Any:
+    """Panels: the loss and each named loss term vs step (but those 0 throughout), then the learning rate and
+    the gradient norm."""
+    zero = flat_zero_terms(history)
+    terms = [c for c in history.columns if c not in HISTORY_NOT_TERMS and c not in zero]
     panels = terms + [c for c in ("lr", "grad_norm") if c in history.columns]
     ncols = min(4, len(panels))
     nrows = math.ceil(len(panels) / ncols)
@@ -391,7 +418,8 @@ def section_training(inputs: ReportInputs) -> Section:
             sec.add_missing(f"{stage}: {run.path} has no rows (the run logged no step).")
             continue
         last = h.iloc[-1]
-        terms = [c for c in h.columns if c not in HISTORY_NOT_TERMS]
+        zero = flat_zero_terms(h)
+        terms = [c for c in h.columns if c not in HISTORY_NOT_TERMS and c not in zero]
         caption = (
             f"{len(h)} logged steps from {run.path.name}; final step {int(last['step'])}"
             + (f" (epoch {int(last['epoch'])})" if "epoch" in h else "")
@@ -399,6 +427,13 @@ def section_training(inputs: ReportInputs) -> Section:
             + ", ".join(f"{t} {fmt(float(last[t]))}" for t in terms)
             + (f"; wall time {fmt_seconds(float(last['elapsed_s']))}" if "elapsed_s" in h else "")
             + ". Loss terms on a log axis where they span more than 30x."
+            + (
+                f" Not drawn: {', '.join(zero)}, 0 at every step"
+                + (" (a deterministic encoder, β = 0, has no KL term)" if "kl" in zero else "")
+                + "."
+                if zero
+                else ""
+            )
         )
         sec.add_figure(fig_id, training_figure(h, stage), caption, f"training curves of {stage}")
     return sec
@@ -430,299 +465,4 @@ def section_reconstruction(inputs: ReportInputs) -> Section:
     sec.add(Html(f'<p class="note">{esc("; ".join(notes))}.</p>'))
     if rec.get("definitions"):
         sec.add(details("Definitions", table(["key", "definition"], [[k, v] for k, v in rec["definitions"].items()])))
-    return sec
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Metrics tables
-# ----------------------------------------------------------------------------------------------------------
-def _get(obj: Any, *path: str) -> Any:
-    """obj[p0][p1]... or None where any level is missing (or not a mapping)."""
-    for key in path:
-        if not isinstance(obj, Mapping):
-            return None
-        obj = obj.get(key)
-    return obj
-
-
-def _floor(metrics: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
-    """The real-vs-real floor: half A vs half B of the real cells (None if not computed)."""
-    return _get(metrics, "real_vs_real")
-
-
-def _half(metrics: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
-    """The model at the floor's sizes: |A| generated cells (replicate 0) vs half B (None if not computed)."""
-    return _get(metrics, "generated_vs_real_half")
-
-
-def class_values(doc: Mapping[str, Any], group: str) -> dict[str, dict[str, Any]]:
-    """Per-class metrics of one group, mean ± SEM over replicates (from `generation_per_replicate`)."""
-    reps = doc.get("generation_per_replicate") or []
-    classes: dict[str, dict[str, list[float | None]]] = {}
-    for rep in reps:
-        for cls, values in (_get(rep, "per_class", group, "classes") or {}).items():
-            entry = classes.setdefault(cls, {})
-            for m, v in values.items():
-                entry.setdefault(m, []).append(v)
-    return {cls: {m: mean_sem(v) for m, v in ms.items()} for cls, ms in classes.items()}
-
-
-@dataclass
-class Column:
-    """One column of the metrics tables: a metrics.json part and how its values are stored.
-
-    aggregated: the part is `metrics.aggregate_replicates` output ({"mean", "sem"} per metric, per-class
-    entries are class means over replicates); otherwise it is one `metrics.evaluate` output (numbers, per-class
-    "summary" = mean ± SEM over classes).
-    """
-
-    header: str
-    doc: Mapping[str, Any]
-    aggregated: bool
-
-    def value(self, kind: str, name: str | None, metric: str) -> Any:
-        """The cell of one table: kind 'overall', 'labels' (name = key) or 'per_class' (name = group)."""
-        if kind == "overall":
-            return _get(self.doc, "overall", metric)
-        if kind == "labels":
-            return _get(self.doc, "labels", name, metric)
-        if self.aggregated:
-            return _get(self.doc, "per_class", name, metric)
-        return _get(self.doc, "per_class", name, "summary", metric)
-
-
-def _model_column(header: str, doc: Mapping[str, Any]) -> Column:
-    """A model's (or baseline's) column: over replicates; with one replicate, its own per-class summary."""
-    reps = doc.get("generation_per_replicate") or []
-    n_rep = doc["generation"].get("n_replicates", len(reps) or 1)
-    if n_rep == 1 and len(reps) == 1:
-        # one replicate: report mean ± SEM over classes rather than a SEM over one replicate (None)
-        return Column(
-            f"{header} (1 replicate)", {**doc["generation"], "per_class": reps[0].get("per_class", {})}, False
-        )
-    return Column(f"{header} (n={n_rep})", doc["generation"], True)
-
-
-def metric_columns(inputs: ReportInputs) -> list[Column]:
-    """sclatent, sclatent at the floor's size, the floor, then each baseline (and its matched-size run)."""
-    m = inputs.metrics
-    cols = [_model_column("sclatent", m)]
-    if _half(m):
-        cols.append(Column("sclatent, half size", _half(m), False))
-    if _floor(m):
-        cols.append(Column("real vs real (floor)", _floor(m), False))
-    for name, b in inputs.baselines.items():
-        cols.append(_model_column(f"baseline: {name}", b))
-        if _half(b):
-            cols.append(Column(f"baseline: {name}, half size", _half(b), False))
-    return cols
-
-
-def _metrics_table(
-    cols: Sequence[Column], kind: str, rows_spec: Sequence[tuple[str, str | None, str]], table_id: str
-) -> Html:
-    """rows_spec: (row label, key/group or None, metric)."""
-    rows = [[label, *[fmt_stat(c.value(kind, name, metric)) for c in cols]] for label, name, metric in rows_spec]
-    return table(["metric", *[c.header for c in cols]], rows, table_id=table_id)
-
-
-def section_metrics(inputs: ReportInputs) -> Section:
-    """Overall, label and per-class tables: mean ± SEM, the real-vs-real floor and baselines side by side."""
-    sec = Section("metrics", "Generation metrics (generated vs held-out real cells)", "Metrics")
-    m = inputs.metrics
-    if m is None:
-        sec.add_missing("No metrics.json given (--metrics): no generation metrics.")
-        return sec
-    gen = m["generation"]
-    n_rep = gen.get("n_replicates", 1)
-    fs = gen.get("feature_space") or {}
-    settings = gen.get("settings") or {}
-    sec.add(
-        Html(
-            f'<p class="note">{fmt(m.get("n_real"))} real test cells vs {fmt(m.get("n_generated"))} generated cells '
-            f"({n_rep} replicate{'s' if n_rep != 1 else ''}). Feature space: {esc(fs.get('variant', '?'))}; "
-            f"{esc(fs.get('normalization', ''))}; {fmt(fs.get('n_hvg'))} HVGs, {fmt(fs.get('n_pcs'))} PCs. "
-            f"Subsampling caps (seeded, seed {esc(settings.get('seed'))}): {fmt(settings.get('max_cells'))} cells per "
-            "side "
-            f"for MMD²/1-NN/PRDC, {fmt(settings.get('w2_max_cells'))} for W2; classes need ≥ "
-            f"{fmt(settings.get('min_cells_per_class'))} cells on both sides. Model columns: mean ± SEM over "
-            "replicates. "
-            "The floor (real vs real) compares two stratified halves of the real cells, what this data allows; "
-            "distances "
-            f"shrink with the number of cells compared, so read it against the model at the same sizes (half size: "
-            f"generated cells of one replicate, as many as in a half, vs the same real half).</p>"
-        )
-    )
-    if _floor(m) is None:
-        sec.add_missing(
-            "The real-vs-real floor was not computed (EVALUATE --no-floor, or too few cells): no floor column."
-        )
-    cols = metric_columns(inputs)
-    sec.add(Html("<h3>Overall</h3>"))
-    sec.add(
-        _metrics_table(
-            cols, "overall", [(METRIC_NAMES.get(x, x), None, x) for x in DISTRIBUTION_METRICS], "table-overall"
-        )
-    )
-
-    sec.add(Html("<h3>Labels: do conditioned cells look like their class?</h3>"))
-    labels = gen.get("labels") or {}
-    if not labels:
-        sec.add_missing("No condition keys: no label metrics.")
-    else:
-        spec = [(f"{key}: {METRIC_NAMES.get(x, x)}", key, x) for key, entry in labels.items() for x in entry]
-        sec.add(_metrics_table(cols, "labels", spec, "table-labels"))
-
-    sec.add(Html("<h3>Per class</h3>"))
-    per_class = gen.get("per_class") or {}
-    if not per_class:
-        sec.add_missing("No condition keys: no per-class metrics.")
-        return sec
-    sec.add(
-        Html(
-            '<p class="note">For each condition key (and the joint combination of keys): the mean over classes; '
-            "± SEM over replicates of that mean for the model columns over replicates, ± SEM over classes for the "
-            "others.</p>"
-        )
-    )
-    reps = m.get("generation_per_replicate") or []
-    for group, entry in per_class.items():
-        n_classes = entry.get("n_classes")
-        counts = n_classes if isinstance(n_classes, list) else [n_classes or 0]
-        sec.add(
-            Html(f"<p><b>{esc(group)}</b>: {esc(', '.join(str(x) for x in sorted(set(counts))))} classes evaluated</p>")
-        )
-        if max(counts) == 0:
-            skipped = _get(reps[0] if reps else None, "per_class", group, "skipped") or []
-            sec.add_missing(f"{group}: no class has enough cells on both sides ({len(skipped)} skipped).")
-            continue
-        spec = [(METRIC_NAMES.get(x, x), group, x) for x in DISTRIBUTION_METRICS]
-        sec.add(_metrics_table(cols, "per_class", spec, f"table-per-class-{slug(group)}"))
-        sec.add(details(f"{group}: every class", _class_table(m, group)))
-    return sec
-
-
-def _class_table(m: Mapping[str, Any], group: str) -> Html:
-    """Each class of a group: cell counts and the main metrics (mean ± SEM over replicates), at half size, floor."""
-    values = class_values(m, group)
-    half = _get(_half(m), "per_class", group, "classes") or {}
-    floor = _get(_floor(m), "per_class", group, "classes") or {}
-    extra = [(label, part) for label, part in (("half size", half), ("floor", floor)) if part]
-    header = ["class", "real cells", "generated cells"]
-    for metric in CLASS_TABLE_METRICS:
-        header += [metric, *[f"{metric} {label}" for label, _ in extra]]
-    rows = []
-    for cls in sorted(values):
-        v = values[cls]
-        row = [cls, fmt(_get(v, "n_real", "mean")), fmt(_get(v, "n_generated", "mean"))]
-        for metric in CLASS_TABLE_METRICS:
-            row += [fmt_stat(v.get(metric)), *[fmt(_get(part, cls, metric)) for _, part in extra]]
-        rows.append(row)
-    reps = m.get("generation_per_replicate") or []
-    skipped = _get(reps[0] if reps else None, "per_class", group, "skipped") or []
-    note = ""
-    if skipped:
-        listed = ", ".join(f"{s['class']} ({s['n_real']}/{s['n_generated']})" for s in skipped)
-        note = f"<p class=note>Skipped (too few cells; real/generated): {esc(listed)}</p>"
-    return Html(table(header, rows, table_id=f"table-classes-metrics-{slug(group)}") + note)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Per-class bar charts
-# ----------------------------------------------------------------------------------------------------------
-def per_class_figure(
-    m: Mapping[str, Any], baselines: Mapping[str, Mapping[str, Any]], group: str
-) -> tuple[Any, list[str]]:
-    """Bars per class of W2 and MMD² (model and baselines, ± SEM over replicates); hollow dots: the same at the
-    floor's sizes; black tick: the real-vs-real floor."""
-    docs = [("sclatent", m), *baselines.items()]
-    series = [
-        (name, class_values(doc, group), _get(_half(doc), "per_class", group, "classes") or {}) for name, doc in docs
-    ]
-    classes = sorted(series[0][1])
-    floor_classes = _get(_floor(m), "per_class", group, "classes") or {}
-    width_in = min(18.0, max(6.0, 0.45 * len(classes) * len(series) + 2.0))
-    fig = _new_figure(width_in, 3.2 * len(BAR_METRICS))
-    axes = fig.subplots(len(BAR_METRICS), 1, squeeze=False)[:, 0]
-    x = np.arange(len(classes))
-    bar_w = 0.8 / len(series)
-    for ax, metric in zip(axes, BAR_METRICS):
-        for i, (name, values, half) in enumerate(series):
-            xi = x - 0.4 + bar_w * (i + 0.5)
-            means = [_get(values, c, metric, "mean") for c in classes]
-            sems = [_get(values, c, metric, "sem") for c in classes]
-            ax.bar(
-                xi,
-                [np.nan if v is None else v for v in means],
-                bar_w,
-                yerr=[0.0 if s is None else s for s in sems],
-                color=PALETTE[i % len(PALETTE)],
-                label=name,
-                capsize=2,
-            )
-            half_y = [_get(half, c, metric) for c in classes]
-            if any(v is not None for v in half_y):
-                ax.scatter(
-                    xi,
-                    [np.nan if v is None else v for v in half_y],
-                    marker="o",
-                    s=28,
-                    facecolors="white",
-                    edgecolors=PALETTE[i % len(PALETTE)],
-                    linewidths=1.5,
-                    zorder=4,
-                    label=f"{name}, half size",
-                )
-        floor_y = [_get(floor_classes, c, metric) for c in classes]
-        if any(v is not None for v in floor_y):
-            ax.scatter(
-                x,
-                [np.nan if v is None else v for v in floor_y],
-                marker="_",
-                s=600,
-                color="black",
-                linewidths=2,
-                zorder=3,
-                label="real vs real (floor)",
-            )
-        ax.set_ylabel(METRIC_NAMES.get(metric, metric), fontsize=8)
-        ax.set_xticks(x)
-        rotate = len(classes) > 4
-        ax.set_xticklabels(classes, rotation=45 if rotate else 0, ha="right" if rotate else "center", fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.suptitle(f"per class of {group}", fontsize=11)
-    return fig, classes
-
-
-def section_per_class(inputs: ReportInputs) -> Section:
-    """One bar-chart figure per condition key (and the joint combination)."""
-    sec = Section("per-class", "Per-class metrics", "Per class")
-    m = inputs.metrics
-    if m is None:
-        sec.add_missing("No metrics.json given (--metrics): no per-class charts.")
-        return sec
-    groups = list(m["generation"].get("per_class") or {})
-    if not groups:
-        sec.add_missing("No condition keys: no per-class charts.")
-        return sec
-    if _floor(m) is None:
-        sec.add_missing("No real-vs-real floor in metrics.json: the charts have no floor reference.")
-    for group in groups:
-        if not class_values(m, group):
-            reps = m.get("generation_per_replicate") or []
-            skipped = (reps[0]["per_class"].get(group, {}).get("skipped") if reps else None) or []
-            sec.add_missing(
-                f"{group}: no class has enough cells on both sides "
-                f"({', '.join(s['class'] for s in skipped) or 'none'} skipped)."
-            )
-            continue
-        fig, classes = per_class_figure(m, inputs.baselines, group)
-        caption = (
-            f"{group}: {len(classes)} classes. Bars: mean over replicates ± SEM. Black tick: the same metric "
-            f"between two halves of the real cells of the class (the floor; absent where a half has too few "
-            f"cells). Hollow dots: the model at the floor's sizes (generated cells of one replicate vs the same "
-            f"real half), the number to compare with the tick."
-        )
-        sec.add_figure(f"fig-per-class-{slug(group)}", fig, caption, f"per-class W2 and MMD² of {group}")
     return sec
