@@ -533,6 +533,46 @@ def bundle(vae, prior, out, weights) -> None:
     log.info("model bundle -> %s", path)
 
 
+def _guidance_options(*, n_steps: int, each: str):
+    """Options of guided ODE integration and decoding, shared by SAMPLE and TRANSFER."""
+    opts = [
+        click.option(
+            "--guidance",
+            type=click.Choice(["joint", "additive"]),
+            default="joint",
+            help="Classifier-free guidance: joint (paper eq. 11) or additive (CFGen).",
+        ),
+        click.option(
+            "--cfg-scale",
+            "cfg_scale",
+            multiple=True,
+            default=("1.0",),
+            help="Guidance weight w, or key=w per attribute (additive); repeatable.",
+        ),
+        click.option(
+            "--unseen",
+            type=click.Choice(["analogy", "joint"]),
+            default="analogy",
+            help="A combination never seen in training, under joint guidance: composed from seen ones (analogy) or "
+            "the joint labels as given (joint).",
+        ),
+        click.option("--method", type=click.Choice(["euler", "heun", "dopri5"]), default="heun", help="ODE solver."),
+        click.option("--n-steps", default=n_steps, type=int, help=f"Steps of the fixed-step solvers{each}."),
+        click.option("--atol", default=1e-5, type=float, help="dopri5 absolute tolerance."),
+        click.option("--rtol", default=1e-5, type=float, help="dopri5 relative tolerance."),
+        click.option(
+            "--counts", type=click.Choice(["sample", "mean"]), default="sample", help="NB draws or the NB mean."
+        ),
+    ]
+
+    def deco(fn):
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return deco
+
+
 def _parse_scales(values: tuple[str, ...]) -> tuple[float, dict[str, float] | None]:
     scale, per = 1.0, {}
     for v in values:
@@ -577,24 +617,7 @@ def _gene_list(genes: str | None) -> list[str] | None:
     type=click.Path(dir_okay=False, exists=True),
     help="One generated cell per cell of this h5ad, with its labels.",
 )
-@click.option(
-    "--guidance",
-    type=click.Choice(["joint", "additive"]),
-    default="joint",
-    help="Classifier-free guidance: joint (paper eq. 11) or additive (CFGen).",
-)
-@click.option(
-    "--cfg-scale",
-    "cfg_scale",
-    multiple=True,
-    default=("1.0",),
-    help="Guidance weight w, or key=w per attribute (additive); repeatable.",
-)
-@click.option("--method", type=click.Choice(["euler", "heun", "dopri5"]), default="heun", help="ODE sampler.")
-@click.option("--n-steps", default=2, type=int, help="Steps of the fixed-step samplers.")
-@click.option("--atol", default=1e-5, type=float, help="dopri5 absolute tolerance.")
-@click.option("--rtol", default=1e-5, type=float, help="dopri5 relative tolerance.")
-@click.option("--counts", type=click.Choice(["sample", "mean"]), default="sample", help="NB draws or the NB mean.")
+@_guidance_options(n_steps=2, each="")
 @click.option(
     "--library-size",
     "library",
@@ -632,6 +655,7 @@ def sample(
     like,
     guidance,
     cfg_scale,
+    unseen,
     method,
     n_steps,
     atol,
@@ -658,6 +682,7 @@ def sample(
         guidance=guidance,
         cfg_scale=scale,
         cfg_scales=per,
+        unseen=unseen,
         method=method,
         n_steps=n_steps,
         atol=atol,
@@ -714,24 +739,7 @@ def sample(
     "--out", default=None, type=FILE, help="Output h5ad [default: <h5ad name>_transfer.h5ad in the current folder]."
 )
 @click.option("--layer", default="X", help="Where the raw counts are: X or a layer name.")
-@click.option(
-    "--guidance",
-    type=click.Choice(["joint", "additive"]),
-    default="joint",
-    help="Classifier-free guidance of both integrations: joint (paper eq. 11) or additive (CFGen).",
-)
-@click.option(
-    "--cfg-scale",
-    "cfg_scale",
-    multiple=True,
-    default=("1.0",),
-    help="Guidance weight w, or key=w per attribute (additive); repeatable.",
-)
-@click.option("--method", type=click.Choice(["euler", "heun", "dopri5"]), default="heun", help="ODE solver.")
-@click.option("--n-steps", default=8, type=int, help="Steps of the fixed-step solvers (each direction).")
-@click.option("--atol", default=1e-5, type=float, help="dopri5 absolute tolerance.")
-@click.option("--rtol", default=1e-5, type=float, help="dopri5 relative tolerance.")
-@click.option("--counts", type=click.Choice(["sample", "mean"]), default="sample", help="NB draws or the NB mean.")
+@_guidance_options(n_steps=8, each=" (each direction)")
 @click.option("--genes", default=None, help="Output genes: a comma list or @file (one per line) [default: all].")
 @click.option("--batch-size", default=512, type=int, help="Cells per batch.")
 @click.option("--seed", default=0, type=int, help="Seed of the NB draws.")
@@ -754,6 +762,7 @@ def transfer(
     layer,
     guidance,
     cfg_scale,
+    unseen,
     method,
     n_steps,
     atol,
@@ -778,6 +787,7 @@ def transfer(
         guidance=guidance,
         cfg_scale=scale,
         cfg_scales=per,
+        unseen=unseen,
         method=method,
         n_steps=n_steps,
         atol=atol,
