@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
-from .metrics.distances import JOINT_SEPARATOR  # joint class names: the keys' values in key order, "HCC827|Drop-seq"
+from .io import joint_labels
 
 
 def parse_holdout(text: str | None) -> list[dict[str, str]]:
@@ -73,7 +73,7 @@ def joint_classes(obs: pd.DataFrame, keys: Sequence[str]) -> np.ndarray:
     """Each cell's joint class name (n,): its values of `keys` joined by '|' (the metrics' per-class names)."""
     if not keys:
         return np.full(len(obs), "", dtype=object)
-    return obs[list(keys)].astype(str).agg(JOINT_SEPARATOR.join, axis=1).to_numpy()
+    return joint_labels(obs, list(keys))
 
 
 def combinations_of(obs: pd.DataFrame, keys: Sequence[str]) -> list[str]:

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import anndata as ad
 import numpy as np
@@ -221,7 +221,10 @@ def check_unique_genes(var_names, *, source: str) -> None:
     )
 
 
-def joint_labels(obs: Any, keys: list[str], sep: str = "|") -> np.ndarray:
+JOINT_SEPARATOR = "|"  # joint class name: labels of the keys joined by this, in key order ("HCC827|Drop-seq")
+
+
+def joint_labels(obs: Any, keys: Sequence[str], sep: str = JOINT_SEPARATOR) -> np.ndarray:
     """Each cell's labels of `keys` (obs columns) joined by `sep`: (n,) str, vectorised over the cells."""
     joint = obs[keys[0]].astype(str).to_numpy().astype(object)
     for key in keys[1:]:

@@ -25,6 +25,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ..counts import subsample
+from ..io import JOINT_SEPARATOR  # noqa: F401  (the metrics' per-class names; re-exported)
 
 MMD_SIGMAS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)  # CFGen's mix_rbf_mmd2 bandwidths
 # W2 uses exact OT, whose cost grows ~n^3: at most this many cells per side (seeded subsample; the cost per size is
@@ -47,7 +48,6 @@ DISTRIBUTION_METRICS: tuple[str, ...] = (
     "density",
     "coverage",
 )
-JOINT_SEPARATOR = "|"  # joint class name: labels of the keys joined by this, in condition_keys order
 # exp(-a) is exactly 0.0 in float64 for a > 745.14, so kernel terms beyond this argument contribute nothing.
 _EXP_UNDERFLOW_ARG = 746.0
 # Memory of one block of pairwise squared distances (float64) in the blockwise loops.
