@@ -52,7 +52,7 @@ def _keys(channel: list[dict]) -> list[str]:
 def test_every_module_is_found():
     assert {m.name for m in MODULES} == {
         "check_samplesheet", "prepare", "tokenize", "train_vae", "encode", "train_prior", "bundle", "sample",
-        "gather", "evaluate", "report",
+        "gather", "evaluate", "report", "embed", "transfer",
     }
 
 

@@ -134,7 +134,7 @@ def test_pipeline_info(test_profile_run):
     versions = yaml.safe_load(text)
     assert len(re.findall(r"^\S", text, flags=re.M)) == len(versions)
     steps = ("CHECK_SAMPLESHEET", "PREPARE", "TOKENIZE", "TRAIN_VAE", "ENCODE", "TRAIN_PRIOR", "BUNDLE", "SAMPLE")
-    assert set(steps + ("GATHER", "EVALUATE", "REPORT")) == set(versions)
+    assert set(steps + ("GATHER", "EVALUATE", "REPORT", "EMBED")) == set(versions)
     assert all(v["sclatent"] == __version__ for v in versions.values()), versions
     assert set(versions["TRAIN_VAE"]) == {"sclatent", "torch"} and versions["TRAIN_VAE"]["torch"]
     with open(info / "samplesheet.valid.csv") as fh:

@@ -99,3 +99,24 @@ def test_report_reads_only_its_sample_from_disk(tmp_path):
     )
     assert (a.real.X != b.real.X).nnz == 0 and (a.generated.X != b.generated.X).nnz == 0
     assert a.n_generated_total == b.n_generated_total == 250
+
+
+def test_generated_genes_the_real_cells_lack_are_left_out_and_said(tmp_path, caplog):
+    """A model run on another panel generates vocabulary genes the real cells lack: the comparison is on the shared
+    genes, the same as generating only those, and metrics.json says how many were compared."""
+    real, gen = _files(tmp_path)
+    extra = _cells(500, 3, [f"x{j}" for j in range(8)])
+    genes = [*gen.var_names, *extra.var_names]
+    wide = ad.AnnData(sp.hstack([gen.X, extra.X]).tocsr(), obs=gen.obs.copy(), var=pd.DataFrame(index=genes))
+    wide.write_h5ad(tmp_path / "wide.h5ad")
+    kw = {"n_pcs": 10, "floor": False}
+    narrow = run_evaluate(tmp_path / "real.h5ad", tmp_path / "gen.h5ad", tmp_path / "a", **kw)
+    wider = run_evaluate(tmp_path / "real.h5ad", tmp_path / "wide.h5ad", tmp_path / "b", **kw)
+    assert "8 of the 58 generated genes are not in the real data" in caplog.text
+    assert wider["genes_compared"] == {"shared": 50, "generated": 58}
+    assert wider["generation"]["overall"] == narrow["generation"]["overall"]
+    # the report's cells too: the shared genes, read from disk for the sampled cells only
+    sample = cell_sample(load_inputs(real=tmp_path / "real.h5ad", generated=tmp_path / "wide.h5ad"), 120, seed=5)
+    same = cell_sample(load_inputs(real=tmp_path / "real.h5ad", generated=tmp_path / "gen.h5ad"), 120, seed=5)
+    assert list(sample.generated.var_names) == list(gen.var_names)
+    assert (sample.generated.X != same.generated.X).nnz == 0

@@ -129,8 +129,21 @@ def run_evaluate(
     has_reps = "replicate" in gen_meta.obs.columns
     reps = sorted(gen_meta.obs["replicate"].unique().tolist()) if has_reps else [0]
     kwargs = {"n_pcs": n_pcs, "seed": seed, **({"max_cells": max_cells} if max_cells else {}), **metric_kwargs}
-    model_genes = list(gen_meta.var_names)
     what = f"{generated_path} vs {real_path}"
+    # A model run on another panel (--model) generates vocabulary genes the real cells lack: compare on the shared
+    # genes, and say so.
+    gen_genes = [str(g) for g in gen_meta.var_names]
+    real_genes = set(map(str, real_meta.var_names))
+    model_genes = [g for g in gen_genes if g in real_genes]
+    if not model_genes:
+        raise InputError(f"{what}: none of the {len(gen_genes)} generated genes is in the real data")
+    if len(model_genes) < len(gen_genes):
+        log.warning(
+            "%d of the %d generated genes are not in the real data (another gene panel): comparing on the %d shared",
+            len(gen_genes) - len(model_genes),
+            len(gen_genes),
+            len(model_genes),
+        )
 
     real = load_cells(
         real_path, real_meta, np.arange(real_meta.n_obs), cells_per_side, np.random.SeedSequence([seed, 0])
@@ -140,6 +153,8 @@ def run_evaluate(
     for r in reps:
         rows = np.flatnonzero(gen_meta.obs["replicate"].to_numpy() == r) if has_reps else np.arange(gen_meta.n_obs)
         parts[r] = load_cells(generated_path, gen_meta, rows, cells_per_side, np.random.SeedSequence([seed, 1, int(r)]))
+        if len(model_genes) < len(gen_genes):
+            parts[r] = parts[r][:, model_genes].copy()
         used["generated"][str(r)] = [int(parts[r].n_obs), int(len(rows))]
     held_out, real, parts = _held_out(real, parts, keys, model_genes, what, kwargs)
     # the cells the main section scores (without the never-seen combinations' cells, when there are any)
@@ -158,6 +173,7 @@ def run_evaluate(
         "n_generated": int(gen_meta.n_obs),
         "replicates": [int(r) for r in reps],
         "cells_used": {"cells_per_side": cells_per_side, **used},
+        "genes_compared": {"shared": len(model_genes), "generated": len(gen_genes)},
         "generation": summary,
         "generation_per_replicate": per_rep,
     }

@@ -75,6 +75,9 @@ def cell_sample(inputs: ReportInputs, max_cells: int, seed: int) -> CellSample:
     if "replicate" in gen.obs.columns:
         replicate = sorted(gen.obs["replicate"].unique().tolist())[0]
         rows_g = np.flatnonzero((gen.obs["replicate"] == replicate).to_numpy())
+    real_names = set(map(str, real.var_names))
+    if not all(str(g) in real_names for g in gen.var_names):  # a model run on another panel: the shared genes
+        gen = gen[:, [g for g in gen.var_names if str(g) in real_names]]
     try:
         genes = align_genes(real, gen)
     except ValueError as exc:
@@ -110,6 +113,8 @@ def _cells(adata: Any, rows: np.ndarray, path: str | None) -> Any:
         return adata[rows]
     with H5adCounts(path) as counts:
         X = counts.take(rows)
+        if counts.n_vars != adata.n_vars:  # `adata` holds a subset of the file's genes
+            X = X[:, counts.var_names.get_indexer(adata.var_names)]
     out = ad.AnnData(X=X, obs=adata.obs.iloc[rows].copy(), var=adata.var.copy())
     out.uns = adata.uns
     return out
