@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import subprocess
 import sys
@@ -85,7 +86,12 @@ def test_smoke_path_end_to_end(tmp_path):
     import run_all
 
     out = tmp_path / "BENCHMARKS.md"
-    res = run_all.main(["--smoke", "--workdir", str(tmp_path / "work"), "--out", str(out), "--threads", "1"])
+    quieted = {name: logging.getLogger(name).level for name in ("sclatent", "py.warnings", "anndata", "scanpy")}
+    try:
+        res = run_all.main(["--smoke", "--workdir", str(tmp_path / "work"), "--out", str(out), "--threads", "1"])
+    finally:  # run_all quiets these loggers for its own console; later tests read sclatent's warnings
+        for name, level in quieted.items():
+            logging.getLogger(name).setLevel(level)
     ds = res["datasets"]["synthetic"]
     assert set(ds["generation"]) == {"ldm_joint", "ldm_additive", "ldm_uncond", "vae_gaussian"}
     for entry in ds["generation"].values():
