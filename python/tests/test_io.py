@@ -153,3 +153,25 @@ def test_gather_orders_shards_and_rejects_non_shards(tmp_path) -> None:
     with pytest.raises(InputError, match=r"plain.h5ad is not a SAMPLE shard \(no obs column 'cell_index'\)"):
         gather([tmp_path / "s0.h5ad", tmp_path / "plain.h5ad"], tmp_path / "bad.h5ad")
     assert not (tmp_path / "dup.h5ad").exists() and not (tmp_path / "bad.h5ad").exists()
+
+
+def test_h5ad_counts_take_equals_slicing_on_both_read_paths(tmp_path):
+    """H5adCounts.take: few rows are read as runs of consecutive rows, many by chunks; both give X[rows]."""
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+
+    from sclatent.ondisk import H5adCounts
+
+    X = sp.random(3000, 120, density=0.05, format="csr", random_state=1, dtype=np.float32)
+    ad.AnnData(X).write_h5ad(tmp_path / "x.h5ad")
+    rng = np.random.default_rng(0)
+    with H5adCounts(tmp_path / "x.h5ad") as counts:
+        for rows in (
+            np.array([0, 1, 2, 9, 2998, 2999]),  # runs (6 * 256 < 3000), the first and last rows included
+            np.sort(rng.choice(3000, 11, replace=False)),  # runs
+            np.sort(rng.choice(3000, 900, replace=False)),  # chunks
+            np.array([], dtype=np.int64),
+        ):
+            got = counts.take(rows)
+            assert got.shape == (len(rows), 120) and (got != X[rows]).nnz == 0
