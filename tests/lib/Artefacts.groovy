@@ -181,7 +181,10 @@ print(json.dumps({
                     stream.filter { p -> java.nio.file.Files.isRegularFile(p, java.nio.file.LinkOption.NOFOLLOW_LINKS) }.each { p ->
                         def rel = root.relativize(p)
                         def hidden = rel.iterator().any { part -> part.toString().startsWith('.') }
-                        if (!hidden && !new File("${outputDir}/${folder}/${rel}").isFile()) {
+                        // published under its path in the task, or under its name alone (a saveAs that flattens, EMBED's)
+                        def published = new File("${outputDir}/${folder}/${rel}").isFile() ||
+                            new File("${outputDir}/${folder}/${p.fileName}").isFile()
+                        if (!hidden && !published) {
                             missing.get(name[0][1], []) << rel.toString()
                         }
                     }
