@@ -78,8 +78,9 @@ def test_a_panel_without_overlap_stops_with_one_clear_line(test_profile_run, que
     bundle = test_profile_run.outdir / "pbmc" / "model" / "model.pt"
     run = run_nextflow(tmp_path, "-profile", "test", "--input", str(query["sheet"]), "--model", str(bundle))
     assert run.returncode != 0
-    # TOKENIZE or EMBED (running side by side) stops first, naming the file and the model's vocabulary
-    assert re.search(r"sclatent (tokenize|embed): error: \S*query\.h5ad: none of its \d+ genes is in the model's "
+    # TOKENIZE (on PREPARE's train.h5ad) or EMBED (on the input file), running side by side, stops first, naming
+    # its file and the model's vocabulary
+    assert re.search(r"sclatent (tokenize|embed): error: \S*(query|train)\.h5ad: none of its \d+ genes is in the model's "
                      r"vocabulary of 500 genes", run.output), run.output[-3000:]  # fmt: skip
     assert not (run.outdir / "query" / "tokenize").exists() and not (run.outdir / "query" / "embed").exists()
 
