@@ -126,3 +126,19 @@ def test_generated_genes_the_real_cells_lack_are_left_out_and_said(tmp_path, cap
     same = cell_sample(load_inputs(real=tmp_path / "real.h5ad", generated=tmp_path / "gen.h5ad"), 120, seed=5)
     assert list(sample.generated.var_names) == list(gen.var_names)
     assert (sample.generated.X != same.generated.X).nnz == 0
+
+
+def test_generated_cells_sharing_no_gene_or_no_hvg_are_one_line_errors(tmp_path):
+    import pytest
+
+    from sclatent.errors import InputError
+
+    _, gen = _files(tmp_path)
+    other = _cells(100, 4, [f"x{j}" for j in range(8)])
+    other.write_h5ad(tmp_path / "other.h5ad")
+    with pytest.raises(InputError, match=r"other\.h5ad vs .*real\.h5ad: none of the 8 generated genes is in the real"):
+        run_evaluate(tmp_path / "real.h5ad", tmp_path / "other.h5ad", tmp_path / "a", n_pcs=10, floor=False)
+    gen[:, 40:].copy().write_h5ad(tmp_path / "no_hvg.h5ad")  # genes g40..g49: none of the 40 HVGs
+    with pytest.raises(InputError, match=r"none of the real data's 40 HVGs is among the generated genes"):
+        run_evaluate(tmp_path / "real.h5ad", tmp_path / "no_hvg.h5ad", tmp_path / "b", n_pcs=10, floor=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

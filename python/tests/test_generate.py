@@ -10,69 +10,15 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from tiny_models import cli_ok, run_cli, train_tiny_mixology
 
-from sclatent.cli import main
-
-REPO = Path(__file__).resolve().parents[2]
-MIXOLOGY = REPO / "assets" / "test_data" / "mixology.h5ad"
-
-
-def _cli(*args: Any):
-    return CliRunner().invoke(main, ["-q", *map(str, args)])
-
-
-def _ok(*args: Any) -> None:
-    result = _cli(*args)
-    assert result.exit_code == 0, (args[0], result.output, result.exception)
+_cli, _ok = run_cli, cli_ok
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     """A tiny VAE and DiT trained for 20 steps each on the bundled sc_mixology subset (~15 s)."""
-    d = tmp_path_factory.mktemp("generate")
-    sheet = d / "s.csv"
-    sheet.write_text(f"dataset,h5ad,split,batch,condition_keys\nmix,{MIXOLOGY},all,,cell_line;protocol\n")
-    short = ("--max-steps", 20, "--no-progress", "--device", "cpu", "--threads", 1)
-    _ok(
-        "prepare", "--samplesheet", sheet, "--outdir", d / "p", "--n-hvg", 300, "--min-cells", 3, "--test-fraction", 0.5
-    )
-    _ok("tokenize", "--train", d / "p/train.h5ad", "--outdir", d / "tok", "--max-tokens", 512, "--no-progress")
-    _ok(
-        "train-vae",
-        "--tokens",
-        d / "tok",
-        "--outdir",
-        d / "vae",
-        "--preset",
-        "tiny",
-        "--batch-size",
-        32,
-        "--decode-genes",
-        128,
-        *short,
-    )
-    _ok("encode", "--model", d / "vae", "--tokens", d / "tok", "--outdir", d / "enc", "--device", "cpu", "--threads", 1)
-    _ok(
-        "train-prior",
-        "--latents",
-        d / "enc/latents.npz",
-        "--outdir",
-        d / "prior",
-        "--preset",
-        "tiny",
-        "--batch-size",
-        64,
-        *short,
-    )
-    _ok("bundle", "--vae", d / "vae", "--prior", d / "prior", "--out", d / "model" / "model.pt")
-    return {
-        "model": d / "model" / "model.pt",
-        "vae": d / "vae",
-        "prior": d / "prior",
-        "test": d / "p/test.h5ad",
-        "dir": d,
-    }
+    return train_tiny_mixology(tmp_path_factory.mktemp("generate"), vae_steps=20, prior_steps=20)
 
 
 def _sample(models: dict[str, Path], out: Path, *extra: Any) -> ad.AnnData:

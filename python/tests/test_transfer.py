@@ -11,48 +11,23 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from tiny_models import cli_ok, run_cli, train_tiny_mixology
 
 from sclatent.api import Model
 from sclatent.checkpoint import load_model
-from sclatent.cli import main
 from sclatent.counts import counts_matrix
 from sclatent.errors import InputError
 from sclatent.generate import SampleConfig, label_codes
 from sclatent.tokens import gene_index, memory_batches, tokens_of
 from sclatent.transfer import Transfer
 
-REPO = Path(__file__).resolve().parents[2]
-MIXOLOGY = REPO / "assets" / "test_data" / "mixology.h5ad"
-
-
-def _cli(*args: Any):
-    return CliRunner().invoke(main, ["-q", *map(str, args)])
-
-
-def _ok(*args: Any) -> None:
-    result = _cli(*args)
-    assert result.exit_code == 0, (args[0], result.output, result.exception)
+_cli, _ok = run_cli, cli_ok
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> dict[str, Path]:
     """A tiny VAE (40 steps) and DiT (150 steps) trained on the bundled sc_mixology subset (~20 s)."""
-    d = tmp_path_factory.mktemp("transfer")
-    sheet = d / "s.csv"
-    sheet.write_text(f"dataset,h5ad,split,batch,condition_keys\nmix,{MIXOLOGY},all,,cell_line;protocol\n")
-    common = ("--no-progress", "--device", "cpu", "--threads", 1)
-    _ok(
-        "prepare", "--samplesheet", sheet, "--outdir", d / "p", "--n-hvg", 300, "--min-cells", 3, "--test-fraction", 0.5
-    )
-    _ok("tokenize", "--train", d / "p/train.h5ad", "--outdir", d / "tok", "--max-tokens", 512, "--no-progress")
-    vae = ("--preset", "tiny", "--batch-size", 32, "--decode-genes", 128, "--max-steps", 40)
-    _ok("train-vae", "--tokens", d / "tok", "--outdir", d / "vae", *vae, *common)
-    _ok("encode", "--model", d / "vae", "--tokens", d / "tok", "--outdir", d / "enc", "--device", "cpu", "--threads", 1)
-    prior = ("--preset", "tiny", "--batch-size", 64, "--max-steps", 150)
-    _ok("train-prior", "--latents", d / "enc/latents.npz", "--outdir", d / "prior", *prior, *common)
-    _ok("bundle", "--vae", d / "vae", "--prior", d / "prior", "--out", d / "model.pt")
-    return {"model": d / "model.pt", "test": d / "p/test.h5ad", "dir": d}
+    return train_tiny_mixology(tmp_path_factory.mktemp("transfer"), vae_steps=40, prior_steps=150)
 
 
 def _encoded(model: dict[str, Path]) -> tuple[Any, torch.Tensor, torch.Tensor]:

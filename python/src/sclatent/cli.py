@@ -587,6 +587,14 @@ def _parse_scales(values: tuple[str, ...]) -> tuple[float, dict[str, float] | No
     return scale, per or None
 
 
+def _sample_config(cfg_scale: tuple[str, ...], **fields: object):
+    """The SampleConfig of `sample` and `transfer` from their options (cfg_scale: one weight or key=w pairs)."""
+    from .generate import SampleConfig
+
+    scale, per = _parse_scales(cfg_scale)
+    return SampleConfig(cfg_scale=scale, cfg_scales=per, **fields)
+
+
 def _gene_list(genes: str | None) -> list[str] | None:
     if not genes:
         return None
@@ -674,14 +682,12 @@ def sample(
     threads,
 ) -> None:
     """SAMPLE: generate cells (integer counts) conditioned on any subset of the labels."""
-    from .generate import SampleConfig, parse_conditions, parse_requests, run_sample
+    from .generate import parse_conditions, parse_requests, run_sample
 
     _threads(threads)
-    scale, per = _parse_scales(cfg_scale)
-    cfg = SampleConfig(
+    cfg = _sample_config(
+        cfg_scale,
         guidance=guidance,
-        cfg_scale=scale,
-        cfg_scales=per,
         unseen=unseen,
         method=method,
         n_steps=n_steps,
@@ -778,15 +784,13 @@ def transfer(
 ) -> None:
     """TRANSFER: real cells carried to other labels (counterfactuals): each cell is encoded, its latent integrated
     back to noise under its own labels, then forward under the requested ones, and decoded with its library size."""
-    from .generate import SampleConfig, parse_conditions
+    from .generate import parse_conditions
     from .transfer import run_transfer
 
     _threads(threads)
-    scale, per = _parse_scales(cfg_scale)
-    cfg = SampleConfig(
+    cfg = _sample_config(
+        cfg_scale,
         guidance=guidance,
-        cfg_scale=scale,
-        cfg_scales=per,
         unseen=unseen,
         method=method,
         n_steps=n_steps,

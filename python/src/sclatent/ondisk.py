@@ -160,8 +160,9 @@ class H5adCounts:
         node = self.file["X"] if self.layer == "X" else self.file["layers"][self.layer]
         compressed = self._sparse is not None and node["data"].compression is not None
         if self._sparse is not None and not compressed and len(rows) * 256 < self.n_obs:
-            # each run of consecutive rows is one slice of `data` and of `indices`, read with h5py directly (about
-            # 1 ms a slice): for more than ~1/256 of the rows, reading the whole matrix in order is faster
+            # each run of consecutive rows is one slice of `data` and of `indices`, read with h5py directly; every
+            # slice has a fixed cost, so for more than a small share of the rows reading the matrix in order is
+            # cheaper (decision 0011)
             new_run = np.concatenate([[True], np.diff(rows) > 1]) if len(rows) else np.zeros(0, bool)
             run_first = rows[new_run]  # (runs,)
             run_last = rows[np.concatenate([new_run[1:], [True]])] if len(rows) else rows
