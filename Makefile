@@ -13,7 +13,7 @@ CONSTRAINTS ?= python/constraints.txt
 export NXF_HOME ?= $(ROOT)/.cache/nxf-home
 export PATH := $(ROOT)/.cache/nextflow/bin:$(PATH)
 
-.PHONY: all venv nextflow browser lint-python test test-python test-pipeline test-nf demo bench bench-quick bench-scale lint clean
+.PHONY: all venv nextflow browser lint-python test test-python test-pipeline test-nf demo bench bench-quick bench-scale bench-heldout lint clean
 
 all: test
 
@@ -89,6 +89,12 @@ bench-quick: $(BENCH_STAMP) nextflow
 # scratch in .cache/bench-scale), into BENCHMARKS.md's `scale` section
 bench-scale: venv
 	nice -n 10 $(PY) python/benchmarks/bench_scale.py --cells 100000 300000 1000000 --threads 1
+
+# decision 0020's study of combinations never seen in training: sc_mixology and the compositional truth, seeds 0
+# and 1, scVI with the labels as covariates at equal time (~4.5 h on one core), into BENCHMARKS.md's `heldout` section
+bench-heldout: $(BENCH_STAMP)
+	nice -n 10 $(PY) python/benchmarks/bench_heldout.py --datasets sc_mixology,compositional --seeds 0,1 --scvi \
+		--workdir .cache/bench-heldout
 
 lint: nextflow
 	$(NXF) lint main.nf modules subworkflows conf nextflow.config

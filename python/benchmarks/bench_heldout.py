@@ -1,20 +1,24 @@
 """Unseen combinations: which prior, guidance and generation route reaches the held-out cells (decision 0020).
 
-    python python/benchmarks/bench_heldout.py --dataset sc_mixology --seed 0 --workdir /tmp/heldout
+    python python/benchmarks/bench_heldout.py --datasets sc_mixology,compositional --seeds 0,1 --scvi \
+        --workdir .cache/bench-heldout          # `make bench-heldout`: the study, then BENCHMARKS.md's section
+    python python/benchmarks/bench_heldout.py --render --workdir .cache/bench-heldout   # the section only
 
-For one dataset with held-out combinations (PREPARE --holdout) and one seed: PREPARE, TOKENIZE, TRAIN_VAE and
-ENCODE once; then every prior variant of `--priors` (label-dropout scheme and rate, training steps) is trained on
-the same latents; every generation route of `--routes` is run with every prior (generation from noise like the
-test cells, with joint or additive guidance and weight w; or counterfactual transfer of the training cells of the
-same first-key value, e.g. the same cell line under the other protocol); and scVI with the keys as categorical
-covariates gets our training wall time. Each result is scored by EVALUATE's functions: the held-out section
-(`metrics.heldout.score_held_out`: the model against half B of each held-out combination's real cells, the
-real-vs-real floor, the nearest seen combinations' real cells) and the seen combinations (`metrics.evaluate`).
-Two reference rows need no prior: the VAE's own reconstruction of half A ("VAE ceiling": what a perfect prior could
-reach through this decoder) and scVI.
+For one dataset with held-out combinations (PREPARE --holdout) and one seed: PREPARE, TOKENIZE, TRAIN_VAE and ENCODE
+once; then every prior variant of `--priors` (label-dropout scheme and rate, training steps) is trained on the same
+latents; every generation route of `--routes` is run with every prior (generation from noise like the test cells,
+with joint or additive guidance and weight w; or counterfactual transfer of the training cells of the same first-key
+value, e.g. the same cell line under the other protocol); and scVI with the keys as categorical covariates gets the
+training wall time of the first prior of `--priors` (VAE + prior: the default). Each result is scored by EVALUATE's
+functions: the held-out section (`metrics.heldout.score_held_out`: the model against half B of each held-out
+combination's real cells, the real-vs-real floor, the nearest seen combinations' real cells) and the seen
+combinations (`metrics.evaluate`). Two reference rows need no prior: the VAE's own reconstruction of half A ("VAE
+ceiling": what a perfect prior could reach through this decoder) and scVI.
 
-Writes workdir/<dataset>/seed<seed>/results.json and prints one table. Everything runs in this process, one
-thread by default (the machine is shared).
+Writes workdir/<dataset>/seed<seed>/results.json (a rerun resumes: finished rows are kept) and prints one table
+per run; then renders every dataset's seeds into one table per dataset (means over held-out combinations and
+seeds, and how often each row meets the goal of decision 0020) into BENCHMARKS.md's `heldout` section. Everything
+runs in this process, one thread by default (the machine is shared).
 """
 
 from __future__ import annotations
@@ -32,11 +36,16 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import Runner, fmt, make_dataset_inputs, markdown_table, training_summary  # noqa: E402
+from bench_report import held_out_goal, update_benchmarks_md  # noqa: E402
+from common import REPO, Runner, fmt, git_state, machine_info, make_dataset_inputs, markdown_table, training_summary  # noqa: E402
 
 log = logging.getLogger("bench_heldout")
 
 METRICS = ("w2", "mmd2_rbf", "fd", "coverage")
+GOAL = ("w2", "mmd2_rbf", "fd")
+DATASETS = ("sc_mixology", "compositional", "synthetic")
+DEFAULT_PRIOR = "independent:0.2:2000,shared:0.8:2000"  # the package's default label dropout first, the authors' second
+DEFAULT_ROUTES = "compose:joint:1,compose:joint:2,noise:joint:1,noise:joint:2,noise:additive:2,transfer:joint:1"
 
 
 def parse_prior(text: str) -> dict[str, Any]:
@@ -133,35 +142,60 @@ def vae_ceiling(model_path: Path, test: Any, keys: list[str], seen: list[str], s
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dataset", required=True, choices=["sc_mixology", "compositional", "synthetic"])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--datasets", default="sc_mixology,compositional", help="comma list of " + ", ".join(DATASETS))
+    ap.add_argument("--seeds", default="0", help="comma list of seeds (PREPARE's split and every training seed)")
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--vae-preset", default="default")
     ap.add_argument("--vae-steps", type=int, default=2400)
     ap.add_argument("--prior-preset", default="tiny")
-    ap.add_argument("--priors", default="independent:0.2:400", help="comma list of scheme:rho:steps")
-    ap.add_argument(
-        "--routes", default="noise:joint:1,noise:additive:1,transfer:joint:1", help="route:guidance:w, comma list"
-    )
+    ap.add_argument("--priors", default=DEFAULT_PRIOR, help="comma list of scheme:rho:steps; the first is compared")
+    ap.add_argument("--routes", default=DEFAULT_ROUTES, help="route:guidance:w, comma list")
     ap.add_argument("--replicates", type=int, default=2)
     ap.add_argument("--scvi", action="store_true", help="scVI with the keys as covariates, at our training time")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--render", action="store_true", help="only render the saved results of --workdir")
+    ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
+    ap.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone")
     args = ap.parse_args(argv)
+    args.argv = " ".join(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="[heldout %(asctime)s] %(message)s", stream=sys.stderr)
+    datasets = args.datasets.split(",")
+    if not args.render:
+        for dataset in datasets:
+            for seed in (int(x) for x in args.seeds.split(",")):
+                print(render(run_one(dataset, seed, args)))
+    section = render_study(args.workdir, datasets)
+    print(section)
+    if not args.no_write:
+        update_benchmarks_md(args.out, "heldout", section)
+
+
+def run_one(dataset: str, seed_value: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Every prior and route of `args` (and scVI) on one dataset and seed; returns (and saves) results.json."""
+    if dataset not in DATASETS:
+        raise SystemExit(f"bench_heldout: unknown dataset '{dataset}' (expected one of {', '.join(DATASETS)})")
     import anndata as ad
     import torch
 
     from sclatent.api import Model
 
     torch.set_num_threads(args.threads)
-    spec = make_dataset_inputs(args.dataset, args.workdir)
-    d = args.workdir / args.dataset / f"seed{args.seed}"
+    spec = make_dataset_inputs(dataset, args.workdir)
+    d = args.workdir / dataset / f"seed{seed_value}"
     runner = Runner(d / "logs", args.threads, children=False)
-    keys, seed = spec.keys, str(args.seed)
+    keys, seed = spec.keys, str(seed_value)
     prep, tok, vae, enc = d / "prepare", d / "tokens", d / "vae", d / "encode"
     results_path = d / "results.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
-    results.update({"dataset": spec.name, "seed": args.seed, "holdout": spec.holdout, "keys": keys})
+    results.update({"dataset": spec.name, "seed": seed_value, "holdout": spec.holdout, "keys": keys})
+    results["note"] = spec.note
+    results.setdefault("invocations", []).append(
+        {
+            "argv": args.argv,
+            "commit": git_state()["git_commit"],
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        }
+    )
     results.setdefault("rows", {})
 
     def save() -> None:
@@ -205,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if "vae_ceiling" not in results["rows"]:
         runner.sclatent("BUNDLE", spec.name, ["bundle", "--vae", vae, "--out", d / "vae_only.pt"], child=False)
-        results["rows"]["vae_ceiling"] = {"scores": vae_ceiling(d / "vae_only.pt", test, keys, seen, args.seed)}
+        results["rows"]["vae_ceiling"] = {"scores": vae_ceiling(d / "vae_only.pt", test, keys, seen, seed_value)}
         save()
 
     for prior_text in args.priors.split(","):
@@ -242,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
                         like=test,
                         guidance=rv["guidance"],
                         cfg_scale=w,
-                        seed=1000 * args.seed + r,
+                        seed=1000 * seed_value + r,
                         method="heun",
                         n_steps=2,
                         unseen=unseen,
@@ -260,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
                     source = train[mask].copy()
                     sets = {k: v for k, v in combo.items() if k != first}
                     g = model.transfer(
-                        source, set=sets, guidance=rv["guidance"], cfg_scale=w, seed=args.seed, unseen=unseen
+                        source, set=sets, guidance=rv["guidance"], cfg_scale=w, seed=seed_value, unseen=unseen
                     )
                     g.obs["replicate"] = 0
                     parts.append(g)
@@ -269,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
             gen_path = d / "generated" / (name.replace(" | ", "__").replace(":", "_") + ".h5ad")
             gen_path.parent.mkdir(parents=True, exist_ok=True)
             gen.write_h5ad(gen_path)
-            scores = score(test, gen, keys, seen, model.genes, args.seed)
+            scores = score(test, gen, keys, seen, model.genes, seed_value)
             results["rows"][name] = {
                 "gen_path": str(gen_path),
                 "prior": pv,
@@ -287,27 +321,31 @@ def main(argv: list[str] | None = None) -> None:
 
         manifest = json.loads((tok / "manifest.json").read_text())
         genes = list(manifest["genes"])
-        budget = max(r.get("train_s", 0.0) for r in results["rows"].values() if "train_s" in r)
+        # equal wall time with the compared (first) prior: VAE + prior training seconds
+        first = parse_prior(args.priors.split(",")[0])["name"]
+        budget = max(r["train_s"] for r in results["rows"].values() if r.get("prior", {}).get("name") == first)
         tr = load_counts(prep / "train.h5ad", genes)
         label = tr.obs[keys].astype(str).agg("|".join, axis=1).to_numpy()
-        scvi_model, info = train_scvi(tr, label, "seconds", budget, args.seed, covariates=keys)
+        scvi_model, info = train_scvi(tr, label, "seconds", budget, seed_value, covariates=keys)
         parts = []
         for r in range(args.replicates):
-            X = generate_like(scvi_model, test.obs, keys, manifest, args.seed, r)
+            X = generate_like(scvi_model, test.obs, keys, manifest, seed_value, r)
             g = ad.AnnData(X=X, obs=test.obs[keys].copy())
             g.var_names = genes
             g.obs["replicate"] = r
             parts.append(g)
         gen = ad.concat(parts)
+        (d / "generated").mkdir(parents=True, exist_ok=True)
         gen.write_h5ad(d / "generated" / "scvi_covariates.h5ad")
         results["rows"]["scvi_covariates"] = {
             "gen_path": str(d / "generated" / "scvi_covariates.h5ad"),
             "scvi": info,
+            "budget_s": budget,
             "train_s": info["train_s"],
-            "scores": score(test, gen, keys, seen, genes, args.seed),
+            "scores": score(test, gen, keys, seen, genes, seed_value),
         }
         save()
-    print(render(results))
+    return results
 
 
 def _summary(scores: dict[str, Any]) -> str:
@@ -357,6 +395,126 @@ def render(results: dict[str, Any]) -> str:
         ["variant", "combination", "W2", "MMD²", "FD", "coverage", "seen W2", "seen FD", "train s"], rows_out
     )
     return head + "\n\n" + body
+
+
+def _row_label(name: str) -> str:
+    """'independent:0.2:2000 | compose:joint:2' -> a readable label."""
+    if name == "vae_ceiling":
+        return "VAE ceiling (the held-out cells encoded and decoded)"
+    if name == "scvi_covariates":
+        return "scVI, keys as covariates, equal time"
+    prior, route = (x.strip() for x in name.split("|"))
+    scheme, rho, steps = prior.split(":")
+    kind, guidance, w = route.split(":")
+    what = {
+        "compose": "from noise, composed from seen combinations",
+        "noise": f"from noise, {guidance} guidance on the unseen labels",
+        "transfer": f"transfer of the same first key's cells, {guidance} guidance",
+        "transfer-compose": "transfer of the same first key's cells, composed",
+    }[kind]
+    return f"{what}, w {w} ({scheme} ρ {rho}, {int(steps):,} prior steps)"
+
+
+def render_study(workdir: Path, datasets: list[str]) -> str:
+    """BENCHMARKS.md's `heldout` section: per dataset one table of every row present in all its seeds, with the
+    metrics averaged over held-out combinations and seeds and the goal of decision 0020 counted per
+    (combination, seed): below scVI, below the real cells of both nearest seen combinations, coverage ≥ ½ floor."""
+    import datetime
+    import platform
+
+    m = machine_info()
+    out = [
+        "## `make bench-heldout`\n",
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {m.get('cpu', platform.processor())}, "
+        f"{m.get('cores', '?')} cores, CPU only, one torch thread per run (rendered; each dataset lists the commands "
+        "and commits that measured it). Each held-out combination's real test cells "
+        "are split in halves A and B five times; every row is compared with half B at half A's size (means over the "
+        "splits, then over held-out combinations and seeds). *goal* columns count the (combination, seed) pairs "
+        "where the row is below scVI, below both nearest seen combinations' real cells (W2, MMD², FD each), and "
+        "where its coverage is at least half the real-vs-real floor's. Decision 0020 reads these tables.\n",
+    ]
+    for dataset in datasets:
+        runs = [json.loads(p.read_text()) for p in sorted((workdir / dataset).glob("seed*/results.json"))]
+        if not runs:
+            continue
+        names = [n for n in runs[0]["rows"] if all(n in r["rows"] for r in runs)]
+        combos = list(next(iter(runs[0]["rows"].values()))["scores"]["held_out"]["per_combination"])
+        seeds = [r["seed"] for r in runs]
+        out.append(f"### {dataset}: {runs[0].get('note', '')}\n")
+        out.append(
+            f"Held out: {', '.join(combos)}; seeds {', '.join(map(str, seeds))}; VAE {runs[0]['vae']['preset']}, "
+            f"{runs[0]['vae']['steps']:,} steps ({np.mean([r['vae']['train_s'] for r in runs]):.0f} s on average).\n"
+        )
+
+        def entries(name: str) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+            """(entry, scVI entry) per (seed, combination)."""
+            got = []
+            for r in runs:
+                scvi = r["rows"].get("scvi_covariates")
+                for combo in combos:
+                    e = r["rows"][name]["scores"]["held_out"]["per_combination"].get(combo)
+                    if e is not None:
+                        s = scvi["scores"]["held_out"]["per_combination"].get(combo) if scvi else None
+                        got.append((e, s))
+            return got
+
+        def mean_of(items: list[dict[str, Any]], metric: str) -> str:
+            vals = [x[metric] for x in items if x and metric in x]
+            return fmt(float(np.mean(vals))) if vals else "—"
+
+        first = entries(names[0])
+        refs = [["real half A (floor)", *[mean_of([e["floor"] for e, _ in first], k) for k in METRICS]]]
+        for key in first[0][0]["nearest"]:
+            near = [e["nearest"][key]["real"] for e, _ in first if e["nearest"].get(key)]
+            refs.append(
+                [f"real cells of the nearest seen combination, other {key}", *[mean_of(near, k) for k in METRICS]]
+            )
+        rows = []
+        for name in names:
+            got = entries(name)
+            goals = [held_out_goal(e, None if name == "scvi_covariates" else s) for e, s in got]
+            n = len(got)
+
+            def count(field: str) -> str:
+                marks = [g[field] for g in goals if g[field] not in ("—", "")]
+                if not marks:
+                    return "—"
+                if field == "vs_nearest":  # both neighbours: every metric of every neighbour below
+                    return f"{sum('✗' not in m for m in marks)}/{n}"
+                return " ".join(f"{sum(m[i] == '✓' for m in marks)}" for i in range(len(GOAL))) + f" of {n}"
+
+            cov = [g["coverage_ok"] for g in goals if g["coverage_ok"] is not None]
+            seen = [r["rows"][name]["scores"].get("seen", {}).get("overall", {}) for r in runs]
+            rows.append(
+                [_row_label(name), *[mean_of([e["model"] for e, _ in got], k) for k in METRICS]]
+                + [
+                    " / ".join(
+                        fmt(float(np.mean([e["model"]["w2"] for e, _ in got[i * len(combos) : (i + 1) * len(combos)]])))
+                        for i in range(len(runs))
+                    )
+                ]
+                + ["" if name == "scvi_covariates" else count("vs_scvi"), count("vs_nearest")]
+                + [f"{sum(cov)}/{len(cov)}" if cov else "—", mean_of(seen, "w2"), mean_of(seen, "fd")]
+                + [fmt(float(np.mean([r["rows"][name].get("train_s", float("nan")) for r in runs])))]
+            )
+        for r in runs:
+            for inv in r.get("invocations", []):
+                out.append(
+                    f"- seed {r['seed']}, {inv['date']}, commit `{inv['commit'][:10]}`: "
+                    f"`python python/benchmarks/bench_heldout.py {inv['argv']}`"
+                )
+        out.append("")
+        out.append(markdown_table(["reference (no model)", "W2 ↓", "MMD² ↓", "FD ↓", "coverage ↑"], refs) + "\n")
+        out.append(
+            markdown_table(
+                ["cells", "W2 ↓", "MMD² ↓", "FD ↓", "coverage ↑", "W2 per seed"]
+                + ["goal: below scVI (W2 MMD² FD)", "goal: below both nearest", "goal: coverage ≥ ½ floor"]
+                + ["seen W2", "seen FD", "train s"],
+                rows,
+            )
+            + "\n"
+        )
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
