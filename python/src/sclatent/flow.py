@@ -136,7 +136,8 @@ class GuidedVelocity:
 
     ``analogies`` (joint guidance only): per sample, the parallelograms of :func:`analogies` that stand in for its
     combination when it was never seen, ``v_y = mean over them of (v_base + v_plus - v_minus)``; an empty list keeps
-    the sample's own request. Those terms are evaluated only for the samples that need them.
+    the sample's own request. Those terms are evaluated only for the samples that need them. ``row_w`` (joint
+    guidance only): one weight per sample in place of w (a never-seen combination is guided more strongly).
 
     All evaluations of one call are concatenated along the batch into a single model forward. Evaluations that
     cannot change the result are skipped, which makes the identities exact: w = 0 is the unconditional model,
@@ -154,6 +155,7 @@ class GuidedVelocity:
         w: float | Sequence[float],
         autocast: bool = False,
         analogies: Sequence[Sequence[Analogy]] | None = None,
+        row_w: Sequence[float] | None = None,
     ) -> None:
         if guidance not in GUIDANCE_MODES:
             raise ValueError(f"unknown guidance {guidance!r}; choose one of {GUIDANCE_MODES}")
@@ -176,10 +178,14 @@ class GuidedVelocity:
             self.weights = [float(w)]
             wj = float(w)
             self.row_requested = requested.any(dim=1)  # (B,)
-            if analogies is not None and len(analogies) != labels.shape[0]:
-                raise ValueError(f"analogies must hold one list per sample ({labels.shape[0]}), got {len(analogies)}")
-            if wj != 0.0 and analogies is not None and any(analogies):
-                self._combination_plan(labels, null, wj, analogies)
+            b = labels.shape[0]
+            if analogies is not None and len(analogies) != b:
+                raise ValueError(f"analogies must hold one list per sample ({b}), got {len(analogies)}")
+            if row_w is not None and (len(row_w) != b or not all(math.isfinite(float(x)) for x in row_w)):
+                raise ValueError(f"row_w must hold one finite weight per sample ({b}), got {len(row_w)}")
+            per_row = [wj] * b if row_w is None else [float(x) for x in row_w]
+            if any(x != wj for x in per_row) or (wj != 0.0 and analogies is not None and any(analogies)):
+                self._combination_plan(labels, null, per_row, analogies or [[] for _ in range(b)])
             elif wj == 0.0 or not bool(self.row_requested.any()):
                 self._plan = "single"
                 self.requests = null
@@ -214,15 +220,18 @@ class GuidedVelocity:
         self.n_terms = -(-self.requests.shape[0] // self.batch_size)
         logger.debug("guidance %s w=%s: %d evaluations per call", guidance, self.weights, self.n_terms)
 
-    def _combination_plan(self, labels: Tensor, null: Tensor, w: float, grams: Sequence[Sequence[Analogy]]) -> None:
-        """Per sample, the weighted label rows of ``v_null + w (v_y - v_null)`` with v_y its analogy terms or its own
-        request: (sample index, labels, coefficient) entries, evaluated together and summed per sample."""
+    def _combination_plan(
+        self, labels: Tensor, null: Tensor, ws: Sequence[float], grams: Sequence[Sequence[Analogy]]
+    ) -> None:
+        """Per sample i, the weighted label rows of ``v_null + w_i (v_y - v_null)`` with v_y its analogy terms or its
+        own request: (sample index, labels, coefficient) entries, evaluated together and summed per sample."""
         rows, requests, coefs = [], [], []
         for i in range(labels.shape[0]):
             own = tuple(int(c) for c in labels[i])
             nul = tuple(int(c) for c in null[i])
             terms: dict[tuple[int, ...], float] = {}
-            if not bool(self.row_requested[i]):
+            w = ws[i]
+            if not bool(self.row_requested[i]) or w == 0.0:
                 terms[nul] = 1.0
             else:
                 for base, plus, minus in grams[i]:
@@ -283,9 +292,10 @@ def guided_velocity(
     w: float | Sequence[float] = 1.0,
     autocast: bool = False,
     analogies: Sequence[Sequence[Analogy]] | None = None,
+    row_w: Sequence[float] | None = None,
 ) -> GuidedVelocity:
     """Velocity function of the guided field for request labels (B, K); see :class:`GuidedVelocity`."""
-    return GuidedVelocity(model, labels, guidance, w, autocast=autocast, analogies=analogies)
+    return GuidedVelocity(model, labels, guidance, w, autocast=autocast, analogies=analogies, row_w=row_w)
 
 
 # --------------------------------------------------------------------------------------------------------------

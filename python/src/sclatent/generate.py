@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ class SampleConfig:
     keep_latents: bool = False
     precision: str = "fp32"  # "fp32" or "bf16" (autocast of the DiT's products)
     unseen: str = "analogy"  # a combination never seen in training, under joint guidance: "analogy" | "joint"
+    unseen_cfg_scale: float = 2.0  # joint guidance weight of a combination never seen in training (decision 0020)
 
     def validate(self) -> None:
         if self.guidance not in ("joint", "additive"):
@@ -86,6 +88,8 @@ class SampleConfig:
             raise InputError(f"--precision must be fp32 or bf16, got '{self.precision}'")
         if self.unseen not in ("analogy", "joint"):
             raise InputError(f"--unseen must be analogy or joint, got '{self.unseen}'")
+        if not math.isfinite(self.unseen_cfg_scale) or self.unseen_cfg_scale < 0:
+            raise InputError(f"--unseen-cfg-scale must be a finite number >= 0, got {self.unseen_cfg_scale}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -229,13 +233,29 @@ class Sampler:
             rows.append(cache[(tuple(row), own)])
         return rows if any(rows) else None
 
+    def row_weights(self, codes: torch.Tensor) -> list[float] | None:
+        """Per request row (B, K), the joint guidance weight: `unseen_cfg_scale` for a combination of every key never
+        seen in training, `cfg_scale` otherwise; None when all rows take `cfg_scale` (or guidance is additive)."""
+        w, w_unseen = self.cfg.cfg_scale, self.cfg.unseen_cfg_scale
+        if self.cfg.guidance != "joint" or len(self.keys) < 2 or w_unseen == w:
+            return None
+        seen = self.seen_combinations()
+        if not seen:  # a model without joint statistics cannot tell seen from unseen
+            return None
+        nulls = [len(self.labels[k]) for k in self.keys]
+        ws = [
+            w_unseen if all(c < n for c, n in zip(row, nulls)) and tuple(row) not in seen else w
+            for row in codes.tolist()
+        ]
+        return ws if any(x != w for x in ws) else None
+
     def integrate(
         self, codes: torch.Tensor, x: torch.Tensor, backward: bool = False, base: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, int]:
         """Integrate the guided flow under label codes (B, K) from noise x (B, m, dl) at t = 0 to t = 1, or with
         `backward` from standardised latents x at t = 1 back to t = 0: the other end and the sampler's NFE.
         A combination never seen in training is composed from seen ones (`analogies_of`; `base` (B, K): the
-        rows' own combinations when transferring)."""
+        rows' own combinations when transferring) and guided with its own weight (`row_weights`)."""
         guided = guided_velocity(
             self.prior,
             codes,
@@ -243,6 +263,7 @@ class Sampler:
             w=self._weights(),
             autocast=self.bf16,
             analogies=self.analogies_of(codes, base),
+            row_w=self.row_weights(codes),
         )
         kw = (
             {"atol": self.cfg.atol, "rtol": self.cfg.rtol}
