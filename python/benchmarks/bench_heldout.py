@@ -7,13 +7,13 @@
 For one dataset with held-out combinations (PREPARE --holdout) and one seed: PREPARE, TOKENIZE, TRAIN_VAE and ENCODE
 once; then every prior variant of `--priors` (label-dropout scheme and rate, training steps) is trained on the same
 latents; every generation route of `--routes` is run with every prior (generation from noise like the test cells,
-with joint or additive guidance and weight w; or counterfactual transfer of the training cells of the same first-key
-value, e.g. the same cell line under the other protocol); and scVI with the keys as categorical covariates gets the
-training wall time of the first prior of `--priors` (VAE + prior: the default). Each result is scored by EVALUATE's
-functions: the held-out section (`metrics.heldout.score_held_out`: the model against half B of each held-out
-combination's real cells, the real-vs-real floor, the nearest seen combinations' real cells) and the seen
-combinations (`metrics.evaluate`). Two reference rows need no prior: the VAE's own reconstruction of half A ("VAE
-ceiling": what a perfect prior could reach through this decoder) and scVI.
+with joint or additive guidance and weight w on every request; or counterfactual transfer of the training cells of
+the same first-key value, e.g. the same cell line under the other protocol); and scVI with the keys as categorical
+covariates gets the training wall time of the first prior of `--priors` (VAE + prior: the default). Each result is
+scored by EVALUATE's functions: the held-out section (`metrics.heldout.score_held_out`: the model against half B of
+each held-out combination's real cells, the real-vs-real floor, the nearest seen combinations' real cells) and the
+seen combinations (`metrics.evaluate`). Two reference rows need no prior: the VAE's own reconstruction of half A
+("VAE ceiling": what a perfect prior could reach through this decoder) and scVI.
 
 Writes workdir/<dataset>/seed<seed>/results.json (a rerun resumes: finished rows are kept) and prints one table
 per run; then renders every dataset's seeds into one table per dataset (means over held-out combinations and
@@ -276,6 +276,7 @@ def run_one(dataset: str, seed_value: int, args: argparse.Namespace) -> dict[str
                         like=test,
                         guidance=rv["guidance"],
                         cfg_scale=w,
+                        unseen_cfg_scale=w,  # the route's w guides every request, seen or never seen
                         seed=1000 * seed_value + r,
                         method="heun",
                         n_steps=2,
@@ -294,7 +295,13 @@ def run_one(dataset: str, seed_value: int, args: argparse.Namespace) -> dict[str
                     source = train[mask].copy()
                     sets = {k: v for k, v in combo.items() if k != first}
                     g = model.transfer(
-                        source, set=sets, guidance=rv["guidance"], cfg_scale=w, seed=seed_value, unseen=unseen
+                        source,
+                        set=sets,
+                        guidance=rv["guidance"],
+                        cfg_scale=w,
+                        unseen_cfg_scale=w,
+                        seed=seed_value,
+                        unseen=unseen,
                     )
                     g.obs["replicate"] = 0
                     parts.append(g)
