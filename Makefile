@@ -91,7 +91,8 @@ bench-scale: venv
 	nice -n 10 $(PY) python/benchmarks/bench_scale.py --cells 100000 300000 1000000 --threads 1
 
 # decision 0020's study of combinations never seen in training: sc_mixology and the compositional truth, seeds 0
-# and 1, scVI with the labels as covariates at equal time (~4.5 h on one core), into BENCHMARKS.md's `heldout` section
+# and 1, scVI with the labels as covariates at equal time (~2.5 h on one idle core), into BENCHMARKS.md's
+# `heldout` section
 bench-heldout: $(BENCH_STAMP)
 	nice -n 10 $(PY) python/benchmarks/bench_heldout.py --datasets sc_mixology,compositional --seeds 0,1 --scvi \
 		--workdir .cache/bench-heldout

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", default="0", help="comma list of seeds (PREPARE's split and every training seed)")
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--vae-preset", default="default")
-    ap.add_argument("--vae-steps", type=int, default=2400)
+    ap.add_argument("--vae-steps", type=int, default=5000, help="the pipeline's floor (decision 0001)")
     ap.add_argument("--prior-preset", default="tiny")
     ap.add_argument("--priors", default=DEFAULT_PRIOR, help="comma list of scheme:rho:steps; the first is compared")
     ap.add_argument("--routes", default=DEFAULT_ROUTES, help="route:guidance:w, comma list")
@@ -419,7 +419,11 @@ def _row_label(name: str) -> str:
         "transfer": f"transfer of the same first key's cells, {guidance} guidance",
         "transfer-compose": "transfer of the same first key's cells, composed",
     }[kind]
-    return f"{what}, w {w} ({scheme} ρ {rho}, {int(steps):,} prior steps)"
+    default = kind == "compose" and guidance == "joint" and float(w) == 2.0 and scheme == "independent"
+    default = default and float(rho) == 0.2  # what `sample` does for a never-seen combination
+    return f"{what}, w {w} ({scheme} ρ {rho}, {int(steps):,} prior steps)" + (
+        " = `sample`'s default" if default else ""
+    )
 
 
 def render_study(workdir: Path, datasets: list[str]) -> str:
