@@ -426,6 +426,11 @@ def _row_label(name: str) -> str:
     )
 
 
+def _combos(run: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """One run's held-out entries of row `name`, one per combination."""
+    return list(run["rows"][name]["scores"]["held_out"]["per_combination"].values())
+
+
 def render_study(workdir: Path, datasets: list[str]) -> str:
     """BENCHMARKS.md's `heldout` section: per dataset one table of every row present in all its seeds, with the
     metrics averaged over held-out combinations and seeds and the goal of decision 0020 counted per
@@ -498,12 +503,7 @@ def render_study(workdir: Path, datasets: list[str]) -> str:
             seen = [r["rows"][name]["scores"].get("seen", {}).get("overall", {}) for r in runs]
             rows.append(
                 [_row_label(name), *[mean_of([e["model"] for e, _ in got], k) for k in METRICS]]
-                + [
-                    " / ".join(
-                        fmt(float(np.mean([e["model"]["w2"] for e, _ in got[i * len(combos) : (i + 1) * len(combos)]])))
-                        for i in range(len(runs))
-                    )
-                ]
+                + [" / ".join(mean_of([e["model"] for e in _combos(r, name)], "w2") for r in runs)]
                 + ["" if name == "scvi_covariates" else count("vs_scvi"), count("vs_nearest")]
                 + [f"{sum(cov)}/{len(cov)}" if cov else "—", mean_of(seen, "w2"), mean_of(seen, "fd")]
                 + [fmt(float(np.mean([r["rows"][name].get("train_s", float("nan")) for r in runs])))]
